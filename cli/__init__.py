@@ -1,0 +1,1 @@
+"""The `etsq` command line: a thin click shim over the etsq package."""

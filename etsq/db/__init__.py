@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models of runs, problems, jobs, nodes and selection steps."""

@@ -1,0 +1,153 @@
+"""SQLAlchemy 2.0 typed models: everything a search produced, enough to redo aggregation offline."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations are identical on SQLite and Postgres.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY, so BIGINT ids fall back to INTEGER there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+JOB_STATUSES = ("queued", "running", "done", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Run(Base):
+    """One submitted search configuration over a dataset (one job per problem)."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(32))
+    width: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    policy_model: Mapped[str] = mapped_column(String(500))
+    prm_model: Mapped[str] = mapped_column(String(500))
+    model_info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Problem(Base):
+    """One dataset row: the question and its ground-truth answer."""
+
+    __tablename__ = "problems"
+    __table_args__ = (UniqueConstraint("dataset", "problem_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(200))
+    problem_id: Mapped[str] = mapped_column(String(200))
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Job(Base):
+    """One problem of one run: the unit of work a Celery task takes by id."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("run_id", "problem_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    problem_id: Mapped[int] = mapped_column(ForeignKey("problems.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    depth: Mapped[int] = mapped_column(Integer, default=0)  # last committed depth
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    run: Mapped[Run] = relationship(back_populates="jobs")
+    problem: Mapped[Problem] = relationship()
+
+
+class Node(Base):
+    """One search-tree node; `path` ("0.3.1") is its natural key inside the job."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (UniqueConstraint("job_id", "path"), Index("ix_nodes_job_depth", "job_id", "depth"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), nullable=True)
+    depth: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(400))
+    text: Mapped[str] = mapped_column(Text)
+    step_tokens: Mapped[int] = mapped_column(Integer)
+    cum_tokens: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    terminal: Mapped[bool] = mapped_column(Boolean, default=False)
+    terminal_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    kept: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    n_children: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cluster: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class SelectionStep(Base):
+    """What one select step did at one depth: frontier, kept set, KV before/after, timings."""
+
+    __tablename__ = "selection_steps"
+    __table_args__ = (UniqueConstraint("job_id", "depth"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    depth: Mapped[int] = mapped_column(Integer)
+    remaining: Mapped[int] = mapped_column(Integer)
+    frontier_size: Mapped[int] = mapped_column(Integer)
+    kept_size: Mapped[int] = mapped_column(Integer)
+    children: Mapped[int] = mapped_column(Integer)
+    kv_before: Mapped[int] = mapped_column(Integer)  # tokens of all frontier candidates' paths
+    kv_after: Mapped[int] = mapped_column(Integer)  # tokens of the kept set's paths
+    select_ms: Mapped[float] = mapped_column(Float)
+    expand_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_clusters: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ilp_vars: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ilp_constraints: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ilp_objective: Mapped[float | None] = mapped_column(Float, nullable=True)
+    solver: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    solve_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

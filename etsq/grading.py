@@ -1,0 +1,220 @@
+"""Grading: extract a trajectory's final answer and decide mathematical equivalence of answers.
+
+Equivalence uses HuggingFace `math_verify` (LaTeX/sympy parsing + symbolic comparison), with a
+normalised string comparison as the fallback. math_verify guards parsing and comparison with
+SIGALRM timeouts, which only work in the main thread; elsewhere (threaded workers) those are
+switched off and a deadline thread bounds the wait instead, so no call can hang its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from math_verify import parse, verify
+
+from etsq.errors import DatasetError
+
+T = TypeVar("T")
+
+# Seconds math_verify may spend on one parse / one comparison (its signal timeouts take ints).
+PARSE_TIMEOUT_S = 5
+VERIFY_TIMEOUT_S = 5
+# Longer "answers" are runaway generations; sympy on them is slow and never worth it.
+MAX_PARSE_CHARS = 1000
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(r"the (?:final )?answer is\s*:?\s*", re.IGNORECASE)
+_HASHES_RE = re.compile(r"####\s*(.*)")
+_STEP_TAG = "ки"  # Math-Shepherd's step tag may trail the final answer
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a trajectory, or None when it states none.
+
+    Priority: content of the last balanced `\\boxed{...}` / `\\fbox{...}`, then what follows the
+    last "The (final) answer is", then what follows GSM8K's last `####`.
+    """
+    for extractor in (_last_boxed, _after_answer_is, _after_hashes):
+        answer = extractor(text)
+        if answer:
+            return answer
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    # A truncated trajectory may end inside a box; the last *closed* box is the answer then.
+    for match in reversed(list(_BOXED_RE.finditer(text))):
+        content = _balanced_content(text, match.end())
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def _balanced_content(text: str, start: int) -> str | None:
+    """Text from `start` up to the brace closing an already-open `{`; None if never closed."""
+    depth, i = 1, start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # escaped braces (\{ \}) are set delimiters, not grouping
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[start:i]
+        i += 1
+    return None
+
+
+def _after_answer_is(text: str) -> str | None:
+    matches = list(_ANSWER_IS_RE.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end() :]
+    math = _leading_math(rest)
+    if math is not None:
+        return math.strip() or None
+    line = _strip_tag(rest.split("\n", 1)[0])
+    # Cut at the end of the sentence ("18. I hope it is correct."), not at a decimal point.
+    return re.split(r"\.(?:\s|$)", line, maxsplit=1)[0].strip() or None
+
+
+def _leading_math(rest: str) -> str | None:
+    """Content of a `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` opening `rest`, else None."""
+    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if rest.startswith(opener):
+            end = rest.find(closer, len(opener))
+            if end != -1:
+                return rest[len(opener) : end]
+    return None
+
+
+def _after_hashes(text: str) -> str | None:
+    matches = _HASHES_RE.findall(text)
+    if not matches:
+        return None
+    return _strip_tag(matches[-1]).strip() or None
+
+
+def _strip_tag(line: str) -> str:
+    return line.replace(_STEP_TAG, "").strip()
+
+
+def gold_answer(row_answer: str, dataset: str) -> str:
+    """The ground-truth answer of a dataset row's answer field.
+
+    GSM8K's field is a worked solution ending in `#### 72`: the part after the last `####`, with
+    thousands separators removed. MATH500's field already is the answer. Other datasets: as
+    GSM8K when the field has a `####` line, else the field itself.
+    """
+    final = _after_hashes(row_answer)
+    if dataset == "gsm8k" and final is None:
+        raise DatasetError("GSM8K answer has no '#### <answer>' line")
+    if final is None or dataset == "math500":
+        return row_answer.strip()
+    return _THOUSANDS_RE.sub("", final)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+def is_equivalent(a: str, b: str) -> bool:
+    """Whether answers `a` and `b` are mathematically equal (`a` plays the gold role).
+
+    Identical (normalised) strings are always equivalent; otherwise both are parsed with
+    math_verify and compared symbolically. An unparsable answer only matches by string.
+    """
+    return _is_equivalent_cached(a, b)
+
+
+@lru_cache(maxsize=1 << 16)
+def _is_equivalent_cached(a: str, b: str) -> bool:
+    norm_a, norm_b = normalise(a), normalise(b)
+    if not norm_a or not norm_b:
+        return False
+    if norm_a == norm_b:
+        return True
+    parsed_a, parsed_b = _parse(a), _parse(b)
+    if not parsed_a or not parsed_b:
+        return False
+    return _guarded(_verify, False, parsed_a, parsed_b)
+
+
+def normalise(answer: str) -> str:
+    """A canonical string form: no spacing, `\\left`/`\\right`, `$`, `\\text`, final dot."""
+    text = re.sub(r"\\text(?:bf|rm)?\{([^{}]*)\}|\\mathrm\{([^{}]*)\}", r"\1\2", answer)
+    text = re.sub(r"\\(?:left|right)(?![a-zA-Z])|\\[!,;: ]|\\?\$", "", text)
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return re.sub(r"\s+", "", text).rstrip(".")
+
+
+@lru_cache(maxsize=1 << 14)
+def _parse(answer: str) -> tuple[Any, ...]:
+    """math_verify's parse of a bare answer (boxed so its LaTeX extractor finds it)."""
+    if len(answer) > MAX_PARSE_CHARS:
+        return ()
+    for wrapped in (f"\\boxed{{{answer}}}", f"${answer}$"):
+        parsed: list[Any] = _guarded(_parse_once, [], wrapped)
+        if parsed:
+            return tuple(parsed)
+    return ()
+
+
+def _parse_once(wrapped: str, timeout_s: int | None) -> list[Any]:
+    return list(parse(wrapped, parsing_timeout=timeout_s))
+
+
+def _verify(gold: tuple[Any, ...], target: tuple[Any, ...], timeout_s: int | None) -> bool:
+    return bool(verify(list(gold), list(target), timeout_seconds=timeout_s))
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+class _TimeoutDisabledFilter(logging.Filter):
+    """Drops math_verify's "Timeout is disabled" warning: we bound those calls ourselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _logger_name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_logger_name).addFilter(_TimeoutDisabledFilter())
+
+
+def _guarded(fn: Callable[..., T], default: T, *args: Any) -> T:
+    """Run a math_verify call with a timeout that works in whichever thread we are in."""
+    if threading.current_thread() is threading.main_thread():
+        timeout_s = PARSE_TIMEOUT_S if fn is _parse_once else VERIFY_TIMEOUT_S
+        return fn(*args, timeout_s)
+    # signal.alarm is main-thread only: disable it and bound the wait from outside instead.
+    limit = PARSE_TIMEOUT_S if fn is _parse_once else VERIFY_TIMEOUT_S
+    return run_with_deadline(lambda: fn(*args, None), default, float(limit))
+
+
+def run_with_deadline(fn: Callable[[], T], default: T, seconds: float) -> T:
+    """`fn()` or, if it raises or has not returned after `seconds`, `default`.
+
+    A Python thread cannot be killed: a runaway call is abandoned in a daemon thread (it keeps
+    a core busy until it ends) so that the caller, at least, moves on.
+    """
+    result: list[T] = []
+
+    def target() -> None:
+        # A failing math_verify call means "no parse" / "not equivalent": the default.
+        with contextlib.suppress(Exception):
+            result.append(fn())
+
+    worker = threading.Thread(target=target, name="etsq-grading", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else default

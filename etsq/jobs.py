@@ -1,0 +1,174 @@
+"""Executing one job (one problem of a run): claim it, search, commit each depth atomically.
+
+A depth's commit writes the new nodes, the kept/pruned marks of the frontier, the selection
+row and the job's depth in one transaction, so a job killed at any moment resumes from its
+last committed depth with the tree exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from etsq.db import models as m
+from etsq.db.session import session_scope
+from etsq.errors import PermanentError
+from etsq.search.config import SearchConfig
+from etsq.search.loop import DepthCommit, Searcher
+from etsq.search.tree import Node, Tree
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("done", "failed")
+
+
+@dataclass
+class Claim:
+    """What a worker needs from the database to search one job."""
+
+    job_id: int
+    run_id: int
+    question: str
+    key: str
+    config: dict[str, Any]
+    policy_model: str
+    prm_model: str
+
+
+def claim_job(url: str, job_id: int, worker: str | None = None) -> Claim | None:
+    """Mark the job running and count the attempt; None when it is missing or finished."""
+    with session_scope(url) as s:
+        job = s.get(m.Job, job_id)
+        if job is None or job.status in FINISHED:
+            return None
+        job.status, job.attempts = "running", job.attempts + 1
+        job.worker = worker or socket.gethostname()
+        job.started_at = job.started_at or m.utcnow()
+        job.error = None
+        run, problem = job.run, job.problem
+        return Claim(
+            job_id, run.id, problem.question, f"{problem.dataset}/{problem.problem_id}",
+            run.config, run.policy_model, run.prm_model,
+        )
+
+
+def load_tree(s: Session, job_id: int) -> tuple[Tree, int] | None:
+    """The job's stored tree and the depth to resume at; None when nothing is stored."""
+    rows = s.scalars(select(m.Node).where(m.Node.job_id == job_id).order_by(m.Node.depth, m.Node.id)).all()
+    if not rows:
+        return None
+    root = rows[0]
+    tree = Tree(root.text, root.step_tokens)
+    _fill(tree.root, root)
+    by_db_id = {root.id: 0}
+    for row in sorted(rows[1:], key=lambda r: (r.depth, _path_key(r.path))):
+        parent = tree.nodes[by_db_id[row.parent_id]]  # type: ignore[index]
+        node = tree.add_child(parent.idx, row.text, row.step_tokens)
+        if node.path != row.path:
+            raise PermanentError(f"job {job_id}: stored node {row.path} does not match its rebuilt path {node.path}")
+        _fill(node, row)
+        by_db_id[row.id] = node.idx
+    return tree, max(r.depth for r in rows)
+
+
+def _path_key(path: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in path.split("."))
+
+
+def _fill(node: Node, row: m.Node) -> None:
+    node.score, node.terminal, node.terminal_reason = row.score, row.terminal, row.terminal_reason
+    node.finish_reason, node.answer, node.db_id = row.finish_reason, row.answer, row.id
+    node.kept, node.n_children, node.cluster = row.kept, row.n_children, row.cluster
+
+
+def _node_row(job_id: int, tree: Tree, node: Node) -> m.Node:
+    parent = tree.nodes[node.parent].db_id if node.parent is not None else None
+    return m.Node(
+        job_id=job_id, parent_id=parent, depth=node.depth, path=node.path, text=node.text,
+        step_tokens=node.tokens, cum_tokens=node.cum_tokens, score=node.score, terminal=node.terminal,
+        terminal_reason=node.terminal_reason, finish_reason=node.finish_reason, answer=node.answer,
+    )
+
+
+def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
+    info = rec.selection.info
+    return m.SelectionStep(
+        job_id=job_id, depth=rec.depth, remaining=rec.remaining, frontier_size=len(rec.frontier),
+        kept_size=len(rec.selection.kept), children=sum(rec.selection.counts.values()),
+        kv_before=rec.kv_before, kv_after=rec.kv_after, select_ms=rec.select_ms,
+        expand_ms=rec.expand_ms, score_ms=rec.score_ms, n_clusters=info.get("n_clusters"),
+        ilp_vars=info.get("ilp_vars"), ilp_constraints=info.get("ilp_constraints"),
+        ilp_objective=info.get("ilp_objective"), solver=info.get("solver"), solve_ms=info.get("solve_ms"),
+        info={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None},
+    )
+
+
+class DepthWriter:
+    """The commit callback: persists one DepthCommit in one transaction."""
+
+    def __init__(self, url: str, job_id: int) -> None:
+        self.url, self.job_id = url, job_id
+
+    def __call__(self, tree: Tree, rec: DepthCommit) -> None:
+        with session_scope(self.url) as s:
+            if tree.root.db_id is None:
+                self._insert(s, tree, [tree.root])
+            self._mark_frontier(s, tree, rec)
+            self._insert(s, tree, [tree.nodes[i] for i in rec.new_nodes])
+            s.add(_selection_row(self.job_id, rec))
+            job = s.get_one(m.Job, self.job_id)
+            job.depth = rec.depth + (0 if rec.final else 1)
+            if rec.final:
+                _finish(s, job, "done")
+
+    def _insert(self, s: Session, tree: Tree, nodes: list[Node]) -> None:
+        rows = [_node_row(self.job_id, tree, n) for n in nodes]
+        s.add_all(rows)
+        s.flush()
+        for node, row in zip(nodes, rows):
+            node.db_id = row.id
+
+    @staticmethod
+    def _mark_frontier(s: Session, tree: Tree, rec: DepthCommit) -> None:
+        changes = [
+            {"id": tree.nodes[i].db_id, "kept": n > 0, "n_children": n, "cluster": rec.selection.clusters.get(i)}
+            for i, n in rec.selection.counts.items()
+        ]
+        if changes:
+            s.execute(update(m.Node), changes)
+
+
+def _finish(s: Session, job: m.Job, status: str, error: str | None = None) -> None:
+    job.status, job.error, job.finished_at = status, error, m.utcnow()
+    s.flush()
+    open_jobs = s.scalar(
+        select(func.count()).select_from(m.Job).where(m.Job.run_id == job.run_id, m.Job.status.not_in(FINISHED))
+    )
+    if not open_jobs:
+        s.get_one(m.Run, job.run_id).finished_at = m.utcnow()
+
+
+def fail_job(url: str, job_id: int, reason: str) -> None:
+    """Record a permanent failure; the rest of the run goes on."""
+    with session_scope(url) as s:
+        job = s.get(m.Job, job_id)
+        if job is not None and job.status not in FINISHED:
+            _finish(s, job, "failed", reason[:4000])
+
+
+def search_job(url: str, claim: Claim, searcher_factory: Any) -> None:
+    """Run (or resume) the claimed job's search to completion."""
+    searcher: Searcher = searcher_factory(claim)
+    with session_scope(url) as s:
+        stored = load_tree(s, claim.job_id)
+    tree, depth = stored if stored else (searcher.new_tree(), 0)
+    searcher.run(tree, DepthWriter(url, claim.job_id), start_depth=depth)
+
+
+def search_config(claim: Claim) -> SearchConfig:
+    return SearchConfig.from_dict(claim.config["search"])

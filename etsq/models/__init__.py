@@ -1,0 +1,1 @@
+"""Policy and process-reward models behind one interface, whatever serves them."""

@@ -1,0 +1,67 @@
+"""Model specs to loaded models: "smollm2", a local directory or a Hugging Face hub id.
+
+`load_local_models` keeps a process-wide cache keyed by resolved path, so a long-lived worker loads
+each model once, and a policy and PRM naming the same model share one set of weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from etsq.errors import ModelError
+from etsq.models.base import PRM, Policy
+from etsq.models.smollm import ensure_smollm2
+
+if TYPE_CHECKING:
+    from etsq.models.local import LoadedModel
+
+SMOLLM2_SPEC = "smollm2"
+
+_loaded: dict[str, LoadedModel] = {}
+_lock = threading.Lock()
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "owner/name"; these prefixes can only mean a filesystem path.
+    return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
+
+
+def resolve_model_path(spec: str, home: Path) -> str:
+    """Where to load `spec` from: the converted default, an existing directory, or a hub id as given."""
+    if spec == SMOLLM2_SPEC:
+        return str(ensure_smollm2(Path(home)))
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    if _looks_like_path(spec):
+        raise ModelError(f"model directory {spec!r} does not exist")
+    return spec
+
+
+def load_model(path: str) -> LoadedModel:
+    """The loaded model at `path`, loading it on first use in this process."""
+    from etsq.models.local import load_causal_lm
+
+    with _lock:  # a second thread asking for the same model waits instead of loading a copy
+        if path not in _loaded:
+            _loaded[path] = load_causal_lm(path)
+        return _loaded[path]
+
+
+def clear_cache() -> None:
+    """Forget every loaded model (tests; freeing memory between runs)."""
+    with _lock:
+        _loaded.clear()
+
+
+def load_local_models(
+    policy_spec: str, prm_spec: str, home: Path, prm_family: str = "judge"
+) -> tuple[Policy, PRM]:
+    """An in-process policy and PRM; the same resolved path gives one shared model object."""
+    from etsq.models.local import LocalPolicy, LocalPRM
+
+    policy_model = load_model(resolve_model_path(policy_spec, home))
+    prm_model = load_model(resolve_model_path(prm_spec, home))
+    return LocalPolicy(policy_model, name=policy_spec), LocalPRM(prm_model, prm_family, name=prm_spec)

@@ -1,0 +1,187 @@
+"""Runs: turning a dataset and a search configuration into stored jobs, and reading them back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.orm import Session
+
+from etsq.datasets import Problem, dataset_name, load_dataset
+from etsq.db import models as m
+from etsq.db.session import ensure_schema, session_scope
+from etsq.errors import ConfigError, UserError
+from etsq.search.config import SearchConfig
+from etsq.search.methods import get_method
+from etsq.settings import Settings
+
+RECORDED_PACKAGES = ("etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "sglang")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything `etsq submit` was asked for; hashed to identify the run's configuration."""
+
+    dataset: str
+    search: SearchConfig
+    models: dict[str, Any]
+    limit: int | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "limit": self.limit, "search": self.search.to_dict(), "models": self.models}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def load_problems(settings: Settings, spec: RunSpec) -> list[Problem]:
+    """The dataset rows the run covers; raises a UserError before anything is written."""
+    get_method(spec.search.method)
+    if spec.limit is not None and spec.limit <= 0:
+        raise ConfigError(f"limit must be positive, got {spec.limit}")
+    problems = load_dataset(spec.dataset, settings.data_dir, settings.cache_dir)
+    if not problems:
+        raise UserError(f"dataset {spec.dataset!r} has no rows")
+    return problems[: spec.limit] if spec.limit else problems
+
+
+def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
+    row = s.scalar(select(m.Problem).where(m.Problem.dataset == name, m.Problem.problem_id == p.problem_id))
+    if row is None:
+        row = m.Problem(dataset=name, problem_id=p.problem_id, question=p.question, answer=p.answer, meta=p.meta)
+        s.add(row)
+    elif (row.question, row.answer) != (p.question, p.answer):
+        raise UserError(f"{name}/{p.problem_id} differs from the stored row of that id; give the file another name")
+    return row
+
+
+def create_run(url: str, spec: RunSpec, problems: list[Problem]) -> tuple[int, list[int]]:
+    """Store the run, its problems and one queued job per problem, in one transaction."""
+    ensure_schema(url)
+    name, config = dataset_name(spec.dataset), spec.config()
+    with session_scope(url) as s:
+        rows = [_problem_row(s, name, p) for p in problems]
+        run = m.Run(
+            dataset=name, method=spec.search.method, width=spec.search.width, seed=spec.search.seed,
+            config=config, config_hash=config_hash(config), policy_model=spec.models["policy"],
+            prm_model=spec.models["prm"], versions=package_versions(),
+        )
+        run.jobs = [m.Job(problem=row) for row in rows]
+        s.add(run)
+        s.flush()
+        return run.id, [j.id for j in run.jobs]
+
+
+def delete_run(url: str, run_id: int) -> None:
+    with session_scope(url) as s:
+        s.execute(delete(m.Job).where(m.Job.run_id == run_id))
+        s.execute(delete(m.Run).where(m.Run.id == run_id))
+
+
+def unfinished_jobs(url: str, run_id: int) -> list[int]:
+    with session_scope(url) as s:
+        q = select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status.not_in(("done", "failed")))
+        return list(s.scalars(q.order_by(m.Job.id)))
+
+
+def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:
+    """The given run ids (each checked to exist) or every run, oldest first."""
+    existing = list(s.scalars(select(m.Run.id).order_by(m.Run.id)))
+    if not wanted:
+        return existing
+    missing = sorted(set(wanted) - set(existing))
+    if missing:
+        raise UserError(f"no run with id {', '.join(map(str, missing))}")
+    return list(wanted)
+
+
+def run_status_label(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if counts.get("queued", 0) == total:
+        return "queued"
+    if counts.get("done", 0) + counts.get("failed", 0) < total:
+        return "running"
+    return "failed" if counts.get("failed", 0) == total else "done"
+
+
+def _job_counts(s: Session, run_id: int) -> dict[str, int]:
+    rows = s.execute(select(m.Job.status, func.count()).where(m.Job.run_id == run_id).group_by(m.Job.status))
+    return {status: int(n) for status, n in rows}
+
+
+def _node_count(s: Session, run_id: int) -> int:
+    q = select(func.count(m.Node.id)).join(m.Job, m.Job.id == m.Node.job_id).where(m.Job.run_id == run_id)
+    return int(s.scalar(q) or 0)
+
+
+def run_summary(s: Session, run_id: int) -> dict[str, Any]:
+    run = s.get_one(m.Run, run_id)
+    counts = _job_counts(s, run_id)
+    return {
+        "run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width,
+        "status": run_status_label(counts), "problems": sum(counts.values()),
+        "problems_done": counts.get("done", 0), "problems_failed": counts.get("failed", 0),
+        "problems_running": counts.get("running", 0), "problems_queued": counts.get("queued", 0),
+        "nodes": _node_count(s, run_id), "policy_model": run.policy_model, "prm_model": run.prm_model,
+        "created_at": run.created_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+    }
+
+
+def statuses(url: str, wanted: list[int] | None = None) -> list[dict[str, Any]]:
+    ensure_schema(url)
+    with session_scope(url) as s:
+        return [run_summary(s, rid) for rid in run_ids(s, wanted)]
+
+
+def progress(url: str, run_id: int) -> tuple[int, int, int]:
+    """(finished jobs, failed jobs, total jobs) of a run: what a progress bar shows."""
+    with session_scope(url) as s:
+        done_or_failed = case((m.Job.status.in_(("done", "failed")), 1), else_=0)
+        failed = case((m.Job.status == "failed", 1), else_=0)
+        row = s.execute(
+            select(func.sum(done_or_failed), func.sum(failed), func.count()).where(m.Job.run_id == run_id)
+        ).one()
+        return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
+
+def export_jobs(url: str, run_id: int) -> Iterator[dict[str, Any]]:
+    """One JSON-able object per problem of the run, with its whole tree."""
+    ensure_schema(url)
+    with session_scope(url) as s:
+        run_ids(s, [run_id])
+        jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id)).all()
+        for job in jobs:
+            yield _export_job(s, job)
+
+
+def _export_job(s: Session, job: m.Job) -> dict[str, Any]:
+    nodes = s.scalars(select(m.Node).where(m.Node.job_id == job.id).order_by(m.Node.id)).all()
+    return {
+        "problem_id": job.problem.problem_id, "question": job.problem.question, "answer": job.problem.answer,
+        "status": job.status, "error": job.error, "attempts": job.attempts,
+        "nodes": [
+            {
+                "id": n.id, "parent_id": n.parent_id, "depth": n.depth, "text": n.text, "tokens": n.step_tokens,
+                "cum_tokens": n.cum_tokens, "score": n.score, "terminal": n.terminal,
+                "terminal_reason": n.terminal_reason, "answer": n.answer, "kept": n.kept,
+                "n_children": n.n_children, "cluster": n.cluster,
+            }
+            for n in nodes
+        ],
+    }

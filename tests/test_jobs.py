@@ -1,0 +1,148 @@
+"""Jobs against a real database (SQLite and PostgreSQL): storage, evaluation, export, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from etsq.db import models as m
+from etsq.db.session import session_scope
+from etsq.evaluate import evaluate
+from etsq.jobs import DepthWriter, load_tree
+from etsq.runs import export_jobs, statuses
+from etsq.search.loop import DepthCommit
+from etsq.search.tree import Tree
+from etsq.settings import Settings
+from etsq.worker import run_job
+from tests.helpers import store_run, tiny_config
+
+
+def _settings(url: str) -> Settings:
+    return Settings(**{**vars(Settings.from_env()), "database_url": url})
+
+
+def _nodes(url: str, job_id: int) -> list[m.Node]:
+    with session_scope(url) as s:
+        return list(s.scalars(select(m.Node).where(m.Node.job_id == job_id).order_by(m.Node.id)))
+
+
+def test_jobs_store_complete_trees(db_url: str, tiny_model: Path) -> None:
+    run_id, job_ids = store_run(db_url, tiny_model, tiny_config("rebase", width=4), limit=2)
+    for job_id in job_ids:
+        assert run_job(job_id, _settings(db_url)) == "done"
+    with session_scope(db_url) as s:
+        for job_id in job_ids:
+            nodes = s.scalars(select(m.Node).where(m.Node.job_id == job_id)).all()
+            ids = {n.id for n in nodes}
+            assert sum(n.parent_id is None for n in nodes) == 1
+            assert all(n.parent_id in ids for n in nodes if n.parent_id is not None)
+            assert 1 <= sum(n.terminal for n in nodes) <= 4
+            depths = s.scalars(select(m.SelectionStep.depth).where(m.SelectionStep.job_id == job_id)).all()
+            assert sorted(depths) == list(range(max(n.depth for n in nodes) + 1))
+            job = s.get_one(m.Job, job_id)
+            assert (job.status, job.attempts) == ("done", 1)
+        assert s.get_one(m.Run, run_id).model_info is not None
+    [summary] = statuses(db_url, [run_id])
+    assert (summary["status"], summary["problems_done"]) == ("done", 2)
+
+
+def test_finished_job_is_not_searched_again(db_url: str, tiny_model: Path) -> None:
+    _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
+    assert run_job(job_id, _settings(db_url)) == "done"
+    before = [(n.id, n.text) for n in _nodes(db_url, job_id)]
+    assert run_job(job_id, _settings(db_url)) == "skipped"
+    assert [(n.id, n.text) for n in _nodes(db_url, job_id)] == before
+
+
+def test_evaluate_and_export_read_only_stored_nodes(db_url: str, tiny_model: Path) -> None:
+    run_id, job_ids = store_run(db_url, tiny_model, tiny_config("bon", width=3), limit=2)
+    for job_id in job_ids:
+        run_job(job_id, _settings(db_url))
+    rows = evaluate(db_url, [run_id], ["last", "prod"], ["bon", "majority", "weighted"])
+    assert len(rows) == 6
+    assert all(r["n_problems"] == 2 and 0 <= r["n_correct"] <= 2 for r in rows)
+    exported = list(export_jobs(db_url, run_id))
+    assert [e["problem_id"] for e in exported] == ["gsm8k-0", "gsm8k-1"]
+    assert all(sum(n["parent_id"] is None for n in e["nodes"]) == 1 for e in exported)
+
+
+class Crash(BaseException):
+    """Stands in for a worker killed between two depth commits."""
+
+
+def test_interrupted_job_resumes_to_the_same_tree(db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config("rebase", width=4, max_depth=8, max_tokens=48)
+    _, [reference] = store_run(db_url, tiny_model, cfg, limit=1)
+    run_job(reference, _settings(db_url))
+    _, [job_id] = store_run(db_url, tiny_model, cfg, limit=1)
+
+    original = DepthWriter.__call__
+
+    def crash_after_depth_2(self: DepthWriter, tree: Tree, rec: DepthCommit) -> None:
+        original(self, tree, rec)
+        if rec.depth == 2:
+            raise Crash
+
+    monkeypatch.setattr(DepthWriter, "__call__", crash_after_depth_2)
+    with pytest.raises(Crash):
+        run_job(job_id, _settings(db_url))
+    monkeypatch.setattr(DepthWriter, "__call__", original)
+    early = {n.path: n.id for n in _nodes(db_url, job_id)}
+    assert max(p.count(".") for p in early) == 3  # depths 0..3 committed
+
+    assert run_job(job_id, _settings(db_url)) == "done"
+    resumed = _nodes(db_url, job_id)
+    assert {n.path: n.id for n in resumed if n.path in early} == early
+    shape = lambda nodes: [(n.path, n.text, n.score, n.terminal, n.kept) for n in nodes]  # noqa: E731
+    assert sorted(shape(resumed)) == sorted(shape(_nodes(db_url, reference)))
+    with session_scope(db_url) as s:
+        assert s.get_one(m.Job, job_id).attempts == 2
+        assert s.scalar(select(func.count()).select_from(m.SelectionStep).where(m.SelectionStep.job_id == job_id)) == (
+            max(n.depth for n in resumed) + 1
+        )
+
+
+def test_load_tree_rebuilds_paths_and_links(pg_session, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    problem = m.Problem(dataset="t", problem_id="p", question="q", answer="1", meta={})
+    run = m.Run(dataset="t", method="rebase", width=2, seed=0, config={}, config_hash="x", policy_model="a",
+                prm_model="a", versions={})
+    job = m.Job(run=run, problem=problem)
+    pg_session.add(job)
+    pg_session.flush()
+    root = m.Node(job_id=job.id, depth=0, path="0", text="P", step_tokens=5, cum_tokens=5)
+    pg_session.add(root)
+    pg_session.flush()
+    kids = [m.Node(job_id=job.id, parent_id=root.id, depth=1, path=f"0.{i}", text=f"s{i}", step_tokens=2,
+                   cum_tokens=7, score=0.5, terminal=i == 1) for i in (1, 0)]
+    pg_session.add_all(kids)
+    pg_session.flush()
+    tree, depth = load_tree(pg_session, job.id)  # type: ignore[misc]
+    assert depth == 1
+    assert [n.path for n in tree.nodes] == ["0", "0.0", "0.1"]
+    assert [n.text for n in tree.nodes] == ["P", "s0", "s1"]
+    assert tree.leaves() == [2] and tree.kv_tokens([1]) == 7
+
+
+@pytest.mark.parametrize("method", ["ets", "beam", "dvts"])
+def test_tree_methods_store_selection_figures(tmp_path: Path, tiny_model: Path, method: str) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    from etsq.db.session import upgrade
+
+    upgrade(url)
+    _, [job_id] = store_run(url, tiny_model, tiny_config(method, width=6), limit=1)
+    assert run_job(job_id, _settings(url)) == "done"
+    with session_scope(url) as s:
+        steps = s.scalars(select(m.SelectionStep).where(m.SelectionStep.job_id == job_id)).all()
+        nodes = s.scalars(select(m.Node).where(m.Node.job_id == job_id)).all()
+        assert {st.depth for st in steps} == {n.depth for n in nodes}
+        for st in steps:
+            assert 0 < st.kv_after <= st.kv_before or st.kept_size == 0
+        frontier = [n for n in nodes if not n.terminal and n.depth < max(n.depth for n in nodes)]
+        assert all(n.kept is not None and n.n_children is not None for n in frontier)
+        assert all((n.n_children > 0) == n.kept for n in frontier)
+        if method == "ets":
+            multi = [st for st in steps if st.depth > 0 and st.frontier_size > 1 and st.remaining > 0]
+            assert multi and all(st.solver and st.n_clusters and st.solve_ms is not None for st in multi)
+            assert all(n.cluster is not None for n in frontier if n.depth > 0)

@@ -1,0 +1,1 @@
+"""Celery shims: the app and its one task, thin wrappers over etsq.worker."""
