@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def cli() -> None:
 
 def _search_config(opts: dict[str, Any]) -> SearchConfig:
     keys = ("method", "width", "seed", "temperature", "softmax_temp", "max_step_tokens", "max_tokens",
-            "max_depth", "lambda_b", "lambda_s", "cost")
+            "max_depth", "lambda_b", "lambda_s", "cost", "cluster_threshold", "beam_k", "dvts_subtrees")
     return SearchConfig(**{k: opts[k] for k in keys})
 
 
@@ -94,7 +95,12 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--max-depth", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("--lambda-b", type=float, default=1.0, show_default=True, help="ETS: KV-cost weight.")
 @click.option("--lambda-s", type=float, default=None, help="ETS: coverage weight [default: by width].")
-@click.option("--cost", type=click.Choice(["uniform", "tokens"]), default="uniform", show_default=True)
+@click.option("--cost", type=click.Choice(["uniform", "tokens"]), default="uniform", show_default=True,
+              help="ETS: node KV cost, uniform 1/(M+N) (paper) or the tokens a node holds.")
+@click.option("--cluster-threshold", type=float, default=0.05, show_default=True,
+              help="ETS: cosine-distance cut of the step clusters.")
+@click.option("--beam-k", type=click.IntRange(min=1), default=None, help="Beam: kept nodes [default: ceil(sqrt(remaining))].")
+@click.option("--dvts-subtrees", type=click.IntRange(min=1), default=None, help="DVTS: subtrees [default: ceil(sqrt(W))].")
 @click.option("--policy-model", default="smollm2", show_default=True, help="'smollm2', a local dir or a hub id.")
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
 @click.option("--prm-family", type=click.Choice(["judge", "math-shepherd"]), default="judge", show_default=True)
@@ -118,7 +124,7 @@ def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, **opts: A
     problems = load_problems(settings, spec)
     broker = broker_url(settings)
     run_id, job_ids = create_run(settings.database_url, spec, problems)
-    app = celery_app(Settings(**{**vars(settings), "broker_url": broker}))
+    app = celery_app(replace(settings, broker_url=broker))
     try:
         enqueue(app, job_ids, settings.queue)
     except EtsqError:
@@ -251,7 +257,7 @@ def worker(queue: str | None, pool: str, concurrency: int, loglevel: str) -> Non
     ensure_schema(settings.database_url)
     broker = broker_url(settings)
     queue = queue or settings.queue
-    app = celery_app(Settings(**{**vars(settings), "broker_url": broker, "queue": queue}))
+    app = celery_app(replace(settings, broker_url=broker, queue=queue))
     app.worker_main(["worker", f"--queues={queue}", f"--pool={pool}", f"--concurrency={concurrency}",
                      f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
 

@@ -33,6 +33,7 @@ def _runs_in(db: Path) -> int:
         (["gsm8k", "--width", "0"], "--width"),
         (["gsm8k", "--width", "-3"], "--width"),
         (["gsm8k", "--limit", "0"], "--limit"),
+        (["gsm8k", "--method", "ets", "--lambda-b", "-1"], "lambda_b"),
     ],
 )
 def test_bad_submit_input(tmp_path: Path, args: list[str], message: str) -> None:

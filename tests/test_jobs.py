@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.helpers import store_run, tiny_config
 
 
 def _settings(url: str) -> Settings:
-    return Settings(**{**vars(Settings.from_env()), "database_url": url})
+    return replace(Settings.from_env(), database_url=url)
 
 
 def _nodes(url: str, job_id: int) -> list[m.Node]:

@@ -58,6 +58,10 @@ class SearchConfig:
             raise ConfigError(f"cost must be 'uniform' or 'tokens', got {self.cost!r}")
         if self.softmax_temp <= 0:
             raise ConfigError("softmax_temp must be positive")
+        if self.temperature < 0 or self.cluster_threshold < 0:
+            raise ConfigError("temperature and cluster_threshold must be >= 0")
+        if self.lambda_b < 0 or (self.lambda_s is not None and self.lambda_s < 0):
+            raise ConfigError("lambda_b and lambda_s must be >= 0")
 
     @property
     def effective_lambda_s(self) -> float:
