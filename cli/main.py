@@ -75,11 +75,10 @@ def _search_config(opts: dict[str, Any]) -> SearchConfig:
 
 
 def _models(opts: dict[str, Any]) -> dict[str, Any]:
-    policy = opts["policy_model"]
-    return {
-        "backend": "local", "policy": policy, "prm": opts["prm_model"] or policy,
-        "prm_family": opts["prm_family"], "embedding": opts["embedding_model"],
-    }
+    from etsq.runs import model_config
+
+    return model_config(opts["backend"], opts["policy_model"], opts["prm_model"], opts["prm_family"],
+                        opts["embedding_model"], opts["sim_latency"])
 
 
 @cli.command()
@@ -101,41 +100,72 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
               help="ETS: cosine-distance cut of the step clusters.")
 @click.option("--beam-k", type=click.IntRange(min=1), default=None, help="Beam: kept nodes [default: ceil(sqrt(remaining))].")
 @click.option("--dvts-subtrees", type=click.IntRange(min=1), default=None, help="DVTS: subtrees [default: ceil(sqrt(W))].")
+@click.option("--backend", type=click.Choice(["local", "sim"]), default="local", show_default=True,
+              help="Where models run: in-process transformers, or 'sim' (synthetic; load tests only).")
+@click.option("--sim-latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="sim backend: seconds each request takes.")
 @click.option("--policy-model", default="smollm2", show_default=True, help="'smollm2', a local dir or a hub id.")
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
 @click.option("--prm-family", type=click.Choice(["judge", "math-shepherd"]), default="judge", show_default=True)
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
+@click.option("--queue", default=None, help="Send every job here [default: spread over live workers' queues].")
 @click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, **opts: Any) -> None:
+def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, queue: str | None, **opts: Any) -> None:
     """Enqueue one search job per problem of DATASET (math500, gsm8k or a .jsonl file).
+
+    A run is its configuration: submitting the same configuration again resumes that run.
 
     \b
     Examples:
       etsq submit math500 --method ets --width 256
       etsq submit gsm8k --method rebase --width 4 --limit 3 --wait
-      etsq submit my_problems.jsonl --method bon --width 16
+      etsq submit my_problems.jsonl --method bon --width 16 --queue gpu1
     """
-    from etsq.queue import broker_url, celery_app, enqueue
-    from etsq.runs import RunSpec, create_run, delete_run, load_problems
+    from etsq.runs import RunSpec, load_problems
 
     settings = _settings()
     spec = RunSpec(dataset=dataset, search=_search_config(opts), models=_models(opts), limit=limit)
     problems = load_problems(settings, spec)
-    broker = broker_url(settings)
-    run_id, job_ids = create_run(settings.database_url, spec, problems)
-    app = celery_app(replace(settings, broker_url=broker))
-    try:
-        enqueue(app, job_ids, settings.queue)
-    except EtsqError:
-        delete_run(settings.database_url, run_id)
-        raise
+    from etsq.queue import target_queues
+
+    app, broker = _connect(settings)
+    run_id, created, n_jobs = _store_and_enqueue(settings, app, spec, problems, target_queues(app, queue, settings.queue))
+    if not created:
+        click.echo(f"run {run_id} has this configuration already; {n_jobs} unfinished jobs enqueued", err=True)
     if as_json:
-        _print_json({"run_id": run_id, "jobs": len(job_ids)})
+        _print_json({"run_id": run_id, "created": created, "jobs": n_jobs})
     else:
         click.echo(run_id)
     if wait:
         _wait(settings, app, broker, run_id)
+
+
+def _connect(settings: Settings, queue: str | None = None) -> tuple[Any, str]:
+    from etsq.queue import broker_url, celery_app
+
+    broker = broker_url(settings)
+    return celery_app(replace(settings, broker_url=broker, queue=queue or settings.queue)), broker
+
+
+def _store_and_enqueue(
+    settings: Settings, app: Any, spec: Any, problems: list[Any], queues: list[str]
+) -> tuple[int, bool, int]:
+    """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
+    from etsq.queue import enqueue, resume
+    from etsq.runs import create_run, delete_run, queued_jobs
+
+    url = settings.database_url
+    run_id, created = create_run(url, spec, problems, queues)
+    if not created:
+        return run_id, False, resume(app, url, run_id, settings.queue)
+    jobs = queued_jobs(url, run_id, settings.queue)
+    try:
+        enqueue(app, jobs)
+    except EtsqError:
+        delete_run(url, run_id)
+        raise
+    return run_id, True, len(jobs)
 
 
 def _wait(settings: Settings, app: Any, broker: str, run_id: int) -> None:
@@ -173,17 +203,25 @@ def _progress(url: str, run_id: int, proc: Any) -> None:
 @cli.command()
 @click.argument("runs", nargs=-1, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
-def status(runs: tuple[int, ...], as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Live progress bars until the runs finish.")
+def status(runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
     """Show runs: status and problems done/failed/running.
 
     \b
     Examples:
       etsq status
       etsq status 3 --json
+      etsq status --watch
     """
     from etsq.runs import statuses
 
-    rows = statuses(_settings().database_url, list(runs) or None)
+    url = _settings().database_url
+    rows = statuses(url, list(runs) or None)
+    if watch:
+        from etsq.watch import Watch
+
+        Watch(url, list(runs) or None).run()
+        return
     if as_json:
         _print_json(rows)
         return
@@ -239,27 +277,110 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--queue", default=None, help="Queue to consume [default: ETSQ_QUEUE or 'etsq'].")
-@click.option("--pool", type=click.Choice(["solo", "threads", "prefork"]), default="solo", show_default=True)
-@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--gpu", default=None, help="Pin to this GPU: consume queue gpuN and see only that device.")
+@click.option("--queue", default=None, help="Queue to consume [default: gpuN with --gpu, else ETSQ_QUEUE or 'etsq'].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Problems searched at once (threads); keeps a model server's batch full.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queue: str | None, pool: str, concurrency: int, loglevel: str) -> None:
+def worker(gpu: str | None, queue: str | None, concurrency: int, loglevel: str) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
-    Example:
-      ETSQ_BROKER_URL=redis://gpu-box:6379/0 etsq worker --queue gpu0
+    Examples:
+      etsq worker                                   # embedded default
+      etsq worker --gpu 0 --concurrency 8           # queue gpu0, CUDA_VISIBLE_DEVICES=0
+      ETSQ_BROKER_URL=redis://gpu-box:6379/0 etsq worker --queue big
     """
+    import os
+
     from etsq.db.session import ensure_schema
-    from etsq.queue import broker_url, celery_app
 
     settings = _settings()
     ensure_schema(settings.database_url)
-    broker = broker_url(settings)
-    queue = queue or settings.queue
-    app = celery_app(replace(settings, broker_url=broker, queue=queue))
+    queue = queue or (f"gpu{gpu}" if gpu is not None else settings.queue)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ETSQ_GPU"] = gpu
+    app, _ = _connect(settings, queue)
+    pool = "threads" if concurrency > 1 else "solo"
+    # A unique node name per worker: control replies (ping, active queues) are keyed by it.
+    name = f"etsq-{queue}-{os.getpid()}@%h"
     app.worker_main(["worker", f"--queues={queue}", f"--pool={pool}", f"--concurrency={concurrency}",
-                     f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+                     f"--hostname={name}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--queue", default=None, help="Send every job here [default: spread over live workers' queues].")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+def sweep(file: Path, queue: str | None, as_json: bool) -> None:
+    """Submit every run of a sweep FILE (YAML grid); existing runs resume instead of repeating.
+
+    \b
+    Example sweep.yaml:
+      datasets: [gsm8k]
+      methods: [ets, rebase]
+      widths: [16, 64]
+      limit: 50
+      params: {lambda_b: [1.0, 2.0]}
+    Then: etsq sweep sweep.yaml && etsq status --watch
+    """
+    from etsq.queue import target_queues
+    from etsq.runs import load_problems
+    from etsq.sweep import sweep_specs
+
+    settings = _settings()
+    specs = sweep_specs(file)
+    problems = [load_problems(settings, spec) for spec in specs]  # all validated before any write
+    app, _ = _connect(settings)
+    queues = target_queues(app, queue, settings.queue)
+    rows = []
+    for spec, probs in zip(specs, problems):
+        run_id, created, n = _store_and_enqueue(settings, app, spec, probs, queues)
+        rows.append({"run_id": run_id, "dataset": spec.dataset, "method": spec.search.method,
+                     "width": spec.search.width, "created": created, "jobs_enqueued": n})
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["run_id", "dataset", "method", "width", "created", "jobs_enqueued"])
+
+
+@cli.command("resume")
+@click.argument("run", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def resume_cmd(run: int, as_json: bool) -> None:
+    """Enqueue a run's unfinished jobs again (after a crash, a reboot, or a flushed Redis).
+
+    Jobs resume from their last committed depth; jobs a live worker holds are left alone.
+
+    \b
+    Example:
+      etsq resume 3
+    """
+    from etsq.db.session import ensure_schema
+    from etsq.queue import resume
+    from etsq.runs import statuses
+
+    settings = _settings()
+    ensure_schema(settings.database_url)
+    statuses(settings.database_url, [run])  # a clear error for an unknown run
+    app, _ = _connect(settings)
+    n = resume(app, settings.database_url, run, settings.queue)
+    _print_json({"run_id": run, "enqueued": n}) if as_json else click.echo(f"run {run}: {n} jobs enqueued")
+
+
+@cli.command()
+@click.argument("run", type=int)
+def cancel(run: int) -> None:
+    """Cancel a run: queued jobs are dropped, running ones stop after their current depth.
+
+    \b
+    Example:
+      etsq cancel 3
+    """
+    from etsq.runs import cancel_run
+
+    n = cancel_run(_settings().database_url, run)
+    click.echo(f"run {run}: {n} jobs cancelled")
 
 
 @cli.group()

@@ -8,23 +8,42 @@ last committed depth with the tree exactly as it was.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from etsq.db import models as m
 from etsq.db.session import session_scope
-from etsq.errors import PermanentError
+from etsq.errors import EtsqError, PermanentError
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
 from etsq.search.tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("done", "failed")
+FINISHED = m.FINISHED
+
+# Set when the worker is asked to shut down: the job in hand stops after its current depth.
+STOP = threading.Event()
+
+
+class JobInterrupted(EtsqError):
+    """The search stopped between two depths; what was committed stays."""
+
+
+class LeaseLost(JobInterrupted):
+    """Another worker reclaimed the job, or it was cancelled: stop without writing."""
+
+
+class ShutdownRequested(JobInterrupted):
+    """The worker is shutting down: the job goes back to the queue after this depth."""
 
 
 @dataclass
@@ -38,23 +57,78 @@ class Claim:
     config: dict[str, Any]
     policy_model: str
     prm_model: str
+    lease: str
 
 
-def claim_job(url: str, job_id: int, worker: str | None = None) -> Claim | None:
-    """Mark the job running and count the attempt; None when it is missing or finished."""
+def stale_after() -> timedelta:
+    """How long a running job's heartbeat may be silent before its worker is presumed dead."""
+    return timedelta(seconds=float(os.environ.get("ETSQ_STALE_AFTER_S", "120")))
+
+
+def heartbeat_every() -> float:
+    return float(os.environ.get("ETSQ_HEARTBEAT_S", "15"))
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    stale = or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < now - stale_after())
+    return or_(m.Job.status == "queued", and_(m.Job.status == "running", stale))
+
+
+def claim_job(url: str, job_id: int, worker: str | None = None, gpu: str | None = None) -> Claim | None:
+    """Take the job with a fresh lease; None when it is finished, missing, or held by a live worker."""
+    lease, now = str(uuid.uuid4()), m.utcnow()
     with session_scope(url) as s:
-        job = s.get(m.Job, job_id)
-        if job is None or job.status in FINISHED:
+        taken = s.execute(
+            update(m.Job)
+            .where(m.Job.id == job_id, _claimable(now))
+            .values(status="running", attempts=m.Job.attempts + 1, worker=worker or socket.gethostname(),
+                    gpu=gpu, lease=lease, heartbeat_at=now, error=None,
+                    started_at=func.coalesce(m.Job.started_at, now))
+        ).rowcount
+        if not taken:
             return None
-        job.status, job.attempts = "running", job.attempts + 1
-        job.worker = worker or socket.gethostname()
-        job.started_at = job.started_at or m.utcnow()
-        job.error = None
+        job = s.get_one(m.Job, job_id)
         run, problem = job.run, job.problem
         return Claim(
             job_id, run.id, problem.question, f"{problem.dataset}/{problem.problem_id}",
-            run.config, run.policy_model, run.prm_model,
+            run.config, run.policy_model, run.prm_model, lease,
         )
+
+
+def heartbeat(url: str, job_id: int, lease: str) -> bool:
+    """Refresh the job's heartbeat; False when the lease was lost (reclaimed or cancelled)."""
+    with session_scope(url) as s:
+        return bool(
+            s.execute(
+                update(m.Job)
+                .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == "running")
+                .values(heartbeat_at=m.utcnow())
+            ).rowcount
+        )
+
+
+def release_job(url: str, job_id: int, lease: str) -> None:
+    """Hand a running job back to the queue (retry, shutdown): its committed depths stay."""
+    with session_scope(url) as s:
+        s.execute(
+            update(m.Job)
+            .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == "running")
+            .values(status="queued", lease=None, heartbeat_at=None)
+        )
+
+
+def requeue_stale(url: str, run_id: int | None = None) -> list[tuple[int, str | None]]:
+    """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue."""
+    cutoff = m.utcnow() - stale_after()
+    cond = [m.Job.status == "running", or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < cutoff)]
+    if run_id is not None:
+        cond.append(m.Job.run_id == run_id)
+    with session_scope(url) as s:
+        rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
+        if rows:
+            ids = [job_id for job_id, _ in rows]
+            s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status="queued", lease=None))
+        return rows
 
 
 def load_tree(s: Session, job_id: int) -> tuple[Tree, int] | None:
@@ -111,18 +185,26 @@ def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
 class DepthWriter:
     """The commit callback: persists one DepthCommit in one transaction."""
 
-    def __init__(self, url: str, job_id: int) -> None:
-        self.url, self.job_id = url, job_id
+    def __init__(self, url: str, job_id: int, lease: str) -> None:
+        self.url, self.job_id, self.lease = url, job_id, lease
 
     def __call__(self, tree: Tree, rec: DepthCommit) -> None:
+        self._commit(tree, rec)
+        if STOP.is_set() and not rec.final:
+            raise ShutdownRequested(f"job {self.job_id}: worker shutting down after depth {rec.depth}")
+
+    def _commit(self, tree: Tree, rec: DepthCommit) -> None:
         with session_scope(self.url) as s:
+            job = s.get_one(m.Job, self.job_id, with_for_update=True)
+            if job.lease != self.lease or job.status != "running":
+                raise LeaseLost(f"job {self.job_id} is no longer ours (status {job.status})")
             if tree.root.db_id is None:
                 self._insert(s, tree, [tree.root])
             self._mark_frontier(s, tree, rec)
             self._insert(s, tree, [tree.nodes[i] for i in rec.new_nodes])
             s.add(_selection_row(self.job_id, rec))
-            job = s.get_one(m.Job, self.job_id)
             job.depth = rec.depth + (0 if rec.final else 1)
+            job.heartbeat_at = m.utcnow()
             if rec.final:
                 _finish(s, job, "done")
 
@@ -144,7 +226,7 @@ class DepthWriter:
 
 
 def _finish(s: Session, job: m.Job, status: str, error: str | None = None) -> None:
-    job.status, job.error, job.finished_at = status, error, m.utcnow()
+    job.status, job.error, job.finished_at, job.lease = status, error, m.utcnow(), None
     s.flush()
     open_jobs = s.scalar(
         select(func.count()).select_from(m.Job).where(m.Job.run_id == job.run_id, m.Job.status.not_in(FINISHED))
@@ -153,12 +235,13 @@ def _finish(s: Session, job: m.Job, status: str, error: str | None = None) -> No
         s.get_one(m.Run, job.run_id).finished_at = m.utcnow()
 
 
-def fail_job(url: str, job_id: int, reason: str) -> None:
-    """Record a permanent failure; the rest of the run goes on."""
+def fail_job(url: str, job_id: int, reason: str, lease: str | None = None) -> None:
+    """Record a permanent failure (unless another worker holds the job now); the run goes on."""
     with session_scope(url) as s:
         job = s.get(m.Job, job_id)
-        if job is not None and job.status not in FINISHED:
-            _finish(s, job, "failed", reason[:4000])
+        if job is None or job.status in FINISHED or (lease is not None and job.lease not in (lease, None)):
+            return
+        _finish(s, job, "failed", reason[:4000])
 
 
 def search_job(url: str, claim: Claim, searcher_factory: Any) -> None:
@@ -167,7 +250,33 @@ def search_job(url: str, claim: Claim, searcher_factory: Any) -> None:
     with session_scope(url) as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    searcher.run(tree, DepthWriter(url, claim.job_id), start_depth=depth)
+    with Heartbeat(url, claim.job_id, claim.lease):
+        searcher.run(tree, DepthWriter(url, claim.job_id, claim.lease), start_depth=depth)
+
+
+class Heartbeat:
+    """A background thread that keeps a running job's heartbeat fresh between depth commits."""
+
+    def __init__(self, url: str, job_id: int, lease: str) -> None:
+        self.args = (url, job_id, lease)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.done.wait(heartbeat_every()):
+            try:
+                if not heartbeat(*self.args):
+                    return
+            except Exception:  # noqa: BLE001 - a missed beat is harmless; the next one retries
+                log.warning("heartbeat of job %s failed", self.args[1], exc_info=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def search_config(claim: Claim) -> SearchConfig:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from etsq.datasets import Problem, dataset_name, load_dataset
@@ -34,6 +35,25 @@ class RunSpec:
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "limit": self.limit, "search": self.search.to_dict(), "models": self.models}
+
+
+def model_config(
+    backend: str = "local",
+    policy: str = "smollm2",
+    prm: str | None = None,
+    prm_family: str = "judge",
+    embedding: str | None = None,
+    sim_latency_s: float = 0.0,
+) -> dict[str, Any]:
+    """The `models` part of a run's config, from submit's options or a sweep file."""
+    if backend == "sim":
+        # Labelled so that no synthetic result is ever mistaken for a model's.
+        return {"backend": "sim", "synthetic": True, "policy": "sim", "prm": "sim",
+                "sim_latency_s": sim_latency_s, "embedding": embedding}
+    if backend != "local":
+        raise ConfigError(f"unknown backend {backend!r}; choose from local, sim")
+    return {"backend": backend, "policy": policy, "prm": prm or policy, "prm_family": prm_family,
+            "embedding": embedding}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -71,9 +91,30 @@ def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
     return row
 
 
-def create_run(url: str, spec: RunSpec, problems: list[Problem]) -> tuple[int, list[int]]:
-    """Store the run, its problems and one queued job per problem, in one transaction."""
+def create_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> tuple[int, bool]:
+    """The run of this configuration: (id, True) when stored now, (id, False) when it existed.
+
+    The config hash is unique, so concurrent submissions of one configuration make one run;
+    the loser of the race rolls back and finds the winner's run.
+    """
     ensure_schema(url)
+    for _ in range(3):
+        existing = find_run(url, spec)
+        if existing is not None:
+            return existing, False
+        try:
+            return _insert_run(url, spec, problems, queues), True
+        except IntegrityError:
+            continue  # a concurrent submit inserted the same run or problems first
+    raise UserError(f"could not store the run of {spec.dataset!r}: conflicting concurrent submissions")
+
+
+def find_run(url: str, spec: RunSpec) -> int | None:
+    with session_scope(url) as s:
+        return s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(spec.config())))
+
+
+def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> int:
     name, config = dataset_name(spec.dataset), spec.config()
     with session_scope(url) as s:
         rows = [_problem_row(s, name, p) for p in problems]
@@ -82,22 +123,38 @@ def create_run(url: str, spec: RunSpec, problems: list[Problem]) -> tuple[int, l
             config=config, config_hash=config_hash(config), policy_model=spec.models["policy"],
             prm_model=spec.models["prm"], versions=package_versions(),
         )
-        run.jobs = [m.Job(problem=row) for row in rows]
+        # Round-robin over the queues with live workers keeps every GPU's servers busy.
+        run.jobs = [m.Job(problem=row, queue=queues[i % len(queues)]) for i, row in enumerate(rows)]
         s.add(run)
         s.flush()
-        return run.id, [j.id for j in run.jobs]
+        return run.id
+
+
+def queued_jobs(url: str, run_id: int, default_queue: str) -> list[tuple[int, str]]:
+    """(job id, queue) of the run's jobs waiting for a worker: what resume enqueues."""
+    with session_scope(url) as s:
+        q = select(m.Job.id, m.Job.queue).where(m.Job.run_id == run_id, m.Job.status == "queued")
+        return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
+
+
+def cancel_run(url: str, run_id: int) -> int:
+    """Mark every unfinished job cancelled; running ones stop at their next depth commit."""
+    ensure_schema(url)
+    with session_scope(url) as s:
+        run_ids(s, [run_id])
+        n = s.execute(
+            update(m.Job)
+            .where(m.Job.run_id == run_id, m.Job.status.in_(("queued", "running")))
+            .values(status="cancelled", lease=None, finished_at=m.utcnow())
+        ).rowcount
+        s.get_one(m.Run, run_id).finished_at = m.utcnow()
+        return int(n or 0)
 
 
 def delete_run(url: str, run_id: int) -> None:
     with session_scope(url) as s:
         s.execute(delete(m.Job).where(m.Job.run_id == run_id))
         s.execute(delete(m.Run).where(m.Run.id == run_id))
-
-
-def unfinished_jobs(url: str, run_id: int) -> list[int]:
-    with session_scope(url) as s:
-        q = select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status.not_in(("done", "failed")))
-        return list(s.scalars(q.order_by(m.Job.id)))
 
 
 def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:
@@ -115,9 +172,12 @@ def run_status_label(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     if counts.get("queued", 0) == total:
         return "queued"
-    if counts.get("done", 0) + counts.get("failed", 0) < total:
+    if sum(counts.get(s, 0) for s in m.FINISHED) < total:
         return "running"
-    return "failed" if counts.get("failed", 0) == total else "done"
+    for status in ("cancelled", "failed"):
+        if counts.get(status, 0) == total:
+            return status
+    return "cancelled" if counts.get("cancelled") else "done"
 
 
 def _job_counts(s: Session, run_id: int) -> dict[str, int]:
@@ -138,9 +198,26 @@ def run_summary(s: Session, run_id: int) -> dict[str, Any]:
         "status": run_status_label(counts), "problems": sum(counts.values()),
         "problems_done": counts.get("done", 0), "problems_failed": counts.get("failed", 0),
         "problems_running": counts.get("running", 0), "problems_queued": counts.get("queued", 0),
+        "problems_cancelled": counts.get("cancelled", 0),
         "nodes": _node_count(s, run_id), "policy_model": run.policy_model, "prm_model": run.prm_model,
         "created_at": run.created_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     }
+
+
+def running_depths(s: Session, run_id: int) -> list[int]:
+    q = select(m.Job.depth).where(m.Job.run_id == run_id, m.Job.status == "running").order_by(m.Job.id)
+    return list(s.scalars(q))
+
+
+def mean_job_seconds(s: Session, run_id: int) -> float | None:
+    """Mean wall time of the run's finished jobs: what an ETA is made of."""
+    rows = s.execute(
+        select(m.Job.started_at, m.Job.finished_at).where(
+            m.Job.run_id == run_id, m.Job.status == "done", m.Job.started_at.is_not(None)
+        )
+    ).all()
+    spans = [(end - start).total_seconds() for start, end in rows if end is not None]
+    return sum(spans) / len(spans) if spans else None
 
 
 def statuses(url: str, wanted: list[int] | None = None) -> list[dict[str, Any]]:
@@ -150,9 +227,9 @@ def statuses(url: str, wanted: list[int] | None = None) -> list[dict[str, Any]]:
 
 
 def progress(url: str, run_id: int) -> tuple[int, int, int]:
-    """(finished jobs, failed jobs, total jobs) of a run: what a progress bar shows."""
+    """(finished jobs, failed jobs, total jobs) of a run: what a progress bar shows (cancelled counts as finished)."""
     with session_scope(url) as s:
-        done_or_failed = case((m.Job.status.in_(("done", "failed")), 1), else_=0)
+        done_or_failed = case((m.Job.status.in_(m.FINISHED), 1), else_=0)
         failed = case((m.Job.status == "failed", 1), else_=0)
         row = s.execute(
             select(func.sum(done_or_failed), func.sum(failed), func.count()).where(m.Job.run_id == run_id)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from etsq.db import models as m
 from etsq.db.session import session_scope
 from etsq.errors import TransientError
-from etsq.jobs import Claim, claim_job, fail_job, search_config, search_job
+from etsq.jobs import (
+    Claim,
+    LeaseLost,
+    ShutdownRequested,
+    claim_job,
+    fail_job,
+    release_job,
+    search_config,
+    search_job,
+)
 from etsq.models.base import PRM, Policy
 from etsq.search.loop import Searcher
 from etsq.search.methods import get_method
@@ -23,6 +33,11 @@ log = logging.getLogger(__name__)
 
 def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM]:
     """The run's policy and PRM; each process loads a given model once."""
+    if models.get("backend") == "sim":
+        from etsq.models.sim import SimPolicy, SimPRM
+
+        latency = float(models.get("sim_latency_s", 0.0))
+        return SimPolicy(latency), SimPRM(latency)
     from etsq.models.registry import load_local_models
 
     return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
@@ -52,26 +67,31 @@ def build_searcher(claim: Claim, settings: Settings) -> Searcher:
 
 
 def run_job(job_id: int, settings: Settings | None = None, worker: str | None = None) -> str:
-    """Search one job to completion. Returns its status; raises TransientError to be retried."""
+    """Search one job to completion and return its status.
+
+    Raises TransientError (job released: retry it) and ShutdownRequested (job released:
+    enqueue it again); returns "skipped" when the job is finished or a live worker holds it.
+    """
     settings = settings or Settings.from_env()
-    url = settings.database_url
+    claim = claim_job(settings.database_url, job_id, worker, os.environ.get("ETSQ_GPU"))
+    if claim is None:
+        return "skipped"
     try:
-        claim = claim_job(url, job_id, worker)
-        if claim is None:
-            return "skipped"
-        search_job(url, claim, lambda c: build_searcher(c, settings))
+        search_job(settings.database_url, claim, lambda c: build_searcher(c, settings))
         return "done"
-    except TransientError:
+    except LeaseLost:
+        return "lost"
+    except (TransientError, ShutdownRequested):
+        release_job(settings.database_url, job_id, claim.lease)
         raise
-    except (OperationalError, DBAPIError) as exc:
-        if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
-            raise TransientError(f"database: {exc.orig}") from exc
-        return _fail(url, job_id, exc)
+    except OperationalError as exc:
+        release_job(settings.database_url, job_id, claim.lease)
+        raise TransientError(f"database: {exc.orig}") from exc
     except Exception as exc:  # noqa: BLE001 - any other fault is permanent for this job
-        return _fail(url, job_id, exc)
+        return _fail(settings.database_url, claim, exc)
 
 
-def _fail(url: str, job_id: int, exc: BaseException) -> str:
-    log.exception("job %s failed", job_id)
-    fail_job(url, job_id, f"{type(exc).__name__}: {exc}")
+def _fail(url: str, claim: Claim, exc: BaseException) -> str:
+    log.exception("job %s failed", claim.job_id)
+    fail_job(url, claim.job_id, f"{type(exc).__name__}: {exc}", claim.lease)
     return "failed"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from etsq.models.registry import load_local_models
-from etsq.runs import RunSpec, create_run, load_problems
+from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
 from etsq.search.methods import get_method
@@ -41,8 +41,11 @@ def tiny_models(model: Path) -> dict[str, Any]:
 
 
 def store_run(url: str, model: Path, cfg: SearchConfig, dataset: str = "gsm8k", limit: int = 2) -> tuple[int, list[int]]:
+    """A new run stored with its jobs queued (nothing enqueued): (run id, job ids)."""
     spec = RunSpec(dataset=dataset, search=cfg, models=tiny_models(model), limit=limit)
-    return create_run(url, spec, load_problems(Settings.from_env(), spec))
+    run_id, created = create_run(url, spec, load_problems(Settings.from_env(), spec), ["etsq"])
+    assert created, "tests store each configuration once"
+    return run_id, [job_id for job_id, _ in queued_jobs(url, run_id, "etsq")]
 
 
 def etsq(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -75,7 +75,8 @@ class Crash(BaseException):
 
 def test_interrupted_job_resumes_to_the_same_tree(db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config("rebase", width=4, max_depth=8, max_tokens=48)
-    _, [reference] = store_run(db_url, tiny_model, cfg, limit=1)
+    labelled = tiny_config("rebase", width=4, max_depth=8, max_tokens=48, extra={"run": "reference"})
+    _, [reference] = store_run(db_url, tiny_model, labelled, limit=1)
     run_job(reference, _settings(db_url))
     _, [job_id] = store_run(db_url, tiny_model, cfg, limit=1)
 
@@ -93,6 +94,9 @@ def test_interrupted_job_resumes_to_the_same_tree(db_url: str, tiny_model: Path,
     early = {n.path: n.id for n in _nodes(db_url, job_id)}
     assert max(p.count(".") for p in early) == 3  # depths 0..3 committed
 
+    # Its heartbeat is fresh: for all another worker knows, the job is still being searched.
+    assert run_job(job_id, _settings(db_url)) == "skipped"
+    monkeypatch.setenv("ETSQ_STALE_AFTER_S", "0")  # the dead worker's heartbeat is now stale
     assert run_job(job_id, _settings(db_url)) == "done"
     resumed = _nodes(db_url, job_id)
     assert {n.path: n.id for n in resumed if n.path in early} == early

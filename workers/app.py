@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 
 from etsq.settings import Settings
 
@@ -34,3 +36,20 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+@signals.worker_shutting_down.connect
+def _stop_after_current_depth(**_: Any) -> None:
+    # Warm shutdown (SIGTERM): the job in hand commits its depth, then goes back to the queue.
+    from etsq.jobs import STOP
+
+    STOP.set()
+
+
+@signals.worker_ready.connect
+def _start_janitor(sender: Any = None, **_: Any) -> None:
+    from etsq.queue import Janitor
+
+    worker_app = getattr(sender, "app", None) or app  # the app `etsq worker` built, with its queue
+    interval = float(os.environ.get("ETSQ_JANITOR_S", "30"))
+    Janitor(worker_app, Settings.from_env().database_url, worker_app.conf.task_default_queue, interval).start()

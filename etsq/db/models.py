@@ -33,7 +33,8 @@ NAMING = {
 # SQLite only auto-increments INTEGER PRIMARY KEY, so BIGINT ids fall back to INTEGER there.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-JOB_STATUSES = ("queued", "running", "done", "failed")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
 
 
 def utcnow() -> datetime:
@@ -55,7 +56,8 @@ class Run(Base):
     width: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # A run is its configuration: submitting the same config again finds this run.
+    config_hash: Mapped[str] = mapped_column(String(64), unique=True)
     policy_model: Mapped[str] = mapped_column(String(500))
     prm_model: Mapped[str] = mapped_column(String(500))
     model_info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -93,6 +95,12 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    gpu: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(200), nullable=True)  # where its task is sent
+    # Who holds the job now: a claim sets a fresh lease, and commits check it, so a redelivered
+    # task can never run a job that a live worker (recent heartbeat) is still searching.
+    lease: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     depth: Mapped[int] = mapped_column(Integer, default=0)  # last committed depth
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
