@@ -78,7 +78,7 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
     from etsq.runs import model_config
 
     return model_config(opts["backend"], opts["policy_model"], opts["prm_model"], opts["prm_family"],
-                        opts["embedding_model"], opts["sim_latency"])
+                        opts["embedding_model"], opts["sim_latency"], opts["sim_answer_every"])
 
 
 @cli.command()
@@ -104,6 +104,8 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
               help="Where models run: in-process transformers, or 'sim' (synthetic; load tests only).")
 @click.option("--sim-latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="sim backend: seconds each request takes.")
+@click.option("--sim-answer-every", type=click.IntRange(min=1), default=4, show_default=True,
+              help="sim backend: about one step in N ends its trajectory.")
 @click.option("--policy-model", default="smollm2", show_default=True, help="'smollm2', a local dir or a hub id.")
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
 @click.option("--prm-family", type=click.Choice(["judge", "math-shepherd"]), default="judge", show_default=True)

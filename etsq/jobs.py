@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from etsq.db import models as m
@@ -160,13 +160,14 @@ def _fill(node: Node, row: m.Node) -> None:
     node.kept, node.n_children, node.cluster = row.kept, row.n_children, row.cluster
 
 
-def _node_row(job_id: int, tree: Tree, node: Node) -> m.Node:
+def _node_row(job_id: int, tree: Tree, node: Node) -> dict[str, Any]:
     parent = tree.nodes[node.parent].db_id if node.parent is not None else None
-    return m.Node(
-        job_id=job_id, parent_id=parent, depth=node.depth, path=node.path, text=node.text,
-        step_tokens=node.tokens, cum_tokens=node.cum_tokens, score=node.score, terminal=node.terminal,
-        terminal_reason=node.terminal_reason, finish_reason=node.finish_reason, answer=node.answer,
-    )
+    return {
+        "job_id": job_id, "parent_id": parent, "depth": node.depth, "path": node.path, "text": node.text,
+        "step_tokens": node.tokens, "cum_tokens": node.cum_tokens, "score": node.score,
+        "terminal": node.terminal, "terminal_reason": node.terminal_reason,
+        "finish_reason": node.finish_reason, "answer": node.answer,
+    }
 
 
 def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
@@ -209,11 +210,13 @@ class DepthWriter:
                 _finish(s, job, "done")
 
     def _insert(self, s: Session, tree: Tree, nodes: list[Node]) -> None:
-        rows = [_node_row(self.job_id, tree, n) for n in nodes]
-        s.add_all(rows)
-        s.flush()
-        for node, row in zip(nodes, rows):
-            node.db_id = row.id
+        if not nodes:
+            return
+        # Core INSERT ... RETURNING over plain dicts: ORM objects cost ~0.1 ms each at W=256.
+        stmt = insert(m.Node).returning(m.Node.id, sort_by_parameter_order=True)
+        ids = s.scalars(stmt, [_node_row(self.job_id, tree, n) for n in nodes]).all()
+        for node, db_id in zip(nodes, ids, strict=True):
+            node.db_id = db_id
 
     @staticmethod
     def _mark_frontier(s: Session, tree: Tree, rec: DepthCommit) -> None:

@@ -44,12 +44,13 @@ def model_config(
     prm_family: str = "judge",
     embedding: str | None = None,
     sim_latency_s: float = 0.0,
+    sim_answer_every: int = 4,
 ) -> dict[str, Any]:
     """The `models` part of a run's config, from submit's options or a sweep file."""
     if backend == "sim":
         # Labelled so that no synthetic result is ever mistaken for a model's.
         return {"backend": "sim", "synthetic": True, "policy": "sim", "prm": "sim",
-                "sim_latency_s": sim_latency_s, "embedding": embedding}
+                "sim_latency_s": sim_latency_s, "sim_answer_every": sim_answer_every, "embedding": embedding}
     if backend != "local":
         raise ConfigError(f"unknown backend {backend!r}; choose from local, sim")
     return {"backend": backend, "policy": policy, "prm": prm or policy, "prm_family": prm_family,

@@ -37,7 +37,7 @@ def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM
         from etsq.models.sim import SimPolicy, SimPRM
 
         latency = float(models.get("sim_latency_s", 0.0))
-        return SimPolicy(latency), SimPRM(latency)
+        return SimPolicy(latency, int(models.get("sim_answer_every", 4))), SimPRM(latency)
     from etsq.models.registry import load_local_models
 
     return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
