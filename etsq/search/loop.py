@@ -11,6 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,8 @@ class DepthCommit:
     new_nodes: list[int] = field(default_factory=list)
     expand_ms: float | None = None
     score_ms: float | None = None
+    server: dict[str, Any] = field(default_factory=dict)  # policy server's KV figures (metrics.KVMonitor)
+    prm_server: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:
@@ -65,6 +68,12 @@ def terminal_reason(node: Node, sample: StepSample, cfg: SearchConfig, prompt_to
     if node.depth >= cfg.max_depth:
         return "max_depth"
     return None
+
+
+def _server_stats(model: object) -> dict[str, Any]:
+    # Optional in the protocols: a third-party model without it simply has no server figures.
+    stats = getattr(model, "server_stats", None)
+    return dict(stats() or {}) if callable(stats) else {}
 
 
 class Searcher:
@@ -118,6 +127,7 @@ class Searcher:
         )
         if selection.kept:
             self._expand(tree, selection, record)
+        record.server, record.prm_server = _server_stats(self.policy), _server_stats(self.prm)
         return record
 
     def _select(self, tree: Tree, frontier: list[int], remaining: int, depth: int) -> Selection:
