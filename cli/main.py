@@ -13,6 +13,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etsq.aggregate import AGGS, VOTES
 from etsq.errors import EtsqError
+from etsq.models.prm_families import PRM_FAMILIES
+from etsq.models.servers import BACKENDS, HTTP_BACKENDS, PRM_APIS
 from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
@@ -74,10 +76,20 @@ def _search_config(opts: dict[str, Any]) -> SearchConfig:
 
 
 def _models(opts: dict[str, Any]) -> dict[str, Any]:
-    policy = opts["policy_model"]
+    backend = opts["backend"]
+    if backend == "local":
+        if opts["policy_url"] or opts["prm_url"]:
+            raise CliError("--policy-url/--prm-url need --backend sglang or --backend openai")
+        policy = opts["policy_model"] or "smollm2"
+        return {
+            "backend": "local", "policy": policy, "prm": opts["prm_model"] or policy,
+            "prm_family": opts["prm_family"], "embedding": opts["embedding_model"],
+        }
+    # Over HTTP the model specs only say where the chat template comes from (None: the server's).
     return {
-        "backend": "local", "policy": policy, "prm": opts["prm_model"] or policy,
-        "prm_family": opts["prm_family"], "embedding": opts["embedding_model"],
+        "backend": backend, "policy_url": opts["policy_url"], "prm_url": opts["prm_url"] or opts["policy_url"],
+        "policy": opts["policy_model"], "prm": opts["prm_model"] or opts["policy_model"],
+        "prm_family": opts["prm_family"], "prm_api": opts["prm_api"], "embedding": opts["embedding_model"],
     }
 
 
@@ -95,9 +107,16 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--lambda-b", type=float, default=1.0, show_default=True, help="ETS: KV-cost weight.")
 @click.option("--lambda-s", type=float, default=None, help="ETS: coverage weight [default: by width].")
 @click.option("--cost", type=click.Choice(["uniform", "tokens"]), default="uniform", show_default=True)
-@click.option("--policy-model", default="smollm2", show_default=True, help="'smollm2', a local dir or a hub id.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+              help="Where the models run: in-process, an SGLang server or an OpenAI-compatible (vLLM) server.")
+@click.option("--policy-url", default=None, help="Policy server URL (sglang/openai) [default: the worker's].")
+@click.option("--prm-url", default=None, help="PRM server URL [default: the policy server].")
+@click.option("--prm-api", type=click.Choice(PRM_APIS), default="logprob", show_default=True,
+              help="SGLang PRM requests: stock logprobs, or the reference fork's forward_only.")
+@click.option("--policy-model", default=None,
+              help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.")
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
-@click.option("--prm-family", type=click.Choice(["judge", "math-shepherd"]), default="judge", show_default=True)
+@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True)
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
 @click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
@@ -109,6 +128,7 @@ def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, **opts: A
       etsq submit math500 --method ets --width 256
       etsq submit gsm8k --method rebase --width 4 --limit 3 --wait
       etsq submit my_problems.jsonl --method bon --width 16
+      etsq submit gsm8k --method ets --width 8 --backend openai --policy-url http://gpu0:8000
     """
     from etsq.queue import broker_url, celery_app, enqueue
     from etsq.runs import RunSpec, create_run, delete_run, load_problems
@@ -237,16 +257,24 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 @click.option("--pool", type=click.Choice(["solo", "threads", "prefork"]), default="solo", show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queue: str | None, pool: str, concurrency: int, loglevel: str) -> None:
+@click.option("--backend", type=click.Choice(HTTP_BACKENDS), default=None,
+              help="Server kind for runs that name none; checked at start with --policy-url.")
+@click.option("--policy-url", default=None, help="Policy server for runs that name none (checked at start).")
+@click.option("--prm-url", default=None, help="PRM server for runs that name none [default: --policy-url].")
+@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True,
+              help="PRM family whose label tokens the start-up check looks for.")
+def worker(queue: str | None, pool: str, concurrency: int, loglevel: str, **servers: Any) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
-    Example:
+    Examples:
       ETSQ_BROKER_URL=redis://gpu-box:6379/0 etsq worker --queue gpu0
+      etsq worker --backend sglang --policy-url http://127.0.0.1:30000
     """
     from etsq.db.session import ensure_schema
     from etsq.queue import broker_url, celery_app
 
+    _serve_from(servers)
     settings = _settings()
     ensure_schema(settings.database_url)
     broker = broker_url(settings)
@@ -254,6 +282,26 @@ def worker(queue: str | None, pool: str, concurrency: int, loglevel: str) -> Non
     app = celery_app(Settings(**{**vars(settings), "broker_url": broker, "queue": queue}))
     app.worker_main(["worker", f"--queues={queue}", f"--pool={pool}", f"--concurrency={concurrency}",
                      f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+
+
+def _serve_from(servers: dict[str, Any]) -> None:
+    """Check the worker's servers (a one-line error if one is down or the wrong kind), then export
+    them as ETSQ_BACKEND/ETSQ_POLICY_URL/ETSQ_PRM_URL for the tasks (prefork children included)."""
+    import os
+
+    from etsq.models.servers import check_servers, server_spec
+
+    if not servers["policy_url"]:
+        if servers["backend"] or servers["prm_url"]:
+            raise CliError("--backend and --prm-url need --policy-url")
+        return
+    if not servers["backend"]:
+        raise CliError("--policy-url needs --backend sglang or --backend openai")
+    models = {"backend": servers["backend"], "prm_family": servers["prm_family"]}
+    spec = server_spec(models, servers)
+    for line in check_servers(spec):
+        click.echo(f"etsq worker: {line}", err=True)
+    os.environ.update(ETSQ_BACKEND=spec.backend, ETSQ_POLICY_URL=spec.policy_url, ETSQ_PRM_URL=spec.prm_url)
 
 
 @cli.group()

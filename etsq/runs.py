@@ -20,7 +20,9 @@ from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
 from etsq.settings import Settings
 
-RECORDED_PACKAGES = ("etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "sglang")
+RECORDED_PACKAGES = (
+    "etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "httpx", "sglang",
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,14 @@ def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
     return row
 
 
+def model_label(models: dict[str, Any], role: str) -> str:
+    """What a run records as its policy/PRM model: the model spec, or for servers backend + URL."""
+    backend = models.get("backend") or "local"
+    if backend == "local":
+        return str(models[role])
+    return f"{backend}:{models.get(f'{role}_url') or '(worker default)'}"
+
+
 def create_run(url: str, spec: RunSpec, problems: list[Problem]) -> tuple[int, list[int]]:
     """Store the run, its problems and one queued job per problem, in one transaction."""
     ensure_schema(url)
@@ -79,8 +89,8 @@ def create_run(url: str, spec: RunSpec, problems: list[Problem]) -> tuple[int, l
         rows = [_problem_row(s, name, p) for p in problems]
         run = m.Run(
             dataset=name, method=spec.search.method, width=spec.search.width, seed=spec.search.seed,
-            config=config, config_hash=config_hash(config), policy_model=spec.models["policy"],
-            prm_model=spec.models["prm"], versions=package_versions(),
+            config=config, config_hash=config_hash(config), policy_model=model_label(spec.models, "policy"),
+            prm_model=model_label(spec.models, "prm"), versions=package_versions(),
         )
         run.jobs = [m.Job(problem=row) for row in rows]
         s.add(run)

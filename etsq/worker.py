@@ -22,10 +22,20 @@ log = logging.getLogger(__name__)
 
 
 def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM]:
-    """The run's policy and PRM; each process loads a given model once."""
-    from etsq.models.registry import load_local_models
+    """The run's policy and PRM, in-process or on its servers; each process loads a given model once.
 
-    return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
+    Server-backed models are checked to answer at every job start: a server that went down makes the
+    job retry (TransientError) instead of failing it.
+    """
+    if (models.get("backend") or "local") == "local":
+        from etsq.models.registry import load_local_models
+
+        return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
+    from etsq.models.servers import ensure_reachable, load_server_models, server_spec
+
+    policy, prm = load_server_models(server_spec(models, settings.server_defaults))
+    ensure_reachable(policy, prm)
+    return policy, prm
 
 
 @lru_cache(maxsize=4)
