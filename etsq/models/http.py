@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,7 +38,9 @@ _MAX_MESSAGE = 500
 class RetryConfig:
     """How hard to try one request: attempts, backoff and timeouts (seconds)."""
 
-    attempts: int = 5
+    # 6 attempts: a request gives up after ~15 s without the server (0.5+1+2+4+8 s of pauses); the
+    # Celery task then retries the job with its own, longer backoff.
+    attempts: int = 6
     backoff_s: float = 0.5  # first pause; doubles each attempt
     max_backoff_s: float = 8.0
     connect_timeout_s: float = 5.0
@@ -101,6 +103,18 @@ def client_for(url: str, retry: RetryConfig | None = None) -> ServerClient:
         if base not in clients:
             clients[base] = ServerClient(base, retry or RetryConfig.from_env())
         return clients[base]
+
+
+async def gather_all(*aws: Awaitable[T]) -> list[T]:
+    """All results in order; on the first failure the other requests are cancelled, not left retrying."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def normalize_url(url: str) -> str:

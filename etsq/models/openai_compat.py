@@ -21,12 +21,11 @@ copy's prefix comes from the prefix cache.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from etsq.errors import ConfigError, ModelError, PermanentError
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample
-from etsq.models.http import client_for
+from etsq.models.http import client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import RemoteRole, ServedModel, abort, batches, delimited_step, label_token_ids, two_way
@@ -104,7 +103,7 @@ class OpenAIPolicy(RemoteRole):
             raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
 
         async def fan_out() -> list[list[StepSample]]:
-            return list(await asyncio.gather(*(self._expand_one(req, params) for req in requests)))
+            return await gather_all(*(self._expand_one(req, params) for req in requests))
 
         return self._run(fan_out)  # type: ignore[no-any-return]
 
@@ -161,11 +160,9 @@ class OpenAIPRM(RemoteRole):
         texts = [self.family.render(self.served.template, req) for req in requests]
 
         async def fan_out() -> list[float]:
-            prefixes = await asyncio.gather(
-                *(tokenize(self.served, t, self.family.add_special_tokens) for t in texts)
-            )
+            prefixes = await gather_all(*(tokenize(self.served, t, self.family.add_special_tokens) for t in texts))
             prompts = [ids + [label] for ids in prefixes for label in self.label_ids]
-            results = await asyncio.gather(*(self._logprobs(group) for group in batches(prompts)))
+            results = await gather_all(*(self._logprobs(group) for group in batches(prompts)))
             flat = [lp for group in results for lp in group]
             return [two_way(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 

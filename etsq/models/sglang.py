@@ -22,12 +22,11 @@ and returns `scores` (one per step tag); `prm_api="fork"` speaks that.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from etsq.errors import ConfigError, ModelError, PermanentError
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample, child_seed
-from etsq.models.http import client_for
+from etsq.models.http import client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import template_tokenizer
 from etsq.models.servers import PRM_APIS
@@ -104,7 +103,7 @@ class SGLangPolicy(RemoteRole):
             raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
 
         async def fan_out() -> list[list[StepSample]]:
-            return list(await asyncio.gather(*(self._expand_one(req, params) for req in requests)))
+            return await gather_all(*(self._expand_one(req, params) for req in requests))
 
         return self._run(fan_out)  # type: ignore[no-any-return]
 
@@ -156,7 +155,7 @@ class SGLangPRM(RemoteRole):
         groups = [[t] for t in texts] if self.api == "fork" else batches(texts)
 
         async def fan_out() -> list[float]:
-            results = await asyncio.gather(*(one(group) for group in groups))
+            results = await gather_all(*(one(group) for group in groups))
             return [score for group in results for score in group]
 
         return self._run(fan_out)  # type: ignore[no-any-return]
