@@ -30,7 +30,8 @@ def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM
     if (models.get("backend") or "local") == "local":
         from etsq.models.registry import load_local_models
 
-        return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
+        family = models.get("prm_family", "judge")
+        return load_local_models(models["policy"], models["prm"], settings.home, family)
     from etsq.models.servers import ensure_reachable, load_server_models, server_spec
 
     policy, prm = load_server_models(server_spec(models, settings.server_defaults))

@@ -52,7 +52,7 @@ SAMPLING_KEYS = {
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
     "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n", "sampling_seed",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
-}
+}  # fmt: skip
 FORK_KEYS = {"forward_only", "logits_require_id"}
 
 
@@ -155,7 +155,11 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {i for i in (eos if isinstance(eos, list) else [eos]) + [self.tokenizer.eos_token_id] if i is not None}
+        self.eos_ids = {
+            i
+            for i in (eos if isinstance(eos, list) else [eos]) + [self.tokenizer.eos_token_id]
+            if i is not None
+        }
         self.cache = RadixCache()
         self.lock = threading.Lock()  # one request computes at a time
         self.stats_lock = threading.Lock()
@@ -178,7 +182,7 @@ class Engine:
         n = max((p.get("n") or 1) for p in params)
         outputs = []
         with self._queued():
-            for ids, raw, ask in zip(items, params, asks):
+            for ids, raw, ask in zip(items, params, asks, strict=True):
                 for _ in range(n):
                     outputs.append(self._one(ids, raw, ask, bool(body.get("return_logprob"))))
         return outputs if is_batch or n > 1 else outputs[0]
@@ -209,13 +213,20 @@ class Engine:
             value = body.get(key)
             if value is None:
                 return [default] * count
-            if is_batch and isinstance(value, list) and (not nested or (value and isinstance(value[0], list))):
+            if (
+                is_batch
+                and isinstance(value, list)
+                and (not nested or (value and isinstance(value[0], list)))
+            ):
                 return value
             return [value] * count
 
         starts, tops = per_item("logprob_start_len", -1), per_item("top_logprobs_num", 0)
         ids = per_item("token_ids_logprob", [], nested=True)
-        return [LogprobAsk(int(s if s is not None else -1), int(t or 0), list(i or [])) for s, t, i in zip(starts, tops, ids)]
+        return [
+            LogprobAsk(int(s if s is not None else -1), int(t or 0), list(i or []))
+            for s, t, i in zip(starts, tops, ids, strict=True)
+        ]
 
     @contextlib.contextmanager
     def _queued(self) -> Iterator[None]:
@@ -229,7 +240,9 @@ class Engine:
 
     # ---- one sequence
 
-    def _one(self, ids: list[int], raw: dict[str, Any], ask: LogprobAsk, want_logprobs: bool) -> dict[str, Any]:
+    def _one(
+        self, ids: list[int], raw: dict[str, Any], ask: LogprobAsk, want_logprobs: bool
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         if self.fork and FORK_KEYS & set(raw):
             return self._forward_only(ids, raw, started)
@@ -260,17 +273,26 @@ class Engine:
             self.counters["cached"] += cached
 
     @staticmethod
-    def _meta(rid: str, finish: dict[str, Any], prompt: int, completion: int, cached: int, t0: float) -> dict[str, Any]:
+    def _meta(
+        rid: str, finish: dict[str, Any], prompt: int, completion: int, cached: int, t0: float
+    ) -> dict[str, Any]:
         return {
-            "id": rid, "finish_reason": finish, "prompt_tokens": prompt, "weight_version": "default",
-            "completion_tokens": completion, "cached_tokens": cached, "e2e_latency": time.perf_counter() - t0,
+            "id": rid,
+            "finish_reason": finish,
+            "prompt_tokens": prompt,
+            "weight_version": "default",
+            "completion_tokens": completion,
+            "cached_tokens": cached,
+            "e2e_latency": time.perf_counter() - t0,
         }
 
     def _decode(
         self, rid: str, ids: list[int], sampling: Sampling, ask: LogprobAsk, want: bool
     ) -> tuple[list[int], dict[str, Any], dict[str, Any]]:
         generator = torch.Generator().manual_seed(int(sampling.seed)) if sampling.seed is not None else None
-        logs: dict[str, Any] = {k: [] for k in ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")}
+        logs: dict[str, Any] = {
+            k: [] for k in ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
+        }
         logits, past = self._forward(ids, None, full=want and ask.start >= 0)
         if want:
             logs.update(self._input_logprobs(ids, logits, ask))
@@ -349,7 +371,7 @@ class Engine:
         if k <= 0:
             return None
         values, indices = torch.topk(row, min(k, row.numel()))
-        return [[float(v), int(i), None] for v, i in zip(values, indices)]
+        return [[float(v), int(i), None] for v, i in zip(values, indices, strict=True)]
 
     # ---- the reference fork
 
@@ -371,9 +393,13 @@ class Engine:
 
     def model_info(self) -> dict[str, Any]:
         return {
-            "model_path": self.path, "tokenizer_path": self.path, "is_generation": True,
-            "preferred_sampling_params": None, "weight_version": "default",
-            "has_image_understanding": False, "has_audio_understanding": False,
+            "model_path": self.path,
+            "tokenizer_path": self.path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
         }
 
     def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -394,8 +420,18 @@ class Engine:
             ("sglang:cache_hit_rate", "gauge", "The cache hit rate", hit_rate),
             ("sglang:num_running_reqs", "gauge", "The number of running requests", running),
             ("sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue", waiting),
-            ("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.", counters["prompt"]),
-            ("sglang:generation_tokens_total", "counter", "Number of generation tokens processed.", counters["generation"]),
+            (
+                "sglang:prompt_tokens_total",
+                "counter",
+                "Number of prefill tokens processed.",
+                counters["prompt"],
+            ),
+            (
+                "sglang:generation_tokens_total",
+                "counter",
+                "Number of generation tokens processed.",
+                counters["generation"],
+            ),
         ]
         label = json.dumps(self.path)
         return "".join(
@@ -420,7 +456,9 @@ class Handler(BaseHTTPRequestHandler):
         routes = {
             "/health": lambda: self._send(HTTPStatus.OK, b"", "text/plain"),
             "/get_model_info": lambda: self._json(HTTPStatus.OK, self.engine.model_info()),
-            "/metrics": lambda: self._send(HTTPStatus.OK, self.engine.metrics().encode(), "text/plain; version=0.0.4"),
+            "/metrics": lambda: self._send(
+                HTTPStatus.OK, self.engine.metrics().encode(), "text/plain; version=0.0.4"
+            ),
         }
         routes.get(self.path.split("?")[0], self._not_found)()
 

@@ -87,7 +87,7 @@ def test_retryable_statuses_are_retried_with_backoff(status: int) -> None:
         client = _client(server.url)
         assert client.call(client.post_json("/generate", {"text": "x"})) == {"ok": True}
         assert len(server.arrivals) == 3
-        gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
+        gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
         assert gaps[0] >= FAST.pause(0) * 0.9 and gaps[1] >= FAST.pause(1) * 0.9  # exponential backoff
 
 
@@ -132,7 +132,7 @@ def test_concurrent_requests_share_one_pooled_client() -> None:
         client = client_for(server.url + "/")
         assert client is client_for(server.url) and client.base_url == normalize_url(server.url)
 
-        async def many() -> list[Any]:
+        async def many(client: ServerClient = client) -> list[Any]:
             return list(await asyncio.gather(*(client.get_json("/x") for _ in range(8))))
 
         started = time.monotonic()
@@ -174,7 +174,7 @@ def test_step_parsing_and_label_scores() -> None:
     trimmed = delimited_step("a b", "stop", "\n\n", 3)  # a server that trimmed the stop string
     assert (trimmed.text, trimmed.finish_reason, trimmed.tokens) == ("a b\n\n", "stop", 3)
     assert delimited_step("a b", "eos", "\n\n", 3).finish_reason == "eos"
-    assert two_way(-0.1, -2.3) == pytest.approx(1 / (1 + 2.718281828 ** -2.2), rel=1e-6)
+    assert two_way(-0.1, -2.3) == pytest.approx(1 / (1 + 2.718281828**-2.2), rel=1e-6)
     assert two_way(float("-inf"), float("-inf")) == 0.5
     seeds = {child_seed(7, i) for i in range(64)}
     assert len(seeds) == 64 and child_seed(7, 3) == child_seed(7, 3)

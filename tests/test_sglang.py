@@ -42,14 +42,20 @@ def served(sglang_server: HttpServiceHandle) -> sglang.ServedModel:
 
 
 def _requests(root: str, seed: int = 3) -> list[ExpandRequest]:
-    return [ExpandRequest(root, 3, seed), ExpandRequest(root + "Step 1: 3 + 4 = 7.\n\n", 2, seed + 1), ExpandRequest(root, 0, 9)]
+    return [
+        ExpandRequest(root, 3, seed),
+        ExpandRequest(root + "Step 1: 3 + 4 = 7.\n\n", 2, seed + 1),
+        ExpandRequest(root, 0, 9),
+    ]
 
 
 def test_connect_reads_the_model_and_its_chat_template(served: sglang.ServedModel, tiny_model: Path) -> None:
     policy = sglang.SGLangPolicy(served)
     assert served.model_id == str(tiny_model) and served.details["tokenizer_path"] == str(tiny_model)
     assert (policy.info.backend, policy.info.details["template"], policy.info.details["url"]) == (
-        "sglang", "chat", served.url
+        "sglang",
+        "chat",
+        served.url,
     )
     root = policy.format_prompt(QUESTION)
     assert root.startswith("<s><|system|>\n") and root.endswith("<|assistant|>\n")
@@ -81,13 +87,15 @@ def test_the_monitor_sees_kv_in_use_while_a_long_step_runs(served: sglang.Served
     [[sample]] = policy.expand([ExpandRequest(root, 1, 1)], SamplingParams(1.0, 400, NEVER))
     stats = policy.server_stats()
     prompt = policy.count_tokens(root)
-    assert sample.tokens > 50  # long enough for the 0.1 s sampler to catch it running
+    assert sample.tokens > 50  # long enough for the 0.2 s sampler to catch it running
     assert prompt <= stats["kv_tokens"] <= prompt + sample.tokens
     assert 0 < stats["kv_usage"] < 1 and 0 <= stats["cache_hit_rate"] <= 1
 
 
 @pytest.mark.parametrize("family", ["judge", "math-shepherd", "rlhflow"])
-def test_prm_scores_match_the_in_process_prm(served: sglang.ServedModel, tiny_model: Path, family: str) -> None:
+def test_prm_scores_match_the_in_process_prm(
+    served: sglang.ServedModel, tiny_model: Path, family: str
+) -> None:
     remote = sglang.SGLangPRM(served, family)
     local = LocalPRM(load_causal_lm(str(tiny_model)), family)
     assert remote.label_ids == local.label_ids
@@ -120,25 +128,40 @@ def test_worker_start_names_a_server_that_is_down(tmp_path: Path) -> None:
     assert line.startswith("etsq: error: cannot reach the sglang servers") and "ConnectError" in line
 
 
-def test_worker_start_rejects_servers_of_the_wrong_kind(sglang_server: HttpServiceHandle, tmp_path: Path) -> None:
+def test_worker_start_rejects_servers_of_the_wrong_kind(
+    sglang_server: HttpServiceHandle, tmp_path: Path
+) -> None:
     proc = _worker_check("--backend", "openai", "--policy-url", sglang_server.url)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert "is not an OpenAI-compatible server" in line and "404" in line
     small = build_tiny_model(tmp_path / "small-vocab", vocab_size=270)
     with start_sglang_standin(small, tmp_path / "srv") as wrong_prm:
-        proc = _worker_check("--backend", "sglang", "--policy-url", sglang_server.url, "--prm-url", wrong_prm.url)
+        proc = _worker_check(
+            "--backend", "sglang", "--policy-url", sglang_server.url, "--prm-url", wrong_prm.url
+        )
         assert proc.returncode == 2
         [line] = proc.stderr.strip().splitlines()
         assert "wrong kind of PRM server" in line and "'Yes'" in line and wrong_prm.url in line
 
 
 def _server_models(url: str, **extra: Any) -> dict[str, Any]:
-    return {"backend": "sglang", "policy_url": url, "prm_url": url, "policy": None, "prm": None,
-            "prm_family": "judge", "prm_api": "logprob", "embedding": None, **extra}
+    return {
+        "backend": "sglang",
+        "policy_url": url,
+        "prm_url": url,
+        "policy": None,
+        "prm": None,
+        "prm_family": "judge",
+        "prm_api": "logprob",
+        "embedding": None,
+        **extra,
+    }
 
 
-def test_a_job_whose_server_is_down_is_retried_not_failed(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_whose_server_is_down_is_retried_not_failed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ETSQ_HTTP_RETRIES", "1")
     spec = RunSpec("gsm8k", tiny_config(), _server_models(f"http://127.0.0.1:{free_local_port()}"), limit=1)
     _, [job_id] = create_run(db_url, spec, load_problems(Settings.from_env(), spec))
@@ -154,9 +177,9 @@ def test_ets_run_through_the_cli_stores_server_figures_for_every_depth(
     sglang_server: HttpServiceHandle, tiny_model: Path, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    args = ["--method", "ets", "--width", "4", "--limit", "2", "--backend", "sglang", "--policy-url", sglang_server.url,
-            "--max-step-tokens", str(FAST["max_step_tokens"]), "--max-tokens", str(FAST["max_tokens"]),
-            "--max-depth", str(FAST["max_depth"])]  # fmt: skip
+    args = ["--method", "ets", "--width", "4", "--limit", "2", "--backend", "sglang",
+            "--policy-url", sglang_server.url, "--max-step-tokens", str(FAST["max_step_tokens"]),
+            "--max-tokens", str(FAST["max_tokens"]), "--max-depth", str(FAST["max_depth"])]  # fmt: skip
     try:
         proc = etsq("submit", "gsm8k", *args, "--wait", env={"ETSQ_HOME": str(home)})
         assert proc.returncode == 0, proc.stderr

@@ -26,7 +26,7 @@ from etsq.models import openai_compat as oc
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.local import LocalPRM, load_causal_lm
 from tests.helpers import etsq, etsq_json
-from tests.services import HttpServiceHandle, PostgresHandle, RedisHandle
+from tests.services import HttpServiceHandle, RedisHandle
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,9 @@ def test_children_of_a_node_come_from_one_seeded_request(served: oc.ServedModel)
         assert 1 <= sample.tokens <= 24 and sample.finish_reason in {"stop", "eos", "length"}
         assert sample.finish_reason != "stop" or sample.text.endswith("\n\n")
     stats = policy.server_stats()
-    assert stats["requests"] == 2 and stats["prompt_tokens"] == 2 * policy.count_tokens(root)  # one prefill each
+    assert stats["requests"] == 2 and stats["prompt_tokens"] == 2 * policy.count_tokens(
+        root
+    )  # one prefill each
     assert stats["cached_prompt_tokens"] is not None and stats["kv_usage"] is not None
 
 
@@ -92,7 +94,9 @@ def _worker(env: dict[str, str], log: Path, *extra: str) -> Iterator[subprocess.
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO", *extra],
-            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         yield proc
@@ -102,7 +106,11 @@ def _worker(env: dict[str, str], log: Path, *extra: str) -> Iterator[subprocess.
 
 
 def _env(pg_url: str, redis: RedisHandle, tmp_path: Path) -> dict[str, str]:
-    return {"ETSQ_DATABASE_URL": pg_url, "ETSQ_BROKER_URL": redis.url, "ETSQ_QUEUE": f"q{tmp_path.name[-10:]}"}
+    return {
+        "ETSQ_DATABASE_URL": pg_url,
+        "ETSQ_BROKER_URL": redis.url,
+        "ETSQ_QUEUE": f"q{tmp_path.name[-10:]}",
+    }
 
 
 def _wait_done(run_id: int, env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
@@ -116,7 +124,9 @@ def _wait_done(run_id: int, env: dict[str, str], log: Path, timeout: float) -> d
 
 
 def _submit(env: dict[str, str], url: str, *args: str) -> int:
-    proc = etsq("submit", "gsm8k", "--backend", "openai", "--policy-url", url, "--prm-url", url, *args, env=env)
+    proc = etsq(
+        "submit", "gsm8k", "--backend", "openai", "--policy-url", url, "--prm-url", url, *args, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip())
 
@@ -135,7 +145,9 @@ def test_ets_width_8_against_vllm_stores_server_kv_for_every_depth(
         row = _wait_done(run_id, env, log, timeout=900)
     assert (row["problems_done"], row["problems_failed"]) == (2, 0), log.read_text()[-3000:]
     steps = _steps(pg_url, run_id)
-    assert {s.job_id for s in steps} and all(s.kv_before is not None and s.kv_after is not None for s in steps)
+    assert {s.job_id for s in steps} and all(
+        s.kv_before is not None and s.kv_after is not None for s in steps
+    )
     for step in steps:
         figures = (step.server_kv_tokens, step.server_kv_usage, step.cached_prompt_tokens, step.prompt_tokens)
         assert None not in figures, (step.depth, figures)

@@ -27,6 +27,9 @@ import httpx
 from etsq.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
+# The KV monitor polls /metrics several times a second; httpx's one INFO line per request would
+# drown the worker's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
@@ -142,7 +145,9 @@ class ServerClient:
         # Created lazily, on the background loop: an AsyncClient is bound to the loop that uses it.
         if self._client is None:
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.retry.timeout(), limits=limits)
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url, timeout=self.retry.timeout(), limits=limits
+            )
         return self._client
 
     async def post_json(self, path: str, body: dict[str, Any], attempts: int | None = None) -> Any:

@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
-POLL_INTERVAL_S = 0.1
+POLL_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ def parse_prometheus(text: str) -> list[Sample]:
             value = float(match.group(4))
         except ValueError:
             continue
-        labels = {k: bytes(v, "utf-8").decode("unicode_escape") for k, v in _LABEL.findall(match.group(3) or "")}
+        labels = {
+            k: bytes(v, "utf-8").decode("unicode_escape") for k, v in _LABEL.findall(match.group(3) or "")
+        }
         samples.append(Sample(match.group(1), labels, value))
     return samples
 

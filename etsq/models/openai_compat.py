@@ -28,7 +28,15 @@ from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSa
 from etsq.models.http import client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import has_chat_template, template_tokenizer
-from etsq.models.remote import RemoteRole, ServedModel, abort, batches, delimited_step, label_token_ids, two_way
+from etsq.models.remote import (
+    RemoteRole,
+    ServedModel,
+    abort,
+    batches,
+    delimited_step,
+    label_token_ids,
+    two_way,
+)
 
 BACKEND = "openai"
 
@@ -39,14 +47,21 @@ def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
     try:
         listing = client.call(client.get_json("/v1/models"))
     except PermanentError as exc:
-        raise ModelError(f"{client.base_url} is not an OpenAI-compatible server (GET /v1/models: {exc})") from exc
+        raise ModelError(
+            f"{client.base_url} is not an OpenAI-compatible server (GET /v1/models: {exc})"
+        ) from exc
     data = listing.get("data") if isinstance(listing, dict) else None
     if not data or not isinstance(data[0], dict) or "id" not in data[0]:
-        raise ModelError(f"{client.base_url} is not an OpenAI-compatible server: /v1/models said {listing!r:.200}")
+        raise ModelError(
+            f"{client.base_url} is not an OpenAI-compatible server: /v1/models said {listing!r:.200}"
+        )
     model = data[0]
     root = str(model.get("root") or model["id"])
     source = tokenizer_spec or root
-    details = {"root": root, **({"max_model_len": str(model["max_model_len"])} if "max_model_len" in model else {})}
+    details = {
+        "root": root,
+        **({"max_model_len": str(model["max_model_len"])} if "max_model_len" in model else {}),
+    }
     return ServedModel(BACKEND, client, str(model["id"]), source, template_tokenizer(source), details)
 
 
@@ -160,7 +175,9 @@ class OpenAIPRM(RemoteRole):
         texts = [self.family.render(self.served.template, req) for req in requests]
 
         async def fan_out() -> list[float]:
-            prefixes = await gather_all(*(tokenize(self.served, t, self.family.add_special_tokens) for t in texts))
+            prefixes = await gather_all(
+                *(tokenize(self.served, t, self.family.add_special_tokens) for t in texts)
+            )
             prompts = [ids + [label] for ids in prefixes for label in self.label_ids]
             results = await gather_all(*(self._logprobs(group) for group in batches(prompts)))
             flat = [lp for group in results for lp in group]
@@ -186,5 +203,7 @@ class OpenAIPRM(RemoteRole):
     def _last_logprob(self, choice: dict[str, Any]) -> float:
         values = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
         if not values or values[-1] is None:
-            raise ModelError(f"{self.served.url} returned no prompt logprobs (echo + logprobs): {choice!r:.200}")
+            raise ModelError(
+                f"{self.served.url} returned no prompt logprobs (echo + logprobs): {choice!r:.200}"
+            )
         return float(values[-1])

@@ -50,7 +50,9 @@ def rlhflow_text(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -
     answered "+"; the label is the next token of the assistant turn after the newest step."""
     turns = [f"{req.question} {req.steps[0].strip()}", *(s.strip() for s in req.steps[1:])]
     if tokenizer is None or not has_chat_template(tokenizer):
-        return "".join(f"User: {t}\nAssistant: {'+' if i < len(turns) - 1 else ''}" for i, t in enumerate(turns))
+        return "".join(
+            f"User: {t}\nAssistant: {'+' if i < len(turns) - 1 else ''}" for i, t in enumerate(turns)
+        )
     messages: list[dict[str, str]] = []
     for turn in turns[:-1]:
         messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "+"}]

@@ -47,8 +47,13 @@ def server_spec(models: dict[str, Any], defaults: dict[str, str | None] | None =
         raise ConfigError(f"backend {backend!r} needs a policy server URL (--policy-url on submit or worker)")
     prm_url = models.get("prm_url") or defaults.get("prm_url") or policy_url
     return ServerSpec(
-        backend, policy_url, prm_url, models.get("prm_family") or "judge", models.get("prm_api") or "logprob",
-        models.get("policy"), models.get("prm"),
+        backend,
+        policy_url,
+        prm_url,
+        models.get("prm_family") or "judge",
+        models.get("prm_api") or "logprob",
+        models.get("policy"),
+        models.get("prm"),
     )
 
 
@@ -64,8 +69,13 @@ def load_server_models(spec: ServerSpec) -> tuple[Policy, PRM]:
     from etsq.models import openai_compat as oc
 
     if spec.prm_api != "logprob":
-        raise ConfigError(f"prm api {spec.prm_api!r} is SGLang's; OpenAI-compatible servers use prompt logprobs")
-    policy_model, prm_model = oc.connect(spec.policy_url, spec.policy_tokenizer), oc.connect(spec.prm_url, spec.prm_tokenizer)
+        raise ConfigError(
+            f"prm api {spec.prm_api!r} is SGLang's; OpenAI-compatible servers use prompt logprobs"
+        )
+    policy_model, prm_model = (
+        oc.connect(spec.policy_url, spec.policy_tokenizer),
+        oc.connect(spec.prm_url, spec.prm_tokenizer),
+    )
     return oc.OpenAIPolicy(policy_model), oc.OpenAIPRM(prm_model, spec.prm_family)
 
 

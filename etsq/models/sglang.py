@@ -29,7 +29,6 @@ from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSa
 from etsq.models.http import client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import template_tokenizer
-from etsq.models.servers import PRM_APIS
 from etsq.models.remote import (
     RemoteRole,
     ServedModel,
@@ -39,6 +38,7 @@ from etsq.models.remote import (
     label_token_ids,
     two_way,
 )
+from etsq.models.servers import PRM_APIS
 
 BACKEND = "sglang"
 
@@ -71,7 +71,9 @@ def finish_reason(reason: Any, where: str) -> str:
     if kind == "length" or kind is None:
         return "length"
     if kind == "stop":
-        return "stop" if isinstance(reason.get("matched") if isinstance(reason, dict) else None, str) else "eos"
+        return (
+            "stop" if isinstance(reason.get("matched") if isinstance(reason, dict) else None, str) else "eos"
+        )
     if kind == "abort":
         raise abort(where, reason)
     raise ModelError(f"{where}: unknown finish_reason {reason!r}")
@@ -143,7 +145,9 @@ class SGLangPRM(RemoteRole):
         if api not in PRM_APIS:
             raise ConfigError(f"unknown SGLang PRM api {api!r}; known: {', '.join(PRM_APIS)}")
         self.family, self.api = get_family(family), api
-        self.label_ids = label_token_ids(self.family, self._tokenize_label, served.url, step_tag=api == "fork")
+        self.label_ids = label_token_ids(
+            self.family, self._tokenize_label, served.url, step_tag=api == "fork"
+        )
         self.info = served.info("prm", family=self.family.name, prm_api=api)
 
     def _tokenize_label(self, label: str) -> list[int]:
@@ -177,7 +181,9 @@ class SGLangPRM(RemoteRole):
         logprobs = {int(row[1]): float(row[0]) for row in rows or [] if row and row[0] is not None}
         good, bad = self.label_ids[:2]
         if good not in logprobs or bad not in logprobs:
-            raise ModelError(f"{self.served.url}: no logprobs for label tokens {good}, {bad} in {rows!r:.200}")
+            raise ModelError(
+                f"{self.served.url}: no logprobs for label tokens {good}, {bad} in {rows!r:.200}"
+            )
         return two_way(logprobs[good], logprobs[bad])
 
     async def _score_fork(self, texts: list[str]) -> list[float]:
@@ -186,5 +192,7 @@ class SGLangPRM(RemoteRole):
         scores = out.get("scores") if isinstance(out, dict) else None
         scores = scores if scores is not None else (out.get("meta_info") or {}).get("scores")
         if not scores:
-            raise ModelError(f"{self.served.url} returned no scores for forward_only: is it the reference fork?")
+            raise ModelError(
+                f"{self.served.url} returned no scores for forward_only: is it the reference fork?"
+            )
         return [float(scores[-1])]

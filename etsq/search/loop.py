@@ -18,7 +18,7 @@ import numpy as np
 from etsq.grading import extract_answer
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.search.config import SearchConfig
-from etsq.search.methods import SelectContext, Selection, SelectFn
+from etsq.search.methods import SelectContext, SelectFn, Selection
 from etsq.search.methods.base import Embedder
 from etsq.search.tree import Node, Tree
 
