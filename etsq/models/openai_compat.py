@@ -15,8 +15,10 @@ its `token_ids` (vLLM's `return_token_ids`), prompt and cached-prompt tokens com
 
 PRM (token-probability families): prompt logprobs.  The rendered text is tokenized by the server and
 sent twice as token ids, once followed by the good label and once by the bad one, with `echo`,
-`max_tokens: 0` and `logprobs: 0`; the last prompt token's logprob is log p(label | text).  The second
-copy's prefix comes from the prefix cache.
+`max_tokens: 0` and `logprobs: 0`; the last prompt token's logprob is log p(label | text).  This is
+exact for any label, but costly on vLLM: a request that wants prompt logprobs computes them at every
+prompt position and skips reading the prefix cache (vLLM's `skip_reading_prefix_cache`; measured: 0
+cached tokens on every PRM request), so each score prefills its text twice.
 """
 
 from __future__ import annotations
