@@ -85,9 +85,12 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
             "backend": "local", "policy": policy, "prm": opts["prm_model"] or policy,
             "prm_family": opts["prm_family"], "embedding": opts["embedding_model"],
         }
+    if backend == "openai" and opts["prm_api"] != "logprob":
+        raise CliError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
     # Over HTTP the model specs only say where the chat template comes from (None: the server's).
     return {
-        "backend": backend, "policy_url": opts["policy_url"], "prm_url": opts["prm_url"] or opts["policy_url"],
+        "backend": backend, "policy_url": opts["policy_url"],
+        "prm_url": opts["prm_url"] or opts["policy_url"],
         "policy": opts["policy_model"], "prm": opts["prm_model"] or opts["policy_model"],
         "prm_family": opts["prm_family"], "prm_api": opts["prm_api"], "embedding": opts["embedding_model"],
     }
@@ -108,7 +111,7 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--lambda-s", type=float, default=None, help="ETS: coverage weight [default: by width].")
 @click.option("--cost", type=click.Choice(["uniform", "tokens"]), default="uniform", show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
-              help="Where the models run: in-process, an SGLang server or an OpenAI-compatible (vLLM) server.")
+              help="Where the models run: in-process, an SGLang server or an OpenAI-compatible server.")
 @click.option("--policy-url", default=None, help="Policy server URL (sglang/openai) [default: the worker's].")
 @click.option("--prm-url", default=None, help="PRM server URL [default: the policy server].")
 @click.option("--prm-api", type=click.Choice(PRM_APIS), default="logprob", show_default=True,

@@ -23,11 +23,12 @@ VLLM_START_TIMEOUT_S = 420.0
 KV_CACHE_BYTES = 1 << 30
 
 
-def start_sglang_standin(model: Path, tmpdir: Path, fork: bool = False) -> HttpServiceHandle:
-    """The SGLang stand-in (tests/sglang_standin.py) serving `model` on a free port."""
-    argv = [sys.executable, "-m", "tests.sglang_standin", "--model", str(model), "--port", "{port}"]
+def start_sglang_standin(model: Path, tmpdir: Path, *flags: str) -> HttpServiceHandle:
+    """The SGLang stand-in (tests/sglang_standin.py) serving `model` on a free port (flags: --fork,
+    --no-tokenize)."""
+    argv = [sys.executable, "-m", "tests.sglang_standin", "--model", str(model), "--port", "{port}", *flags]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return start_http_service("sglang-standin", argv + (["--fork"] if fork else []), tmpdir, env=env)
+    return start_http_service("sglang-standin", argv, tmpdir, env=env)
 
 
 def vllm_python() -> Path:

@@ -27,8 +27,9 @@ flight are `num_used_tokens`.  Requests are served one at a time.  Bad input is 
 With `--fork` it also speaks the reference implementation's SGLang fork: sampling params
 `forward_only` and `logits_require_id` [good, bad, step tag] return `scores`, p(good) / (p(good) +
 p(bad)) at every step-tag position (as its client reads them: `scores`, else `meta_info.scores`).
+With `--no-tokenize` it lacks `/tokenize`, as SGLang releases before that endpoint (the fork's) do.
 
-    python -m tests.sglang_standin --model DIR --port 30000 [--fork]
+    python -m tests.sglang_standin --model DIR --port 30000 [--fork] [--no-tokenize]
 """
 
 from __future__ import annotations
@@ -447,6 +448,7 @@ class Handler(BaseHTTPRequestHandler):
     """Routes SGLang's endpoints to the engine; FastAPI-style 404 for anything else."""
 
     engine: Engine
+    tokenize: bool = True
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -463,7 +465,9 @@ class Handler(BaseHTTPRequestHandler):
         routes.get(self.path.split("?")[0], self._not_found)()
 
     def do_POST(self) -> None:  # noqa: N802
-        routes = {"/generate": self.engine.generate, "/tokenize": self.engine.tokenize}
+        routes = {"/generate": self.engine.generate}
+        if self.tokenize:
+            routes["/tokenize"] = self.engine.tokenize
         route = routes.get(self.path.split("?")[0])
         body = self._body()
         if route is None:
@@ -495,8 +499,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(model: str, host: str, port: int, fork: bool = False) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"engine": Engine(model, fork=fork)})
+def serve(model: str, host: str, port: int, fork: bool = False, tokenize: bool = True) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"engine": Engine(model, fork=fork), "tokenize": tokenize})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -508,8 +512,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--fork", action="store_true", help="also speak the reference fork's forward_only")
+    parser.add_argument("--no-tokenize", action="store_true", help="no /tokenize (older SGLang releases)")
     args = parser.parse_args()
-    serve(args.model, args.host, args.port, args.fork).serve_forever()
+    serve(args.model, args.host, args.port, args.fork, not args.no_tokenize).serve_forever()
 
 
 if __name__ == "__main__":

@@ -106,13 +106,19 @@ def test_prm_scores_match_the_in_process_prm(
     assert stats["requests"] == len(SCORES) and stats["prompt_tokens"] > 0
 
 
-def test_reference_fork_mode_scores_like_stock_logprobs(tiny_model: Path, tmp_path: Path) -> None:
-    with start_sglang_standin(tiny_model, tmp_path, fork=True) as fork_server:
+def test_reference_fork_mode_scores_like_stock_logprobs(
+    sglang_server: HttpServiceHandle, tiny_model: Path, tmp_path: Path
+) -> None:
+    # The fork predates /tokenize: token ids and counts come from the local copy of its tokenizer.
+    with start_sglang_standin(tiny_model, tmp_path, "--fork", "--no-tokenize") as fork_server:
         served = sglang.connect(fork_server.url)
         fork = sglang.SGLangPRM(served, "math-shepherd", api="fork")
-        stock = sglang.SGLangPRM(served, "math-shepherd")
+        stock = sglang.SGLangPRM(sglang.connect(sglang_server.url), "math-shepherd")
         assert fork.label_ids[:2] == stock.label_ids and len(fork.label_ids) == 3
         assert fork.score(SCORES) == pytest.approx(stock.score(SCORES), abs=1e-5)
+        policy = sglang.SGLangPolicy(served)
+        root = policy.format_prompt(QUESTION)
+        assert policy.count_tokens(root) == sglang.SGLangPolicy(stock.served).count_tokens(root) > 20
         with pytest.raises(ModelError, match="no step tag"):
             sglang.SGLangPRM(served, "judge", api="fork")
 

@@ -37,6 +37,7 @@ from etsq.models.remote import (
     batches,
     delimited_step,
     label_token_ids,
+    local_tokens,
     two_way,
 )
 
@@ -69,7 +70,10 @@ def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
 
 async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
     body = {"model": served.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
-    out = await served.client.post_json("/tokenize", body)
+    try:
+        out = await served.client.post_json("/tokenize", body)
+    except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
+        return local_tokens(served, text, add_special_tokens, exc)
     return [int(t) for t in out["tokens"]]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from etsq.errors import ModelError, TransientError
+from etsq.errors import ModelError, PermanentError, TransientError
 from etsq.models.base import ModelInfo, StepSample
 from etsq.models.http import ServerClient
 from etsq.models.metrics import KVMonitor
@@ -73,6 +73,18 @@ class RemoteRole:
             return await self.monitor.watch(work())
 
         return self.client.call(watched())
+
+
+def local_tokens(served: ServedModel, text: str, add_special_tokens: bool, exc: PermanentError) -> list[int]:
+    """Token ids from the local copy of the served tokenizer, for a server without /tokenize (404)."""
+    if "HTTP 404" not in str(exc):
+        raise exc
+    if served.template is None:
+        raise ModelError(
+            f"{served.url} has no /tokenize endpoint and no local tokenizer ({served.tokenizer_source}) "
+            "to count tokens with; pass --policy-model/--prm-model DIR"
+        ) from exc
+    return list(served.template.encode(text, add_special_tokens=add_special_tokens))
 
 
 def delimited_step(text: str, reason: str, delimiter: str, tokens: int) -> StepSample:
