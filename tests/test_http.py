@@ -178,3 +178,21 @@ def test_step_parsing_and_label_scores() -> None:
     assert two_way(float("-inf"), float("-inf")) == 0.5
     seeds = {child_seed(7, i) for i in range(64)}
     assert len(seeds) == 64 and child_seed(7, 3) == child_seed(7, 3)
+
+
+def test_depth_figures_from_vllm_counters() -> None:
+    from etsq.models.metrics import Snapshot, _Depth, _figures
+
+    depth = _Depth()
+    depth.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1000.0, queries=4000.0, cached_total=1000.0))
+    depth.see(Snapshot(used_tokens=2048.0, usage=0.09, hits=1256.0, queries=4512.0, cached_total=1256.0))
+    depth.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1256.0, queries=4512.0, cached_total=1256.0))
+    depth.prompt_tokens, depth.requests = 512, 4  # usage without prompt_tokens_details
+    figures = _figures(depth)
+    assert (figures["kv_tokens"], figures["kv_usage"]) == (2048, 0.09)  # peaks, not the last sample
+    assert figures["cache_hit_rate"] == pytest.approx(256 / 512)  # this depth's increase
+    assert (figures["cached_prompt_tokens"], figures["prompt_tokens"]) == (256, 512)  # counter fallback
+    idle = _Depth()
+    idle.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1256.0, queries=4512.0))
+    assert _figures(idle)["cache_hit_rate"] == pytest.approx(1256 / 4512)  # no requests: lifetime ratio
+    assert (_figures(idle)["cached_prompt_tokens"], _figures(idle)["requests"]) == (0, 0)

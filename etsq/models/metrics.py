@@ -9,7 +9,8 @@ tokens the server reports per request.  `take()` returns the figures since the l
   `vllm:kv_cache_usage_perc` x the pool size in `vllm:cache_config_info`, block-granular)
 - `kv_usage`: peak fraction of the KV pool in use (`sglang:token_usage`, `vllm:kv_cache_usage_perc`)
 - `cache_hit_rate`: SGLang's own `sglang:cache_hit_rate` gauge; for vLLM the depth's
-  `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` increase
+  `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` increase (the server's lifetime
+  ratio for a depth that sent no requests, e.g. the final one)
 - `cached_prompt_tokens`, `prompt_tokens`: sums of the server's per-request usage (SGLang
   `meta_info.cached_tokens`; vLLM `usage.prompt_tokens_details.cached_tokens`, falling back to the
   `vllm:prompt_tokens_cached_total` increase when the server omits per-request details)
@@ -224,6 +225,8 @@ def _figures(depth: _Depth) -> dict[str, Any]:
     hits, queries = _delta(first.hits, last.hits), _delta(first.queries, last.queries)
     if hit_rate is None and hits is not None and queries:
         hit_rate = hits / queries
+    elif hit_rate is None and last.hits is not None and last.queries:
+        hit_rate = last.hits / last.queries
     cached = depth.cached_tokens
     if cached is None and depth.requests:
         counted = _delta(first.cached_total, last.cached_total)
