@@ -100,6 +100,8 @@ class Searcher:
 
     def run(self, tree: Tree, commit: CommitFn, start_depth: int = 0) -> Tree:
         """Search from `start_depth` (0 for a new tree) until a depth commits as final."""
+        # Server figures are per depth: drop what earlier requests left (an attempt that failed mid-depth).
+        _server_stats(self.policy), _server_stats(self.prm)
         depth = start_depth
         while True:
             record = self.step(tree, depth)
