@@ -14,6 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etsq.aggregate import AGGS, VOTES
 from etsq.errors import EtsqError
+from etsq.models.prm_families import PRM_FAMILIES
+from etsq.models.servers import BACKENDS, HTTP_BACKENDS, PRM_APIS
 from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
@@ -77,8 +79,10 @@ def _search_config(opts: dict[str, Any]) -> SearchConfig:
 def _models(opts: dict[str, Any]) -> dict[str, Any]:
     from etsq.runs import model_config
 
-    return model_config(opts["backend"], opts["policy_model"], opts["prm_model"], opts["prm_family"],
-                        opts["embedding_model"], opts["sim_latency"], opts["sim_answer_every"])
+    return model_config(
+        opts["backend"], opts["policy_model"], opts["prm_model"], opts["prm_family"], opts["embedding_model"],
+        opts["sim_latency"], opts["sim_answer_every"], opts["policy_url"], opts["prm_url"], opts["prm_api"],
+    )
 
 
 @cli.command()
@@ -100,15 +104,21 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
               help="ETS: cosine-distance cut of the step clusters.")
 @click.option("--beam-k", type=click.IntRange(min=1), default=None, help="Beam: kept nodes [default: ceil(sqrt(remaining))].")
 @click.option("--dvts-subtrees", type=click.IntRange(min=1), default=None, help="DVTS: subtrees [default: ceil(sqrt(W))].")
-@click.option("--backend", type=click.Choice(["local", "sim"]), default="local", show_default=True,
-              help="Where models run: in-process transformers, or 'sim' (synthetic; load tests only).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+              help="Where the models run: in-process, an SGLang server, an OpenAI-compatible server, "
+                   "or 'sim' (synthetic; load tests only).")
+@click.option("--policy-url", default=None, help="Policy server URL (sglang/openai) [default: the worker's].")
+@click.option("--prm-url", default=None, help="PRM server URL [default: the policy server].")
+@click.option("--prm-api", type=click.Choice(PRM_APIS), default="logprob", show_default=True,
+              help="SGLang PRM requests: stock logprobs, or the reference fork's forward_only.")
 @click.option("--sim-latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="sim backend: seconds each request takes.")
 @click.option("--sim-answer-every", type=click.IntRange(min=1), default=4, show_default=True,
               help="sim backend: about one step in N ends its trajectory.")
-@click.option("--policy-model", default="smollm2", show_default=True, help="'smollm2', a local dir or a hub id.")
+@click.option("--policy-model", default=None,
+              help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.")
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
-@click.option("--prm-family", type=click.Choice(["judge", "math-shepherd"]), default="judge", show_default=True)
+@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True)
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
 @click.option("--queue", default=None, help="Send every job here [default: spread over live workers' queues].")
 @click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
@@ -123,6 +133,7 @@ def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, queue: st
       etsq submit math500 --method ets --width 256
       etsq submit gsm8k --method rebase --width 4 --limit 3 --wait
       etsq submit my_problems.jsonl --method bon --width 16 --queue gpu1
+      etsq submit gsm8k --method ets --width 8 --backend openai --policy-url http://gpu0:8000
     """
     from etsq.runs import RunSpec, load_problems
 
@@ -284,19 +295,26 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Problems searched at once (threads); keeps a model server's batch full.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(gpu: str | None, queue: str | None, concurrency: int, loglevel: str) -> None:
+@click.option("--backend", type=click.Choice(HTTP_BACKENDS), default=None,
+              help="Server kind for runs that name none; checked at start with --policy-url.")
+@click.option("--policy-url", default=None, help="Policy server for runs that name none (checked at start).")
+@click.option("--prm-url", default=None, help="PRM server for runs that name none [default: --policy-url].")
+@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True,
+              help="PRM family whose label tokens the start-up check looks for.")
+def worker(gpu: str | None, queue: str | None, concurrency: int, loglevel: str, **servers: Any) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
     Examples:
       etsq worker                                   # embedded default
       etsq worker --gpu 0 --concurrency 8           # queue gpu0, CUDA_VISIBLE_DEVICES=0
-      ETSQ_BROKER_URL=redis://gpu-box:6379/0 etsq worker --queue big
+      etsq worker --gpu 0 --backend sglang --policy-url http://127.0.0.1:30000 --prm-url http://127.0.0.1:30001
     """
     import os
 
     from etsq.db.session import ensure_schema
 
+    _serve_from(servers)
     settings = _settings()
     ensure_schema(settings.database_url)
     queue = queue or (f"gpu{gpu}" if gpu is not None else settings.queue)
@@ -383,6 +401,26 @@ def cancel(run: int) -> None:
 
     n = cancel_run(_settings().database_url, run)
     click.echo(f"run {run}: {n} jobs cancelled")
+
+
+def _serve_from(servers: dict[str, Any]) -> None:
+    """Check the worker's servers (a one-line error if one is down or the wrong kind), then export
+    them as ETSQ_BACKEND/ETSQ_POLICY_URL/ETSQ_PRM_URL for the tasks (prefork children included)."""
+    import os
+
+    from etsq.models.servers import check_servers, server_spec
+
+    if not servers["policy_url"]:
+        if servers["backend"] or servers["prm_url"]:
+            raise CliError("--backend and --prm-url need --policy-url")
+        return
+    if not servers["backend"]:
+        raise CliError("--policy-url needs --backend sglang or --backend openai")
+    models = {"backend": servers["backend"], "prm_family": servers["prm_family"]}
+    spec = server_spec(models, servers)
+    for line in check_servers(spec):
+        click.echo(f"etsq worker: {line}", err=True)
+    os.environ.update(ETSQ_BACKEND=spec.backend, ETSQ_POLICY_URL=spec.policy_url, ETSQ_PRM_URL=spec.prm_url)
 
 
 @cli.group()

@@ -171,7 +171,7 @@ def _node_row(job_id: int, tree: Tree, node: Node) -> dict[str, Any]:
 
 
 def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
-    info = rec.selection.info
+    info, server = rec.selection.info, rec.server
     return m.SelectionStep(
         job_id=job_id, depth=rec.depth, remaining=rec.remaining, frontier_size=len(rec.frontier),
         kept_size=len(rec.selection.kept), children=sum(rec.selection.counts.values()),
@@ -179,8 +179,19 @@ def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
         expand_ms=rec.expand_ms, score_ms=rec.score_ms, n_clusters=info.get("n_clusters"),
         ilp_vars=info.get("ilp_vars"), ilp_constraints=info.get("ilp_constraints"),
         ilp_objective=info.get("ilp_objective"), solver=info.get("solver"), solve_ms=info.get("solve_ms"),
-        info={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        server_kv_tokens=server.get("kv_tokens"), server_kv_usage=server.get("kv_usage"),
+        server_cache_hit_rate=server.get("cache_hit_rate"), cached_prompt_tokens=server.get("cached_prompt_tokens"),
+        prompt_tokens=server.get("prompt_tokens"), info=_info(info, rec),
     )
+
+
+def _info(info: dict[str, Any], rec: DepthCommit) -> dict[str, Any]:
+    """The select step's scalar details, plus the PRM server's own figures (prefixed `prm_`)."""
+    out = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    out.update({f"prm_{k}": v for k, v in rec.prm_server.items() if isinstance(v, (int, float)) or v is None})
+    if rec.server.get("requests") is not None:
+        out["server_requests"] = rec.server["requests"]
+    return out
 
 
 class DepthWriter:

@@ -21,7 +21,9 @@ from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
 from etsq.settings import Settings
 
-RECORDED_PACKAGES = ("etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "sglang")
+RECORDED_PACKAGES = (
+    "etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "httpx", "sglang",
+)
 
 
 @dataclass(frozen=True)
@@ -39,22 +41,36 @@ class RunSpec:
 
 def model_config(
     backend: str = "local",
-    policy: str = "smollm2",
+    policy: str | None = None,
     prm: str | None = None,
     prm_family: str = "judge",
     embedding: str | None = None,
     sim_latency_s: float = 0.0,
     sim_answer_every: int = 4,
+    policy_url: str | None = None,
+    prm_url: str | None = None,
+    prm_api: str = "logprob",
 ) -> dict[str, Any]:
     """The `models` part of a run's config, from submit's options or a sweep file."""
     if backend == "sim":
         # Labelled so that no synthetic result is ever mistaken for a model's.
         return {"backend": "sim", "synthetic": True, "policy": "sim", "prm": "sim",
                 "sim_latency_s": sim_latency_s, "sim_answer_every": sim_answer_every, "embedding": embedding}
-    if backend != "local":
-        raise ConfigError(f"unknown backend {backend!r}; choose from local, sim")
-    return {"backend": backend, "policy": policy, "prm": prm or policy, "prm_family": prm_family,
-            "embedding": embedding}
+    if backend == "local":
+        if policy_url or prm_url:
+            raise ConfigError("--policy-url/--prm-url need --backend sglang or --backend openai")
+        policy = policy or "smollm2"
+        return {"backend": "local", "policy": policy, "prm": prm or policy, "prm_family": prm_family,
+                "embedding": embedding}
+    if backend not in ("sglang", "openai"):
+        raise ConfigError(f"unknown backend {backend!r}; choose from local, sglang, openai, sim")
+    if backend == "openai" and prm_api != "logprob":
+        raise ConfigError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
+    # Over HTTP the model specs only say where the chat template comes from (None: the server's).
+    return {
+        "backend": backend, "policy_url": policy_url, "prm_url": prm_url or policy_url, "policy": policy,
+        "prm": prm or policy, "prm_family": prm_family, "prm_api": prm_api, "embedding": embedding,
+    }
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -92,6 +108,14 @@ def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
     return row
 
 
+def model_label(models: dict[str, Any], role: str) -> str:
+    """What a run records as its policy/PRM model: the model spec, or for servers backend + URL."""
+    backend = models.get("backend") or "local"
+    if backend in ("local", "sim"):
+        return str(models[role])
+    return f"{backend}:{models.get(f'{role}_url') or '(worker default)'}"
+
+
 def create_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> tuple[int, bool]:
     """The run of this configuration: (id, True) when stored now, (id, False) when it existed.
 
@@ -121,8 +145,8 @@ def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[s
         rows = [_problem_row(s, name, p) for p in problems]
         run = m.Run(
             dataset=name, method=spec.search.method, width=spec.search.width, seed=spec.search.seed,
-            config=config, config_hash=config_hash(config), policy_model=spec.models["policy"],
-            prm_model=spec.models["prm"], versions=package_versions(),
+            config=config, config_hash=config_hash(config), policy_model=model_label(spec.models, "policy"),
+            prm_model=model_label(spec.models, "prm"), versions=package_versions(),
         )
         # Round-robin over the queues with live workers keeps every GPU's servers busy.
         run.jobs = [m.Job(problem=row, queue=queues[i % len(queues)]) for i, row in enumerate(rows)]

@@ -18,6 +18,10 @@ class Settings:
     broker_url: str | None  # None: the embedded Redis that etsq starts under `home`
     data_dir: Path | None
     queue: str = "etsq"
+    # Model servers for runs that leave them unset (`etsq worker --backend/--policy-url/--prm-url`).
+    backend: str | None = None
+    policy_url: str | None = None
+    prm_url: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -30,6 +34,9 @@ class Settings:
             broker_url=os.environ.get("ETSQ_BROKER_URL") or None,
             data_dir=Path(data_dir).expanduser() if data_dir else None,
             queue=os.environ.get("ETSQ_QUEUE", "etsq"),
+            backend=os.environ.get("ETSQ_BACKEND") or None,
+            policy_url=os.environ.get("ETSQ_POLICY_URL") or None,
+            prm_url=os.environ.get("ETSQ_PRM_URL") or None,
         )
 
     @property
@@ -39,6 +46,10 @@ class Settings:
     @property
     def uses_embedded_broker(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def server_defaults(self) -> dict[str, str | None]:
+        return {"backend": self.backend, "policy_url": self.policy_url, "prm_url": self.prm_url}
 
     def resolve_broker_url(self) -> str:
         """The broker URL, starting (or reusing) the embedded Redis when none is configured."""

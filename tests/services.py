@@ -1,4 +1,4 @@
-"""Test services: real Redis and PostgreSQL servers that the test harness starts and stops.
+"""Test services: real Redis, PostgreSQL and model servers that the test harness starts and stops.
 
 Tests never assume a server is already running.  Each ``start_*`` call spawns a
 private server on a free 127.0.0.1 port as a foreground child process and
@@ -108,7 +108,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _spawn(argv: list[str], log: Path, cwd: Path, user: OsUser | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], log: Path, cwd: Path, user: OsUser | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group with output appended to ``log``."""
     parent = os.getpid()
     with open(log, "ab") as out:
@@ -121,7 +123,7 @@ def _spawn(argv: list[str], log: Path, cwd: Path, user: OsUser | None = None) ->
             # the server in order; kill() can take the whole group down.
             start_new_session=True,
             preexec_fn=lambda: _die_with_parent(parent),
-            env=_server_env(user),
+            env={**_server_env(user), **(env or {})},
             cwd=str(cwd),
             **_user_kwargs(user),
         )
@@ -629,3 +631,91 @@ def _wait_postgres(handle: PostgresHandle) -> None:
             return
         time.sleep(_POLL_S)
     raise ServiceError(f"postgres not ready in {START_TIMEOUT_S} s:\n{_log_tail(handle.log)}")
+
+
+# --------------------------------------------------------------------------
+# HTTP model servers (the SGLang stand-in, vLLM)
+
+
+@dataclass(eq=False)
+class HttpServiceHandle:
+    """An HTTP server process on 127.0.0.1 that is ready once ``health_path`` answers 200."""
+
+    name: str
+    argv: list[str]  # the command, with "{port}" where the port goes
+    port: int
+    directory: Path
+    health_path: str
+    start_timeout: float
+    env: dict[str, str] = field(default_factory=dict)
+    process: Any = None
+    startup_s: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    def start(self) -> None:
+        started = time.monotonic()
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        self.process = _spawn(argv, self.log, self.directory, env=self.env)
+        _LIVE.add(self)
+        _wait_http(self)
+        self.startup_s = time.monotonic() - started
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL of the process group after a timeout; idempotent."""
+        if self.process is not None:
+            _end_process(self.process, signal.SIGTERM)
+            if self.process.poll() is not None:
+                _kill_group(self.process)  # helpers the server started (vLLM's engine core)
+        _LIVE.discard(self)
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started, as a crash would (fault tests)."""
+        _kill_group(self.process)
+
+    def restart(self) -> None:
+        """Start the server again on the same port (after kill() or stop())."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> HttpServiceHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_http_service(
+    name: str, argv: list[str], tmpdir: Path, health_path: str = "/health",
+    start_timeout: float = START_TIMEOUT_S, env: Mapping[str, str] | None = None,
+) -> HttpServiceHandle:
+    """Start ``argv`` ("{port}" replaced by a free port) and wait until its health check answers."""
+    directory = Path(tmpdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = HttpServiceHandle(name, argv, free_local_port(), directory, health_path, start_timeout, dict(env or {}))
+    try:
+        handle.start()
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
+
+
+def _wait_http(handle: HttpServiceHandle) -> None:
+    import httpx
+
+    deadline = time.monotonic() + handle.start_timeout
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise ServiceError(f"{handle.name} exited early:\n{_log_tail(handle.log, 30)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(handle.url + handle.health_path, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise ServiceError(f"{handle.name} not ready in {handle.start_timeout} s:\n{_log_tail(handle.log, 30)}")

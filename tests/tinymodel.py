@@ -50,7 +50,7 @@ def _corpus() -> list[str]:
     return lines * 20
 
 
-def _train_tokenizer() -> PreTrainedTokenizerFast:
+def _train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +58,7 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[BOS, EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -92,10 +92,14 @@ def _build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def build_tiny_model(path: Path) -> Path:
-    """Write the tiny tokenizer + model checkpoint into `path` (created if needed) and return it."""
+def build_tiny_model(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Write the tiny tokenizer + model checkpoint into `path` (created if needed) and return it.
+
+    A small `vocab_size` (~270) leaves the tokenizer with hardly any merges: "Yes" is then several
+    tokens, the model of a wrong-kind PRM server.
+    """
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
+    tokenizer = _train_tokenizer(vocab_size)
     model = _build_model(tokenizer)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -158,4 +158,10 @@ class SelectionStep(Base):
     ilp_objective: Mapped[float | None] = mapped_column(Float, nullable=True)
     solver: Mapped[str | None] = mapped_column(String(32), nullable=True)
     solve_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Measured by the policy server during the depth (etsq.models.metrics); NULL for in-process models.
+    server_kv_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # peak KV tokens in use
+    server_kv_usage: Mapped[float | None] = mapped_column(Float, nullable=True)  # peak fraction of the pool
+    server_cache_hit_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cached_prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # prefix-cache hits
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # prompt tokens the server read
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

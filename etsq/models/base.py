@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class Policy(Protocol):
         """One list of `n` samples per request, in request order."""
         ...
 
+    def server_stats(self) -> dict[str, Any]:
+        """The serving server's KV figures since the last call (see etsq.models.metrics); {} in-process."""
+        ...
+
 
 class PRM(Protocol):
     info: ModelInfo
@@ -68,3 +72,12 @@ class PRM(Protocol):
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         """p(good) / (p(good) + p(bad)) of each request's newest step, in [0, 1]."""
         ...
+
+    def server_stats(self) -> dict[str, Any]:
+        """Like Policy.server_stats, for the PRM's own requests."""
+        ...
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of child `index` of a request: distinct per child, stable across runs (31 bits)."""
+    return (seed * 1_000_003 + index * 7_919 + 1) & 0x7FFFFFFF

@@ -30,11 +30,14 @@ from transformers import (
 
 from etsq.errors import ConfigError, ModelError
 from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequest, StepSample
+from etsq.models.prm_families import PRM_FAMILIES, PRMFamily, get_family, judge_text, shepherd_text
+from etsq.models.prompts import SYSTEM_PROMPT, format_question
 
-SYSTEM_PROMPT = (
-    "Solve the following math problem step by step. Separate the steps with a blank line. "
-    "Finish with the sentence 'The answer is: \\boxed{ANSWER}', where ANSWER is the final answer."
-)
+__all__ = [
+    "PRM_FAMILIES", "SYSTEM_PROMPT", "LoadedModel", "LocalPRM", "LocalPolicy", "PRMFamily",
+    "get_family", "judge_text", "load_causal_lm", "shepherd_text", "split_step",
+]
+
 BACKEND = "transformers"
 MAX_EXPAND_ROWS = 16  # sequences per generate() call: bounds KV-cache memory
 MAX_SCORE_ROWS = 8  # sequences per PRM forward pass: bounds activation memory
@@ -204,15 +207,7 @@ class LocalPolicy:
         self.info = _info(name or loaded.path, loaded, role="policy")
 
     def format_prompt(self, question: str) -> str:
-        tokenizer = self.loaded.tokenizer
-        if not tokenizer.chat_template:
-            return f"{SYSTEM_PROMPT}\n\nQuestion: {question}\n\nAnswer:\n"
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - jinja raises for templates without a system role
-            merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}]
-            return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+        return format_question(self.loaded.tokenizer, question)
 
     def count_tokens(self, text: str) -> int:
         return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -241,6 +236,9 @@ class LocalPolicy:
             )
         rows = iter(zip(enc["input_ids"].tolist(), out[:, prompt_len:].tolist(), strict=True))
         return [[self._to_step(*next(rows), params.step_delimiter) for _ in range(req.n)] for req in chunk]
+
+    def server_stats(self) -> dict[str, Any]:
+        return {}  # no server: the analytic KV is the only figure
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         # Sampling happens in _SeededSampler, so generate() itself runs greedy with no other processors.
@@ -281,52 +279,6 @@ def _context_decoder(
 # --------------------------------------------------------------------------- PRM
 
 
-def _numbered(steps: Sequence[str]) -> str:
-    return "\n".join(f"Step {i}: {step.strip()}" for i, step in enumerate(steps, 1)) or "(none)"
-
-
-def judge_text(tokenizer: PreTrainedTokenizerBase, req: ScoreRequest) -> str:
-    """A chat prompt asking an instruct model whether the newest step is correct."""
-    content = (
-        f"Problem:\n{req.question}\n\nEarlier steps:\n{_numbered(req.steps[:-1])}\n\n"
-        f"New step:\n{req.steps[-1].strip()}\n\nIs the new step correct? Answer Yes or No."
-    )
-    messages = [{"role": "user", "content": content}]
-    if not tokenizer.chat_template:
-        return f"{content}\nAnswer:"
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def shepherd_text(tokenizer: PreTrainedTokenizerBase, req: ScoreRequest) -> str:
-    """Math-Shepherd's format: the question, then each step followed by the step tag " ки"."""
-    return f"{req.question} " + "\n".join(f"{step.strip()} ки" for step in req.steps)
-
-
-@dataclass(frozen=True)
-class PRMFamily:
-    """How a kind of PRM is prompted and which two next tokens mean good and bad."""
-
-    name: str
-    good: str
-    bad: str
-    render: Callable[[PreTrainedTokenizerBase, ScoreRequest], str]
-    add_special_tokens: bool  # chat templates already carry BOS; raw text needs the tokenizer's
-
-
-PRM_FAMILIES: dict[str, PRMFamily] = {
-    "judge": PRMFamily("judge", "Yes", "No", judge_text, add_special_tokens=False),
-    "math-shepherd": PRMFamily("math-shepherd", "+", "-", shepherd_text, add_special_tokens=True),
-}
-
-
-def get_family(family: str | PRMFamily) -> PRMFamily:
-    if isinstance(family, PRMFamily):
-        return family
-    if family not in PRM_FAMILIES:
-        raise ConfigError(f"unknown PRM family {family!r}; known: {', '.join(sorted(PRM_FAMILIES))}")
-    return PRM_FAMILIES[family]
-
-
 def label_token_id(tokenizer: PreTrainedTokenizerBase, label: str, path: str) -> int:
     """The single token id of a label; a label split in several tokens cannot be read from one logit."""
     ids = tokenizer.encode(label, add_special_tokens=False)
@@ -352,6 +304,9 @@ class LocalPRM:
         self.max_rows = max_rows
         self.label_ids = [label_token_id(loaded.tokenizer, label, loaded.path) for label in self._labels()]
         self.info = _info(name or loaded.path, loaded, role="prm", family=self.family.name)
+
+    def server_stats(self) -> dict[str, Any]:
+        return {}
 
     def _labels(self) -> tuple[str, str]:
         return self.family.good, self.family.bad

@@ -11,13 +11,14 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from etsq.grading import extract_answer
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.search.config import SearchConfig
-from etsq.search.methods import SelectContext, Selection, SelectFn
+from etsq.search.methods import SelectContext, SelectFn, Selection
 from etsq.search.methods.base import Embedder
 from etsq.search.tree import Node, Tree
 
@@ -42,6 +43,8 @@ class DepthCommit:
     new_nodes: list[int] = field(default_factory=list)
     expand_ms: float | None = None
     score_ms: float | None = None
+    server: dict[str, Any] = field(default_factory=dict)  # policy server's KV figures (metrics.KVMonitor)
+    prm_server: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:
@@ -65,6 +68,12 @@ def terminal_reason(node: Node, sample: StepSample, cfg: SearchConfig, prompt_to
     if node.depth >= cfg.max_depth:
         return "max_depth"
     return None
+
+
+def _server_stats(model: object) -> dict[str, Any]:
+    # Optional in the protocols: a third-party model without it simply has no server figures.
+    stats = getattr(model, "server_stats", None)
+    return dict(stats() or {}) if callable(stats) else {}
 
 
 class Searcher:
@@ -91,6 +100,8 @@ class Searcher:
 
     def run(self, tree: Tree, commit: CommitFn, start_depth: int = 0) -> Tree:
         """Search from `start_depth` (0 for a new tree) until a depth commits as final."""
+        # Server figures are per depth: drop what earlier requests left (an attempt that failed mid-depth).
+        _server_stats(self.policy), _server_stats(self.prm)
         depth = start_depth
         while True:
             record = self.step(tree, depth)
@@ -118,6 +129,7 @@ class Searcher:
         )
         if selection.kept:
             self._expand(tree, selection, record)
+        record.server, record.prm_server = _server_stats(self.policy), _server_stats(self.prm)
         return record
 
     def _select(self, tree: Tree, frontier: list[int], remaining: int, depth: int) -> Selection:

@@ -1,0 +1,241 @@
+"""KV cache as the server measures it: Prometheus /metrics parsing and per-depth figures.
+
+A depth's figures are gathered by a `KVMonitor`: while the depth's policy requests run it samples
+the server's /metrics (in-use KV is only visible while requests hold it: finished requests' blocks
+become evictable cache and stop counting), keeps the peak, and sums the prompt and prefix-cache-hit
+tokens the server reports per request.  `take()` returns the figures since the last `take()`:
+
+- `kv_tokens`: peak KV tokens in use (SGLang `sglang:num_used_tokens`; vLLM
+  `vllm:kv_cache_usage_perc` x the pool size in `vllm:cache_config_info`, block-granular)
+- `kv_usage`: peak fraction of the KV pool in use (`sglang:token_usage`, `vllm:kv_cache_usage_perc`)
+- `cache_hit_rate`: SGLang's own `sglang:cache_hit_rate` gauge; for vLLM the depth's
+  `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` increase (the server's lifetime
+  ratio for a depth that sent no requests, e.g. the final one)
+- `cached_prompt_tokens`, `prompt_tokens`: sums of the server's per-request usage (SGLang
+  `meta_info.cached_tokens`; vLLM `usage.prompt_tokens_details.cached_tokens`, falling back to the
+  `vllm:prompt_tokens_cached_total` increase when the server omits per-request details)
+
+The figures of concurrent jobs sharing one server client mix; with the default solo worker pool a
+process runs one job at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from etsq.errors import EtsqError
+from etsq.models.http import ServerClient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+POLL_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One line of Prometheus text exposition."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_prometheus(text: str) -> list[Sample]:
+    """Samples of a Prometheus text exposition (comments and malformed lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if match is None:
+            continue
+        try:
+            value = float(match.group(4))
+        except ValueError:
+            continue
+        labels = {
+            k: bytes(v, "utf-8").decode("unicode_escape") for k, v in _LABEL.findall(match.group(3) or "")
+        }
+        samples.append(Sample(match.group(1), labels, value))
+    return samples
+
+
+def metric_sum(samples: list[Sample], name: str) -> float | None:
+    """The sum over label sets of metric `name`; None when the server does not export it."""
+    values = [s.value for s in samples if s.name == name and not math.isnan(s.value)]
+    return sum(values) if values else None
+
+
+def label_value(samples: list[Sample], name: str, label: str) -> str | None:
+    return next((s.labels[label] for s in samples if s.name == name and label in s.labels), None)
+
+
+# --------------------------------------------------------------------------- server flavours
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one /metrics scrape says about the KV cache."""
+
+    used_tokens: float | None = None
+    usage: float | None = None
+    hit_rate: float | None = None  # a gauge the server computes itself (SGLang)
+    hits: float | None = None  # prefix-cache counters (vLLM), tokens
+    queries: float | None = None
+    cached_total: float | None = None
+
+
+def sglang_snapshot(samples: list[Sample]) -> Snapshot:
+    return Snapshot(
+        used_tokens=metric_sum(samples, "sglang:num_used_tokens"),
+        usage=metric_sum(samples, "sglang:token_usage"),
+        hit_rate=metric_sum(samples, "sglang:cache_hit_rate"),
+    )
+
+
+def vllm_snapshot(samples: list[Sample]) -> Snapshot:
+    usage = metric_sum(samples, "vllm:kv_cache_usage_perc")
+    pool = _vllm_pool_tokens(samples)
+    return Snapshot(
+        used_tokens=usage * pool if usage is not None and pool is not None else None,
+        usage=usage,
+        hits=metric_sum(samples, "vllm:prefix_cache_hits_total"),
+        queries=metric_sum(samples, "vllm:prefix_cache_queries_total"),
+        cached_total=metric_sum(samples, "vllm:prompt_tokens_cached_total"),
+    )
+
+
+def _vllm_pool_tokens(samples: list[Sample]) -> float | None:
+    size = label_value(samples, "vllm:cache_config_info", "kv_cache_size_tokens")
+    if size is not None and size.replace(".", "", 1).isdigit():
+        return float(size)
+    blocks = label_value(samples, "vllm:cache_config_info", "num_gpu_blocks")
+    block_size = label_value(samples, "vllm:cache_config_info", "block_size")
+    if blocks and block_size and blocks.isdigit() and block_size.isdigit():
+        return float(blocks) * float(block_size)
+    return None
+
+
+SNAPSHOTS: dict[str, Callable[[list[Sample]], Snapshot]] = {"sglang": sglang_snapshot, "vllm": vllm_snapshot}
+
+
+# --------------------------------------------------------------------------- per-depth figures
+
+
+@dataclass
+class _Depth:
+    """Running totals of one depth."""
+
+    peak_tokens: float | None = None
+    peak_usage: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    first: Snapshot | None = None
+    last: Snapshot | None = None
+    requests: int = 0
+
+    def see(self, snap: Snapshot) -> None:
+        self.first = self.first or snap
+        self.last = snap
+        self.peak_tokens = _max(self.peak_tokens, snap.used_tokens)
+        self.peak_usage = _max(self.peak_usage, snap.usage)
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
+def _delta(first: float | None, last: float | None) -> float | None:
+    return None if first is None or last is None else max(0.0, last - first)
+
+
+@dataclass
+class KVMonitor:
+    """Samples one server's /metrics around requests and reports per-depth KV figures."""
+
+    client: ServerClient
+    flavour: str  # a key of SNAPSHOTS
+    interval_s: float = POLL_INTERVAL_S
+    _depth: _Depth = field(default_factory=_Depth)
+    _disabled: bool = False
+
+    async def scrape(self) -> Snapshot | None:
+        """One /metrics sample (one attempt: a missed sample is not worth a retry)."""
+        if self._disabled:
+            return None
+        try:
+            text = await self.client.get_text("/metrics", attempts=1)
+        except EtsqError as exc:
+            if "HTTP 404" in str(exc):  # SGLang without --enable-metrics: stop asking
+                self._disabled = True
+                log.warning("%s has no /metrics; server KV figures will be empty", self.client.base_url)
+            return None
+        snap = SNAPSHOTS[self.flavour](parse_prometheus(text))
+        self._depth.see(snap)
+        return snap
+
+    async def watch(self, work: Awaitable[T]) -> T:
+        """Await `work` while sampling /metrics every `interval_s`; one sample before and one after."""
+        await self.scrape()  # counters before the requests (vLLM's hit rate is an increase)
+        poller = asyncio.ensure_future(self._poll())
+        try:
+            result = await work
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        await self.scrape()
+        return result
+
+    async def _poll(self) -> None:
+        while True:
+            await self.scrape()
+            await asyncio.sleep(self.interval_s)
+
+    def add_usage(self, prompt_tokens: int, cached_tokens: int | None) -> None:
+        """Count one response's server-reported prompt and prefix-cache-hit tokens."""
+        depth = self._depth
+        depth.requests += 1
+        depth.prompt_tokens += prompt_tokens
+        if cached_tokens is not None:
+            depth.cached_tokens = (depth.cached_tokens or 0) + cached_tokens
+
+    async def take(self) -> dict[str, Any]:
+        """The figures since the last take(), and a fresh start; a depth without requests gets one sample."""
+        if self._depth.first is None:
+            await self.scrape()
+        depth, self._depth = self._depth, _Depth()
+        return _figures(depth)
+
+
+def _figures(depth: _Depth) -> dict[str, Any]:
+    first, last = depth.first or Snapshot(), depth.last or Snapshot()
+    hit_rate = last.hit_rate
+    hits, queries = _delta(first.hits, last.hits), _delta(first.queries, last.queries)
+    if hit_rate is None and hits is not None and queries:
+        hit_rate = hits / queries
+    elif hit_rate is None and last.hits is not None and last.queries:
+        hit_rate = last.hits / last.queries
+    cached = depth.cached_tokens
+    if cached is None and depth.requests:
+        counted = _delta(first.cached_total, last.cached_total)
+        cached = int(counted) if counted is not None else None
+    return {
+        "kv_tokens": round(depth.peak_tokens) if depth.peak_tokens is not None else None,
+        "kv_usage": depth.peak_usage,
+        "cache_hit_rate": hit_rate,
+        "cached_prompt_tokens": cached if depth.requests else 0,
+        "prompt_tokens": depth.prompt_tokens,
+        "requests": depth.requests,
+    }

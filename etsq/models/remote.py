@@ -1,0 +1,145 @@
+"""What the HTTP backends share: a served model's identity, step parsing and label scoring.
+
+`ServedModel` is one model behind one server URL as the backends see it: the pooled client, the KV
+monitor, the served model's id and the tokenizer whose chat template formats prompts.  The SGLang
+and OpenAI-compatible policies and PRMs build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from etsq.errors import ModelError, PermanentError, TransientError
+from etsq.models.base import ModelInfo, StepSample
+from etsq.models.http import ServerClient
+from etsq.models.metrics import KVMonitor
+from etsq.models.prm_families import PRMFamily
+from etsq.models.prompts import format_question, has_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+MAX_BATCH = 64  # prompts per request: bounds request size and the server's batch
+
+
+@dataclass
+class ServedModel:
+    """One model behind one server: how to reach it and what it is."""
+
+    backend: str  # "sglang" | "openai"
+    client: ServerClient
+    model_id: str
+    tokenizer_source: str | None
+    template: PreTrainedTokenizerBase | None
+    details: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+    def info(self, role: str, **extra: str) -> ModelInfo:
+        template = "chat" if has_chat_template(self.template) else "plain"
+        details = {"url": self.url, "model_id": self.model_id, "template": template, "role": role}
+        return ModelInfo(self.model_id, self.backend, {**self.details, **details, **extra})
+
+    def format_prompt(self, question: str) -> str:
+        return format_question(self.template, question)
+
+
+class RemoteRole:
+    """Base of the HTTP policies and PRMs: the per-depth KV monitor and the reachability check."""
+
+    health_path = "/health"
+
+    def __init__(self, served: ServedModel, flavour: str) -> None:
+        self.served = served
+        self.client = served.client
+        self.monitor = KVMonitor(served.client, flavour)
+
+    def server_stats(self) -> dict[str, Any]:
+        return self.client.call(self.monitor.take())
+
+    def ensure_reachable(self) -> None:
+        """Raise TransientError (after the client's retries) unless the server answers its health check."""
+        self.client.call(self.client.request("GET", self.health_path))
+
+    def _run(self, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `work()` on the background loop while the monitor samples the server's KV."""
+
+        async def watched() -> Any:
+            return await self.monitor.watch(work())
+
+        return self.client.call(watched())
+
+
+def local_tokens(served: ServedModel, text: str, add_special_tokens: bool, exc: PermanentError) -> list[int]:
+    """Token ids from the local copy of the served tokenizer, for a server without /tokenize (404)."""
+    if "HTTP 404" not in str(exc):
+        raise exc
+    if served.template is None:
+        raise ModelError(
+            f"{served.url} has no /tokenize endpoint and no local tokenizer ({served.tokenizer_source}) "
+            "to count tokens with; pass --policy-model/--prm-model DIR"
+        ) from exc
+    return list(served.template.encode(text, add_special_tokens=add_special_tokens))
+
+
+def delimited_step(text: str, reason: str, delimiter: str, tokens: int) -> StepSample:
+    """A step from a server's completion: cut after the first delimiter, which is kept in the text.
+
+    A server that trims the matched stop string (or overshoots it) still yields the same step text.
+    """
+    if delimiter and delimiter in text:
+        return StepSample(text[: text.index(delimiter) + len(delimiter)], tokens, "stop")
+    if reason == "stop" and delimiter:
+        return StepSample(text + delimiter, tokens, "stop")
+    return StepSample(text, tokens, reason)
+
+
+def two_way(good_logprob: float, bad_logprob: float) -> float:
+    """p(good) / (p(good) + p(bad)) from two log-probabilities, computed stably."""
+    top = max(good_logprob, bad_logprob)
+    if math.isinf(top) and top < 0:
+        return 0.5  # neither label has any mass: no opinion
+    good, bad = math.exp(good_logprob - top), math.exp(bad_logprob - top)
+    return good / (good + bad)
+
+
+def single_token(ids: list[int], label: str, where: str) -> int:
+    """The one token id of a PRM label; a label the tokenizer splits cannot be read from one logit."""
+    if len(ids) != 1:
+        raise ModelError(
+            f"{where} is the wrong kind of PRM server: its tokenizer has no single token for the "
+            f"PRM label {label!r} (it is {len(ids)} tokens {ids})"
+        )
+    return ids[0]
+
+
+def label_token_ids(
+    family: PRMFamily, tokenize: Callable[[str], list[int]], where: str, step_tag: bool = False
+) -> list[int]:
+    """The [good, bad] (and optionally step-tag) token ids, read from the server's tokenizer."""
+    ids = [single_token(tokenize(label), label, where) for label in family.labels]
+    if step_tag:
+        if not family.step_tag:
+            raise ModelError(f"PRM family {family.name!r} has no step tag to score at")
+        ids.append(_tag_token(family.step_tag, tokenize, where))
+    return ids
+
+
+def _tag_token(tag: str, tokenize: Callable[[str], list[int]], where: str) -> int:
+    # BPE tokenizers merge the tag with its leading space; SentencePiece ones add the space themselves.
+    ids = tokenize(tag)
+    return ids[0] if len(ids) == 1 else single_token(tokenize(tag.strip()), tag.strip(), where)
+
+
+def batches(items: list[Any], size: int = MAX_BATCH) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def abort(where: str, detail: Any) -> TransientError:
+    """A server that aborted a request (overload, restart, preemption): retrying later may work."""
+    return TransientError(f"{where}: the server aborted the request: {detail}")

@@ -1,0 +1,202 @@
+"""A policy and a PRM on a stock SGLang server, through its native API.
+
+Endpoints and fields are SGLang's documented ones (docs: basic_usage/native_api,
+basic_usage/sampling_params; `io_struct.GenerateReqInput`):
+
+- `GET /get_model_info` -> `model_path`, `tokenizer_path`, `is_generation`: identity and kind check
+- `GET /health`, `GET /metrics` (`--enable-metrics`), `POST /tokenize` (`prompt` -> `tokens`)
+- `POST /generate` with a batch `text` list and one `sampling_params` dict per item; each response
+  item has `text` and `meta_info` with `prompt_tokens`, `completion_tokens`, `cached_tokens` and
+  `finish_reason` (`{"type": "stop", "matched": str | token id}` or `{"type": "length"}`).
+
+Policy: all children of a node go in one `/generate` request as a batch of the same text, one item per
+child with its own `sampling_seed` (with `sampling_params.n` all children would share one seed and so
+one sample); the radix cache computes the shared prefix once.  `no_stop_trim` keeps the step delimiter.
+
+PRM (token-probability families): the rendered text ends with the step tag; `/generate` with
+`return_logprob`, `token_ids_logprob` [good, bad] and `max_new_tokens` 1 returns the two labels'
+log-probabilities at the next position (`meta_info.output_token_ids_logprobs[0]`).  The reference
+implementation's SGLang fork instead takes `sampling_params.forward_only` and `logits_require_id`
+and returns `scores` (one per step tag); `prm_api="fork"` speaks that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etsq.errors import ConfigError, ModelError, PermanentError
+from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample, child_seed
+from etsq.models.http import client_for, gather_all
+from etsq.models.prm_families import PRMFamily, get_family
+from etsq.models.prompts import template_tokenizer
+from etsq.models.remote import (
+    RemoteRole,
+    ServedModel,
+    abort,
+    batches,
+    delimited_step,
+    label_token_ids,
+    local_tokens,
+    two_way,
+)
+from etsq.models.servers import PRM_APIS
+
+BACKEND = "sglang"
+
+
+def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
+    """The model an SGLang server serves; ModelError if the URL is not an SGLang generation server."""
+    client = client_for(url)
+    try:
+        info = client.call(client.get_json("/get_model_info"))
+    except PermanentError as exc:
+        raise ModelError(f"{client.base_url} is not an SGLang server (GET /get_model_info: {exc})") from exc
+    if not isinstance(info, dict) or "model_path" not in info:
+        raise ModelError(f"{client.base_url} is not an SGLang server: /get_model_info said {info!r:.200}")
+    if info.get("is_generation") is False:
+        raise ModelError(f"{client.base_url} serves an embedding model, not a generation model")
+    source = tokenizer_spec or info.get("tokenizer_path") or info["model_path"]
+    details = {k: str(info[k]) for k in ("model_path", "tokenizer_path", "weight_version") if info.get(k)}
+    return ServedModel(BACKEND, client, str(info["model_path"]), source, template_tokenizer(source), details)
+
+
+async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    body = {"model": served.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
+    try:
+        out = await served.client.post_json("/tokenize", body)
+    except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
+        return local_tokens(served, text, add_special_tokens, exc)
+    return [int(t) for t in out["tokens"]]
+
+
+def finish_reason(reason: Any, where: str) -> str:
+    """SGLang's finish_reason as a StepSample reason: a matched stop string, EOS (a token id) or length."""
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind == "length" or kind is None:
+        return "length"
+    if kind == "stop":
+        return (
+            "stop" if isinstance(reason.get("matched") if isinstance(reason, dict) else None, str) else "eos"
+        )
+    if kind == "abort":
+        raise abort(where, reason)
+    raise ModelError(f"{where}: unknown finish_reason {reason!r}")
+
+
+def _items(out: Any, expected: int, where: str) -> list[dict[str, Any]]:
+    items = out if isinstance(out, list) else [out]
+    if len(items) != expected or not all(isinstance(i, dict) and "meta_info" in i for i in items):
+        raise ModelError(f"{where}: expected {expected} results with meta_info, got {str(out)[:200]}")
+    return items
+
+
+class SGLangPolicy(RemoteRole):
+    """The `Policy` protocol on an SGLang server."""
+
+    def __init__(self, served: ServedModel) -> None:
+        super().__init__(served, "sglang")
+        self.info = served.info("policy")
+
+    def format_prompt(self, question: str) -> str:
+        return self.served.format_prompt(question)
+
+    def count_tokens(self, text: str) -> int:
+        # /generate tokenizes text with the tokenizer's special tokens; count what it will prefill.
+        return len(self.client.call(tokenize(self.served, text, True)))
+
+    def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
+        if params.max_step_tokens < 1:
+            raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
+
+        async def fan_out() -> list[list[StepSample]]:
+            return await gather_all(*(self._expand_one(req, params) for req in requests))
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _expand_one(self, req: ExpandRequest, params: SamplingParams) -> list[StepSample]:
+        if req.n <= 0:
+            return []
+        body = {
+            "text": [req.text] * req.n,
+            "sampling_params": [self._sampling(params, child_seed(req.seed, i)) for i in range(req.n)],
+        }
+        out = await self.client.post_json("/generate", body)
+        return [self._step(item, params.step_delimiter) for item in _items(out, req.n, self.served.url)]
+
+    @staticmethod
+    def _sampling(params: SamplingParams, seed: int) -> dict[str, Any]:
+        return {
+            "max_new_tokens": params.max_step_tokens,
+            "temperature": params.temperature,
+            "stop": [params.step_delimiter] if params.step_delimiter else [],
+            "no_stop_trim": True,
+            "skip_special_tokens": True,
+            "sampling_seed": seed,
+        }
+
+    def _step(self, item: dict[str, Any], delimiter: str) -> StepSample:
+        meta = item["meta_info"]
+        self.monitor.add_usage(int(meta.get("prompt_tokens", 0)), meta.get("cached_tokens"))
+        reason = finish_reason(meta.get("finish_reason"), self.served.url)
+        return delimited_step(str(item.get("text", "")), reason, delimiter, int(meta["completion_tokens"]))
+
+
+class SGLangPRM(RemoteRole):
+    """The `PRM` protocol on an SGLang server, prompted as one of the PRM families."""
+
+    def __init__(self, served: ServedModel, family: str | PRMFamily = "judge", api: str = "logprob") -> None:
+        super().__init__(served, "sglang")
+        if api not in PRM_APIS:
+            raise ConfigError(f"unknown SGLang PRM api {api!r}; known: {', '.join(PRM_APIS)}")
+        self.family, self.api = get_family(family), api
+        self.label_ids = label_token_ids(
+            self.family, self._tokenize_label, served.url, step_tag=api == "fork"
+        )
+        self.info = served.info("prm", family=self.family.name, prm_api=api)
+
+    def _tokenize_label(self, label: str) -> list[int]:
+        return self.client.call(tokenize(self.served, label, False))
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        texts = [self.family.render(self.served.template, req) for req in requests]
+        one = self._score_fork if self.api == "fork" else self._score_batch
+        groups = [[t] for t in texts] if self.api == "fork" else batches(texts)
+
+        async def fan_out() -> list[float]:
+            results = await gather_all(*(one(group) for group in groups))
+            return [score for group in results for score in group]
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _score_batch(self, texts: list[str]) -> list[float]:
+        body = {
+            "text": texts,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "return_logprob": True,
+            "token_ids_logprob": [self.label_ids[:2]] * len(texts),
+        }
+        out = await self.client.post_json("/generate", body)
+        return [self._read(item) for item in _items(out, len(texts), self.served.url)]
+
+    def _read(self, item: dict[str, Any]) -> float:
+        meta = item["meta_info"]
+        self.monitor.add_usage(int(meta.get("prompt_tokens", 0)), meta.get("cached_tokens"))
+        rows = (meta.get("output_token_ids_logprobs") or [None])[0]
+        logprobs = {int(row[1]): float(row[0]) for row in rows or [] if row and row[0] is not None}
+        good, bad = self.label_ids[:2]
+        if good not in logprobs or bad not in logprobs:
+            raise ModelError(
+                f"{self.served.url}: no logprobs for label tokens {good}, {bad} in {rows!r:.200}"
+            )
+        return two_way(logprobs[good], logprobs[bad])
+
+    async def _score_fork(self, texts: list[str]) -> list[float]:
+        sampling = {"max_new_tokens": 0, "forward_only": True, "logits_require_id": self.label_ids}
+        out = await self.client.post_json("/generate", {"text": texts[0], "sampling_params": sampling})
+        scores = out.get("scores") if isinstance(out, dict) else None
+        scores = scores if scores is not None else (out.get("meta_info") or {}).get("scores")
+        if not scores:
+            raise ModelError(
+                f"{self.served.url} returned no scores for forward_only: is it the reference fork?"
+            )
+        return [float(scores[-1])]

@@ -1,0 +1,198 @@
+"""HTTP discipline against real local servers: retries and backoff, permanent errors, pooling, metrics.
+
+A scripted stdlib HTTP server answers each request with the next (status, body) of its script, so
+the client's behaviour on 503/429/5xx, 4xx, refused connections and slow answers is observed over
+real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from etsq.broker import free_local_port
+from etsq.errors import PermanentError, TransientError
+from etsq.models.base import child_seed
+from etsq.models.http import RetryConfig, ServerClient, client_for, normalize_url
+from etsq.models.metrics import metric_sum, parse_prometheus, sglang_snapshot, vllm_snapshot
+from etsq.models.remote import delimited_step, two_way
+
+FAST = RetryConfig(attempts=4, backoff_s=0.05, max_backoff_s=0.2, connect_timeout_s=1.0, read_timeout_s=1.0)
+
+
+class Scripted(ThreadingHTTPServer):
+    """Answers request i with script[i] (the last entry repeats); remembers when each came."""
+
+    daemon_threads = True
+
+    def __init__(self, script: list[tuple[int, Any]], delay_s: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", free_local_port()), _Handler)
+        self.script, self.delay_s, self.arrivals = script, delay_s, []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Scripted
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer()
+
+    def _answer(self) -> None:
+        server = self.server
+        server.arrivals.append(time.monotonic())
+        status, body = server.script[min(len(server.arrivals), len(server.script)) - 1]
+        time.sleep(server.delay_s)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _serve(script: list[tuple[int, Any]], delay_s: float = 0.0) -> Iterator[Scripted]:
+    server = Scripted(script, delay_s)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _client(url: str, retry: RetryConfig = FAST) -> ServerClient:
+    return ServerClient(url, retry)
+
+
+@pytest.mark.parametrize("status", [503, 429, 500, 502])
+def test_retryable_statuses_are_retried_with_backoff(status: int) -> None:
+    for server in _serve([(status, {"error": {"message": "busy"}}), (status, {}), (200, {"ok": True})]):
+        client = _client(server.url)
+        assert client.call(client.post_json("/generate", {"text": "x"})) == {"ok": True}
+        assert len(server.arrivals) == 3
+        gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
+        assert gaps[0] >= FAST.pause(0) * 0.9 and gaps[1] >= FAST.pause(1) * 0.9  # exponential backoff
+
+
+def test_a_server_that_stays_unavailable_is_a_transient_error() -> None:
+    for server in _serve([(503, {"error": {"message": "overloaded"}})]):
+        client = _client(server.url)
+        with pytest.raises(TransientError, match=r"HTTP 503 overloaded \(after 4 attempts\)"):
+            client.call(client.get_json("/health"))
+        assert len(server.arrivals) == FAST.attempts
+
+
+def test_a_client_error_is_permanent_and_not_retried() -> None:
+    for server in _serve([(400, {"error": {"message": "max_new_tokens must be at least 0"}})]):
+        client = _client(server.url)
+        with pytest.raises(PermanentError, match="HTTP 400 max_new_tokens must be at least 0") as info:
+            client.call(client.post_json("/generate", {}))
+        assert not isinstance(info.value, TransientError)
+        assert len(server.arrivals) == 1
+
+
+def test_refused_connections_are_retried_then_transient() -> None:
+    client = _client(f"http://127.0.0.1:{free_local_port()}")
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="ConnectError.*after 4 attempts"):
+        client.call(client.get_json("/v1/models"))
+    assert time.monotonic() - started >= sum(FAST.pause(i) for i in range(FAST.attempts - 1)) * 0.9
+
+
+def test_a_slow_server_times_out_as_transient() -> None:
+    slow = RetryConfig(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=0.2)
+    for server in _serve([(200, {"late": True})], delay_s=0.6):
+        client = _client(server.url, slow)
+        with pytest.raises(TransientError, match="ReadTimeout"):
+            client.call(client.get_json("/generate"))
+        assert len(server.arrivals) == 2
+
+
+def test_concurrent_requests_share_one_pooled_client() -> None:
+    import asyncio
+
+    for server in _serve([(200, {"ok": 1})], delay_s=0.2):
+        client = client_for(server.url + "/")
+        assert client is client_for(server.url) and client.base_url == normalize_url(server.url)
+
+        async def many(client: ServerClient = client) -> list[Any]:
+            return list(await asyncio.gather(*(client.get_json("/x") for _ in range(8))))
+
+        started = time.monotonic()
+        assert client.call(many()) == [{"ok": 1}] * 8
+        assert time.monotonic() - started < 8 * 0.2  # they overlapped instead of queueing
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+SGLANG_METRICS = """# HELP sglang:token_usage The token usage
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.28
+sglang:cache_hit_rate{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.007507552643049313
+sglang:num_used_tokens{model_name="meta-llama/Llama-3.1-8B-Instruct"} 123859.0
+sglang:func_latency_seconds_bucket{le="0.05",name="generate_request"} 14006.0
+"""
+VLLM_METRICS = """vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1024.0
+vllm:prompt_tokens_cached_total{engine="0",model_name="m"} 1024.0
+vllm:cache_config_info{block_size="128",engine="0",kv_cache_size_tokens="23296",num_gpu_blocks="182"} 1.0
+"""
+
+
+def test_prometheus_text_and_server_snapshots() -> None:
+    samples = parse_prometheus(SGLANG_METRICS)
+    assert metric_sum(samples, "sglang:num_used_tokens") == 123859.0
+    assert metric_sum(samples, "sglang:missing") is None
+    assert samples[-1].labels == {"le": "0.05", "name": "generate_request"}
+    snap = sglang_snapshot(samples)
+    assert (snap.used_tokens, snap.usage, snap.hit_rate) == (123859.0, 0.28, 0.007507552643049313)
+    vllm = vllm_snapshot(parse_prometheus(VLLM_METRICS))
+    assert (vllm.usage, vllm.used_tokens, vllm.hits, vllm.queries) == (0.25, 0.25 * 23296, 1024.0, 4096.0)
+
+
+def test_step_parsing_and_label_scores() -> None:
+    assert delimited_step("a b\n\nc", "length", "\n\n", 5).text == "a b\n\n"  # overshoot cut
+    trimmed = delimited_step("a b", "stop", "\n\n", 3)  # a server that trimmed the stop string
+    assert (trimmed.text, trimmed.finish_reason, trimmed.tokens) == ("a b\n\n", "stop", 3)
+    assert delimited_step("a b", "eos", "\n\n", 3).finish_reason == "eos"
+    assert two_way(-0.1, -2.3) == pytest.approx(1 / (1 + 2.718281828**-2.2), rel=1e-6)
+    assert two_way(float("-inf"), float("-inf")) == 0.5
+    seeds = {child_seed(7, i) for i in range(64)}
+    assert len(seeds) == 64 and child_seed(7, 3) == child_seed(7, 3)
+
+
+def test_depth_figures_from_vllm_counters() -> None:
+    from etsq.models.metrics import Snapshot, _Depth, _figures
+
+    depth = _Depth()
+    depth.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1000.0, queries=4000.0, cached_total=1000.0))
+    depth.see(Snapshot(used_tokens=2048.0, usage=0.09, hits=1256.0, queries=4512.0, cached_total=1256.0))
+    depth.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1256.0, queries=4512.0, cached_total=1256.0))
+    depth.prompt_tokens, depth.requests = 512, 4  # usage without prompt_tokens_details
+    figures = _figures(depth)
+    assert (figures["kv_tokens"], figures["kv_usage"]) == (2048, 0.09)  # peaks, not the last sample
+    assert figures["cache_hit_rate"] == pytest.approx(256 / 512)  # this depth's increase
+    assert (figures["cached_prompt_tokens"], figures["prompt_tokens"]) == (256, 512)  # counter fallback
+    idle = _Depth()
+    idle.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1256.0, queries=4512.0))
+    assert _figures(idle)["cache_hit_rate"] == pytest.approx(1256 / 4512)  # no requests: lifetime ratio
+    assert (_figures(idle)["cached_prompt_tokens"], _figures(idle)["requests"]) == (0, 0)
