@@ -220,3 +220,51 @@ def test_cancel_and_watch(env: dict[str, str], pg_url: str) -> None:
     assert (row["status"], row["problems_cancelled"]) == ("cancelled", 3)
     watch = etsq("status", "--watch", str(run_id), env=env, timeout=30)
     assert watch.returncode == 0 and f"run {run_id}" in watch.stdout
+
+
+@pytest.fixture
+def proxy(sglang_server: Any) -> Iterator[Any]:
+    from tests.faultproxy import FaultProxy
+
+    p = FaultProxy(sglang_server.url)
+    yield p
+    p.stop()
+
+
+def _submit_sglang(env: dict[str, str], url: str) -> int:
+    proc = etsq("submit", "gsm8k", "--backend", "sglang", "--policy-url", url, "--method", "rebase",
+                "--width", "4", "--limit", "2", "--max-step-tokens", "6", "--max-tokens", "30", "--max-depth", "5",
+                env=env)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def test_policy_server_503_for_a_while_then_recovering(
+    env: dict[str, str], pg_url: str, workers: Workers, proxy: Any
+) -> None:
+    workers.env = {**env, "ETSQ_HTTP_RETRIES": "1", "ETSQ_RETRY_BACKOFF_S": "0.5", "ETSQ_JOB_RETRIES": "20"}
+    run_id = _submit_sglang(env, proxy.url)
+    proxy.failing = True
+    workers.start()
+    wait_for(lambda: proxy.refused >= 4, 90, "the worker meeting the 503s\n" + workers.tail())
+    proxy.failing = False
+    wait_for(lambda: run_done(pg_url, run_id), 180, "the run after the server recovered\n" + workers.tail())
+    jobs = jobs_of(pg_url, run_id)
+    assert [j.status for j in jobs] == ["done", "done"]
+    assert max(j.attempts for j in jobs) >= 2
+    assert_no_duplicates(pg_url, run_id)
+
+
+def test_a_server_that_never_recovers_fails_jobs_with_the_reason(
+    env: dict[str, str], pg_url: str, workers: Workers, proxy: Any
+) -> None:
+    workers.env = {**env, "ETSQ_HTTP_RETRIES": "1", "ETSQ_RETRY_BACKOFF_S": "0.2", "ETSQ_JOB_RETRIES": "2"}
+    run_id = _submit_sglang(env, proxy.url)
+    proxy.failing = True
+    workers.start()
+    wait_for(lambda: run_done(pg_url, run_id), 120, "the jobs giving up\n" + workers.tail())
+    jobs = jobs_of(pg_url, run_id)
+    assert [j.status for j in jobs] == ["failed", "failed"]
+    assert all("503" in (j.error or "") and "gave up after 2 retries" in (j.error or "") for j in jobs)
+    [row] = etsq_json("status", str(run_id), env=env)
+    assert row["status"] == "failed"
