@@ -292,8 +292,9 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 @cli.command()
 @click.option("--gpu", default=None, help="Pin to this GPU: consume queue gpuN and see only that device.")
 @click.option("--queue", default=None, help="Queue to consume [default: gpuN with --gpu, else ETSQ_QUEUE or 'etsq'].")
-@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Problems searched at once (threads); keeps a model server's batch full.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Problems searched at once (threads) [default: 8 with --policy-url, else 1: "
+                   "in-process models use the CPU/GPU themselves, servers need full batches].")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--backend", type=click.Choice(HTTP_BACKENDS), default=None,
               help="Server kind for runs that name none; checked at start with --policy-url.")
@@ -301,7 +302,7 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 @click.option("--prm-url", default=None, help="PRM server for runs that name none [default: --policy-url].")
 @click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True,
               help="PRM family whose label tokens the start-up check looks for.")
-def worker(gpu: str | None, queue: str | None, concurrency: int, loglevel: str, **servers: Any) -> None:
+def worker(gpu: str | None, queue: str | None, concurrency: int | None, loglevel: str, **servers: Any) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
@@ -321,6 +322,7 @@ def worker(gpu: str | None, queue: str | None, concurrency: int, loglevel: str, 
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ETSQ_GPU"] = gpu
     app, _ = _connect(settings, queue)
+    concurrency = concurrency or (8 if servers["policy_url"] else 1)
     pool = "threads" if concurrency > 1 else "solo"
     # A unique node name per worker: control replies (ping, active queues) are keyed by it.
     name = f"etsq-{queue}-{os.getpid()}@%h"

@@ -268,3 +268,16 @@ def test_a_server_that_never_recovers_fails_jobs_with_the_reason(
     assert all("503" in (j.error or "") and "gave up after 2 retries" in (j.error or "") for j in jobs)
     [row] = etsq_json("status", str(run_id), env=env)
     assert row["status"] == "failed"
+
+
+def test_one_worker_searches_several_problems_at_once(env: dict[str, str], pg_url: str, workers: Workers) -> None:
+    workers.start("--concurrency", "3")
+    run_id = submit(env, "--method", "rebase", "--width", "4", "--limit", "6", "--sim-latency", "0.3")
+    wait_for(lambda: run_done(pg_url, run_id), 120, "the run\n" + workers.tail())
+    jobs = jobs_of(pg_url, run_id)
+    assert all(j.status == "done" for j in jobs)
+    spans = sorted((j.started_at, j.finished_at) for j in jobs)
+    overlaps = sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start < end)
+    assert overlaps >= 2  # jobs ran side by side, not one after another
+    assert len({j.worker for j in jobs}) == 1
+    assert_no_duplicates(pg_url, run_id)
