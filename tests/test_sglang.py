@@ -82,12 +82,13 @@ def test_expand_sends_a_node_s_children_together_and_is_seeded(served: sglang.Se
 
 def test_the_monitor_sees_kv_in_use_while_a_long_step_runs(served: sglang.ServedModel) -> None:
     policy = sglang.SGLangPolicy(served)
+    policy.monitor.interval_s = 0.01  # the tiny model can finish 400 tokens inside one 0.2 s poll
     root = policy.format_prompt(QUESTION)
     policy.server_stats()
     [[sample]] = policy.expand([ExpandRequest(root, 1, 1)], SamplingParams(1.0, 400, NEVER))
     stats = policy.server_stats()
     prompt = policy.count_tokens(root)
-    assert sample.tokens > 50  # long enough for the 0.2 s sampler to catch it running
+    assert sample.tokens > 50  # long enough for the sampler to catch it running
     assert prompt <= stats["kv_tokens"] <= prompt + sample.tokens
     assert 0 < stats["kv_usage"] < 1 and 0 <= stats["cache_hit_rate"] <= 1
 
