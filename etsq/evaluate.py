@@ -48,20 +48,27 @@ def _run_nodes(s: Session, run_id: int) -> dict[int, list[NodeTuple]]:
     return grouped
 
 
-def evaluate_run(s: Session, run_id: int, agg: str, vote: str) -> dict[str, Any]:
+def evaluate_run(s: Session, run_id: int, aggs: list[str], votes: list[str]) -> list[dict[str, Any]]:
+    """One row per (agg, vote); the run's nodes are read and its leaves built once for all of them."""
     run = s.get_one(m.Run, run_id)
     jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id, m.Job.status == "done")).all()
     nodes = _run_nodes(s, run_id)
-    correct = sum(grade_problem(leaves_of(nodes[j.id]), j.problem.answer, agg, vote)[1] for j in jobs)
+    leaves = [(leaves_of(nodes[j.id]), j.problem.answer) for j in jobs]
     failed = s.scalars(select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status == "failed")).all()
+    base = {"run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width}
+    return [_grade(base, leaves, agg, vote, len(failed)) for agg in aggs for vote in votes]
+
+
+def _grade(base: dict[str, Any], leaves: list[tuple[list[Leaf], str]], agg: str, vote: str, failed: int) -> dict[str, Any]:
+    correct = sum(grade_problem(problem_leaves, gold, agg, vote)[1] for problem_leaves, gold in leaves)
+    n = len(leaves)
     return {
-        "run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width,
-        "agg": agg, "vote": vote, "n_problems": len(jobs), "n_correct": int(correct),
-        "accuracy": correct / len(jobs) if jobs else 0.0, "n_failed": len(failed),
+        **base, "agg": agg, "vote": vote, "n_problems": n, "n_correct": int(correct),
+        "accuracy": correct / n if n else 0.0, "n_failed": failed,
     }
 
 
 def evaluate(url: str, wanted: list[int] | None, aggs: list[str], votes: list[str]) -> list[dict[str, Any]]:
     ensure_schema(url)
     with session_scope(url) as s:
-        return [evaluate_run(s, rid, a, v) for rid in run_ids(s, wanted) for a in aggs for v in votes]
+        return [row for rid in run_ids(s, wanted) for row in evaluate_run(s, rid, aggs, votes)]
