@@ -11,6 +11,7 @@ Run: python bench/orchestration_bench.py [--width 256] [--limit 10] [--methods r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -37,8 +38,25 @@ def _p50(values: list[float]) -> float:
 
 def _submit(env: dict[str, str], method: str, width: int, limit: int) -> int:
     # Trajectories end about every 25th step, so frontiers stay near W for many depths.
-    cmd = [sys.executable, "-m", "cli", "submit", "gsm8k", "--backend", "sim", "--method", method,
-           "--width", str(width), "--limit", str(limit), "--sim-answer-every", "25", "--max-depth", "12"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "submit",
+        "gsm8k",
+        "--backend",
+        "sim",
+        "--method",
+        method,
+        "--width",
+        str(width),
+        "--limit",
+        str(limit),
+        "--sim-answer-every",
+        "25",
+        "--max-depth",
+        "12",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise SystemExit(f"submit failed: {out.stderr.strip()}")
@@ -60,15 +78,20 @@ def _figures(url: str, run_id: int) -> dict[str, Any]:
     with session_scope(url) as s:
         jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.started_at)).all()
         steps = s.scalars(
-            select(m.SelectionStep).join(m.Job, m.Job.id == m.SelectionStep.job_id).where(m.Job.run_id == run_id)
+            select(m.SelectionStep)
+            .join(m.Job, m.Job.id == m.SelectionStep.job_id)
+            .where(m.Job.run_id == run_id)
         ).all()
         per_depth = [(j.finished_at - j.started_at).total_seconds() * 1000 / (j.depth + 1) for j in jobs]
-        gaps = [(b.started_at - a.finished_at).total_seconds() * 1000 for a, b in zip(jobs, jobs[1:])]
+        gaps = [(b.started_at - a.finished_at).total_seconds() * 1000 for a, b in itertools.pairwise(jobs)]
         model = [(st.expand_ms or 0) + (st.score_ms or 0) for st in steps]
         return {
-            "jobs": len(jobs), "depths": len(steps), "step_wall_ms_p50": _p50(per_depth),
+            "jobs": len(jobs),
+            "depths": len(steps),
+            "step_wall_ms_p50": _p50(per_depth),
             "select_ms_p50": _p50([st.select_ms for st in steps if st.frontier_size > 1]),
-            "sim_model_ms_p50": _p50(model), "queue_gap_ms_p50": _p50(gaps),
+            "sim_model_ms_p50": _p50(model),
+            "queue_gap_ms_p50": _p50(gaps),
             "frontier_p50": _p50([float(st.frontier_size) for st in steps]),
         }
 
@@ -84,10 +107,20 @@ def main() -> None:
     redis, pg = start_redis(tmp / "redis"), start_postgres(tmp / "pg")
     url = pg.create_database("bench")
     upgrade(url)
-    env = {"ETSQ_DATA_DIR": str(REPO.parent / "shared" / "data"), **os.environ, "ETSQ_DATABASE_URL": url,
-           "ETSQ_BROKER_URL": redis.url, "ETSQ_HOME": str(tmp / "home")}
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "wb"))
+    env = {
+        "ETSQ_DATA_DIR": str(REPO.parent / "shared" / "data"),
+        **os.environ,
+        "ETSQ_DATABASE_URL": url,
+        "ETSQ_BROKER_URL": redis.url,
+        "ETSQ_HOME": str(tmp / "home"),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "worker.log", "wb"),
+    )
     results = {}
     try:
         for method in args.methods:
@@ -101,9 +134,14 @@ def main() -> None:
         pg.stop()
     print(f"W={args.width}, {args.limit} problems, sim backend (zero latency), Postgres + Redis, one worker")
     for method, fig in results.items():
-        print(f"{method:7s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in fig.items()))
+        print(
+            f"{method:7s} "
+            + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in fig.items())
+        )
     if args.json:
-        args.json.write_text(json.dumps({"width": args.width, "limit": args.limit, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"width": args.width, "limit": args.limit, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def synthetic_tree(width: int, seed: int, spread: bool = False) -> tuple[Tree, l
         frontier = tree.frontier(depth)
         counts = rebase_allocate(frontier_scores(tree, frontier), width, 0.2)
         layer: dict[str, np.ndarray] = {}  # spread copies come from the same depth's steps
-        for idx, n in zip(frontier, counts):
+        for idx, n in zip(frontier, counts, strict=True):
             _children(tree, idx, n, rng, layer, spread)
         table.update(layer)
     return tree, tree.frontier(DEPTH), FakeEmbedder(table)

@@ -71,8 +71,22 @@ def cli() -> None:
 
 
 def _search_config(opts: dict[str, Any]) -> SearchConfig:
-    keys = ("method", "width", "seed", "temperature", "softmax_temp", "max_step_tokens", "max_tokens",
-            "max_depth", "lambda_b", "lambda_s", "cost", "cluster_threshold", "beam_k", "dvts_subtrees")
+    keys = (
+        "method",
+        "width",
+        "seed",
+        "temperature",
+        "softmax_temp",
+        "max_step_tokens",
+        "max_tokens",
+        "max_depth",
+        "lambda_b",
+        "lambda_s",
+        "cost",
+        "cluster_threshold",
+        "beam_k",
+        "dvts_subtrees",
+    )
     return SearchConfig(**{k: opts[k] for k in keys})
 
 
@@ -80,50 +94,111 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
     from etsq.runs import model_config
 
     return model_config(
-        opts["backend"], opts["policy_model"], opts["prm_model"], opts["prm_family"], opts["embedding_model"],
-        opts["sim_latency"], opts["sim_answer_every"], opts["policy_url"], opts["prm_url"], opts["prm_api"],
+        opts["backend"],
+        opts["policy_model"],
+        opts["prm_model"],
+        opts["prm_family"],
+        opts["embedding_model"],
+        opts["sim_latency"],
+        opts["sim_answer_every"],
+        opts["policy_url"],
+        opts["prm_url"],
+        opts["prm_api"],
     )
 
 
 @cli.command()
 @click.argument("dataset")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="rebase", show_default=True)
-@click.option("--width", type=click.IntRange(min=1), default=16, show_default=True, help="Budget W: leaves per problem.")
+@click.option(
+    "--width", type=click.IntRange(min=1), default=16, show_default=True, help="Budget W: leaves per problem."
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N problems.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Policy sampling temperature.")
-@click.option("--softmax-temp", type=float, default=0.2, show_default=True, help="REBASE/ETS weight temperature T.")
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="Policy sampling temperature."
+)
+@click.option(
+    "--softmax-temp", type=float, default=0.2, show_default=True, help="REBASE/ETS weight temperature T."
+)
 @click.option("--max-step-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--max-depth", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("--lambda-b", type=float, default=1.0, show_default=True, help="ETS: KV-cost weight.")
 @click.option("--lambda-s", type=float, default=None, help="ETS: coverage weight [default: by width].")
-@click.option("--cost", type=click.Choice(["uniform", "tokens"]), default="uniform", show_default=True,
-              help="ETS: node KV cost, uniform 1/(M+N) (paper) or the tokens a node holds.")
-@click.option("--cluster-threshold", type=float, default=0.05, show_default=True,
-              help="ETS: cosine-distance cut of the step clusters.")
-@click.option("--beam-k", type=click.IntRange(min=1), default=None, help="Beam: kept nodes [default: ceil(sqrt(remaining))].")
-@click.option("--dvts-subtrees", type=click.IntRange(min=1), default=None, help="DVTS: subtrees [default: ceil(sqrt(W))].")
-@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
-              help="Where the models run: in-process, an SGLang server, an OpenAI-compatible server, "
-                   "or 'sim' (synthetic; load tests only).")
+@click.option(
+    "--cost",
+    type=click.Choice(["uniform", "tokens"]),
+    default="uniform",
+    show_default=True,
+    help="ETS: node KV cost, uniform 1/(M+N) (paper) or the tokens a node holds.",
+)
+@click.option(
+    "--cluster-threshold",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="ETS: cosine-distance cut of the step clusters.",
+)
+@click.option(
+    "--beam-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Beam: kept nodes [default: ceil(sqrt(remaining))].",
+)
+@click.option(
+    "--dvts-subtrees",
+    type=click.IntRange(min=1),
+    default=None,
+    help="DVTS: subtrees [default: ceil(sqrt(W))].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="local",
+    show_default=True,
+    help="Where the models run: in-process, an SGLang server, an OpenAI-compatible server, "
+    "or 'sim' (synthetic; load tests only).",
+)
 @click.option("--policy-url", default=None, help="Policy server URL (sglang/openai) [default: the worker's].")
 @click.option("--prm-url", default=None, help="PRM server URL [default: the policy server].")
-@click.option("--prm-api", type=click.Choice(PRM_APIS), default="logprob", show_default=True,
-              help="SGLang PRM requests: stock logprobs, or the reference fork's forward_only.")
-@click.option("--sim-latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="sim backend: seconds each request takes.")
-@click.option("--sim-answer-every", type=click.IntRange(min=1), default=4, show_default=True,
-              help="sim backend: about one step in N ends its trajectory.")
-@click.option("--policy-model", default=None,
-              help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.")
+@click.option(
+    "--prm-api",
+    type=click.Choice(PRM_APIS),
+    default="logprob",
+    show_default=True,
+    help="SGLang PRM requests: stock logprobs, or the reference fork's forward_only.",
+)
+@click.option(
+    "--sim-latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="sim backend: seconds each request takes.",
+)
+@click.option(
+    "--sim-answer-every",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="sim backend: about one step in N ends its trajectory.",
+)
+@click.option(
+    "--policy-model",
+    default=None,
+    help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.",
+)
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
 @click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True)
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
-@click.option("--queue", default=None, help="Send every job here [default: spread over live workers' queues].")
+@click.option(
+    "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
+)
 @click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, queue: str | None, **opts: Any) -> None:
+def submit(
+    dataset: str, wait: bool, as_json: bool, limit: int | None, queue: str | None, **opts: Any
+) -> None:
     """Enqueue one search job per problem of DATASET (math500, gsm8k or a .jsonl file).
 
     A run is its configuration: submitting the same configuration again resumes that run.
@@ -143,9 +218,13 @@ def submit(dataset: str, wait: bool, as_json: bool, limit: int | None, queue: st
     from etsq.queue import target_queues
 
     app, broker = _connect(settings)
-    run_id, created, n_jobs = _store_and_enqueue(settings, app, spec, problems, target_queues(app, queue, settings.queue))
+    run_id, created, n_jobs = _store_and_enqueue(
+        settings, app, spec, problems, target_queues(app, queue, settings.queue)
+    )
     if not created:
-        click.echo(f"run {run_id} has this configuration already; {n_jobs} unfinished jobs enqueued", err=True)
+        click.echo(
+            f"run {run_id} has this configuration already; {n_jobs} unfinished jobs enqueued", err=True
+        )
     if as_json:
         _print_json({"run_id": run_id, "created": created, "jobs": n_jobs})
     else:
@@ -210,7 +289,9 @@ def _progress(url: str, run_id: int, proc: Any) -> None:
             bar.update(now - finished)
             finished = now
     if failed:
-        click.echo(f"run {run_id}: {failed} of {total} problems failed (see `etsq status {run_id}`)", err=True)
+        click.echo(
+            f"run {run_id}: {failed} of {total} problems failed (see `etsq status {run_id}`)", err=True
+        )
 
 
 @cli.command()
@@ -238,15 +319,37 @@ def status(runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
     if as_json:
         _print_json(rows)
         return
-    cols = ["run_id", "dataset", "method", "width", "status", "problems", "problems_done",
-            "problems_failed", "problems_running", "nodes"]
+    cols = [
+        "run_id",
+        "dataset",
+        "method",
+        "width",
+        "status",
+        "problems",
+        "problems_done",
+        "problems_failed",
+        "problems_running",
+        "nodes",
+    ]
     _table(rows, cols)
 
 
 @cli.command()
 @click.argument("runs", nargs=-1, type=int)
-@click.option("--agg", "aggs", type=click.Choice(AGGS), multiple=True, help="Step aggregation [default: last]; repeatable.")
-@click.option("--vote", "votes", type=click.Choice(VOTES), multiple=True, help="Answer selection [default: weighted]; repeatable.")
+@click.option(
+    "--agg",
+    "aggs",
+    type=click.Choice(AGGS),
+    multiple=True,
+    help="Step aggregation [default: last]; repeatable.",
+)
+@click.option(
+    "--vote",
+    "votes",
+    type=click.Choice(VOTES),
+    multiple=True,
+    help="Answer selection [default: weighted]; repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 def aggregate(runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ...], as_json: bool) -> None:
     """Grade runs offline from stored nodes: step aggregation x answer selection.
@@ -258,17 +361,27 @@ def aggregate(runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ..
     """
     from etsq.evaluate import evaluate
 
-    rows = evaluate(_settings().database_url, list(runs) or None, list(aggs) or ["last"], list(votes) or ["weighted"])
+    rows = evaluate(
+        _settings().database_url, list(runs) or None, list(aggs) or ["last"], list(votes) or ["weighted"]
+    )
     if as_json:
         _print_json(rows)
         return
-    _table(rows, ["run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_correct", "accuracy"])
+    _table(
+        rows, ["run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_correct", "accuracy"]
+    )
 
 
 @cli.command()
 @click.argument("run", type=int)
 @click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File [default: stdout].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File [default: stdout].",
+)
 def export(run: int, fmt: str, output: Path | None) -> None:
     """Export a run's trees, one JSON object per problem.
 
@@ -291,18 +404,35 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 
 @cli.command()
 @click.option("--gpu", default=None, help="Pin to this GPU: consume queue gpuN and see only that device.")
-@click.option("--queue", default=None, help="Queue to consume [default: gpuN with --gpu, else ETSQ_QUEUE or 'etsq'].")
-@click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Problems searched at once (threads) [default: 8 with --policy-url, else 1: "
-                   "in-process models use the CPU/GPU themselves, servers need full batches].")
+@click.option(
+    "--queue", default=None, help="Queue to consume [default: gpuN with --gpu, else ETSQ_QUEUE or 'etsq']."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Problems searched at once (threads) [default: 8 with --policy-url, else 1: "
+    "in-process models use the CPU/GPU themselves, servers need full batches].",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--backend", type=click.Choice(HTTP_BACKENDS), default=None,
-              help="Server kind for runs that name none; checked at start with --policy-url.")
+@click.option(
+    "--backend",
+    type=click.Choice(HTTP_BACKENDS),
+    default=None,
+    help="Server kind for runs that name none; checked at start with --policy-url.",
+)
 @click.option("--policy-url", default=None, help="Policy server for runs that name none (checked at start).")
 @click.option("--prm-url", default=None, help="PRM server for runs that name none [default: --policy-url].")
-@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True,
-              help="PRM family whose label tokens the start-up check looks for.")
-def worker(gpu: str | None, queue: str | None, concurrency: int | None, loglevel: str, **servers: Any) -> None:
+@click.option(
+    "--prm-family",
+    type=click.Choice(sorted(PRM_FAMILIES)),
+    default="judge",
+    show_default=True,
+    help="PRM family whose label tokens the start-up check looks for.",
+)
+def worker(
+    gpu: str | None, queue: str | None, concurrency: int | None, loglevel: str, **servers: Any
+) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
@@ -326,13 +456,25 @@ def worker(gpu: str | None, queue: str | None, concurrency: int | None, loglevel
     pool = "threads" if concurrency > 1 else "solo"
     # A unique node name per worker: control replies (ping, active queues) are keyed by it.
     name = f"etsq-{queue}-{os.getpid()}@%h"
-    app.worker_main(["worker", f"--queues={queue}", f"--pool={pool}", f"--concurrency={concurrency}",
-                     f"--hostname={name}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queue}",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--hostname={name}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--queue", default=None, help="Send every job here [default: spread over live workers' queues].")
+@click.option(
+    "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 def sweep(file: Path, queue: str | None, as_json: bool) -> None:
     """Submit every run of a sweep FILE (YAML grid); existing runs resume instead of repeating.
@@ -356,10 +498,18 @@ def sweep(file: Path, queue: str | None, as_json: bool) -> None:
     app, _ = _connect(settings)
     queues = target_queues(app, queue, settings.queue)
     rows = []
-    for spec, probs in zip(specs, problems):
+    for spec, probs in zip(specs, problems, strict=True):
         run_id, created, n = _store_and_enqueue(settings, app, spec, probs, queues)
-        rows.append({"run_id": run_id, "dataset": spec.dataset, "method": spec.search.method,
-                     "width": spec.search.width, "created": created, "jobs_enqueued": n})
+        rows.append(
+            {
+                "run_id": run_id,
+                "dataset": spec.dataset,
+                "method": spec.search.method,
+                "width": spec.search.width,
+                "created": created,
+                "jobs_enqueued": n,
+            }
+        )
     if as_json:
         _print_json(rows)
     else:

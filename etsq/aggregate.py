@@ -71,9 +71,7 @@ def select_answer(leaves: Sequence[Leaf], agg: str, vote: str) -> str | None:
     return max(groups, key=lambda g: (g.total, g.count)).representative
 
 
-def grade_problem(
-    leaves: Sequence[Leaf], gold: str, agg: str, vote: str
-) -> tuple[str | None, bool]:
+def grade_problem(leaves: Sequence[Leaf], gold: str, agg: str, vote: str) -> tuple[str | None, bool]:
     """The selected answer and whether it is equivalent to the ground truth `gold`."""
     answer = select_answer(leaves, agg, vote)
     return answer, answer is not None and is_equivalent(gold, answer)

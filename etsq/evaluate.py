@@ -59,12 +59,19 @@ def evaluate_run(s: Session, run_id: int, aggs: list[str], votes: list[str]) -> 
     return [_grade(base, leaves, agg, vote, len(failed)) for agg in aggs for vote in votes]
 
 
-def _grade(base: dict[str, Any], leaves: list[tuple[list[Leaf], str]], agg: str, vote: str, failed: int) -> dict[str, Any]:
+def _grade(
+    base: dict[str, Any], leaves: list[tuple[list[Leaf], str]], agg: str, vote: str, failed: int
+) -> dict[str, Any]:
     correct = sum(grade_problem(problem_leaves, gold, agg, vote)[1] for problem_leaves, gold in leaves)
     n = len(leaves)
     return {
-        **base, "agg": agg, "vote": vote, "n_problems": n, "n_correct": int(correct),
-        "accuracy": correct / n if n else 0.0, "n_failed": failed,
+        **base,
+        "agg": agg,
+        "vote": vote,
+        "n_problems": n,
+        "n_correct": int(correct),
+        "accuracy": correct / n if n else 0.0,
+        "n_failed": failed,
     }
 
 

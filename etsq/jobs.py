@@ -81,17 +81,30 @@ def claim_job(url: str, job_id: int, worker: str | None = None, gpu: str | None 
         taken = s.execute(
             update(m.Job)
             .where(m.Job.id == job_id, _claimable(now))
-            .values(status="running", attempts=m.Job.attempts + 1, worker=worker or socket.gethostname(),
-                    gpu=gpu, lease=lease, heartbeat_at=now, error=None,
-                    started_at=func.coalesce(m.Job.started_at, now))
+            .values(
+                status="running",
+                attempts=m.Job.attempts + 1,
+                worker=worker or socket.gethostname(),
+                gpu=gpu,
+                lease=lease,
+                heartbeat_at=now,
+                error=None,
+                started_at=func.coalesce(m.Job.started_at, now),
+            )
         ).rowcount
         if not taken:
             return None
         job = s.get_one(m.Job, job_id)
         run, problem = job.run, job.problem
         return Claim(
-            job_id, run.id, problem.question, f"{problem.dataset}/{problem.problem_id}",
-            run.config, run.policy_model, run.prm_model, lease,
+            job_id,
+            run.id,
+            problem.question,
+            f"{problem.dataset}/{problem.problem_id}",
+            run.config,
+            run.policy_model,
+            run.prm_model,
+            lease,
         )
 
 
@@ -144,7 +157,9 @@ def load_tree(s: Session, job_id: int) -> tuple[Tree, int] | None:
         parent = tree.nodes[by_db_id[row.parent_id]]  # type: ignore[index]
         node = tree.add_child(parent.idx, row.text, row.step_tokens)
         if node.path != row.path:
-            raise PermanentError(f"job {job_id}: stored node {row.path} does not match its rebuilt path {node.path}")
+            raise PermanentError(
+                f"job {job_id}: stored node {row.path} does not match its rebuilt path {node.path}"
+            )
         _fill(node, row)
         by_db_id[row.id] = node.idx
     return tree, max(r.depth for r in rows)
@@ -163,25 +178,47 @@ def _fill(node: Node, row: m.Node) -> None:
 def _node_row(job_id: int, tree: Tree, node: Node) -> dict[str, Any]:
     parent = tree.nodes[node.parent].db_id if node.parent is not None else None
     return {
-        "job_id": job_id, "parent_id": parent, "depth": node.depth, "path": node.path, "text": node.text,
-        "step_tokens": node.tokens, "cum_tokens": node.cum_tokens, "score": node.score,
-        "terminal": node.terminal, "terminal_reason": node.terminal_reason,
-        "finish_reason": node.finish_reason, "answer": node.answer,
+        "job_id": job_id,
+        "parent_id": parent,
+        "depth": node.depth,
+        "path": node.path,
+        "text": node.text,
+        "step_tokens": node.tokens,
+        "cum_tokens": node.cum_tokens,
+        "score": node.score,
+        "terminal": node.terminal,
+        "terminal_reason": node.terminal_reason,
+        "finish_reason": node.finish_reason,
+        "answer": node.answer,
     }
 
 
 def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
     info, server = rec.selection.info, rec.server
     return m.SelectionStep(
-        job_id=job_id, depth=rec.depth, remaining=rec.remaining, frontier_size=len(rec.frontier),
-        kept_size=len(rec.selection.kept), children=sum(rec.selection.counts.values()),
-        kv_before=rec.kv_before, kv_after=rec.kv_after, select_ms=rec.select_ms,
-        expand_ms=rec.expand_ms, score_ms=rec.score_ms, n_clusters=info.get("n_clusters"),
-        ilp_vars=info.get("ilp_vars"), ilp_constraints=info.get("ilp_constraints"),
-        ilp_objective=info.get("ilp_objective"), solver=info.get("solver"), solve_ms=info.get("solve_ms"),
-        server_kv_tokens=server.get("kv_tokens"), server_kv_usage=server.get("kv_usage"),
-        server_cache_hit_rate=server.get("cache_hit_rate"), cached_prompt_tokens=server.get("cached_prompt_tokens"),
-        prompt_tokens=server.get("prompt_tokens"), info=_info(info, rec),
+        job_id=job_id,
+        depth=rec.depth,
+        remaining=rec.remaining,
+        frontier_size=len(rec.frontier),
+        kept_size=len(rec.selection.kept),
+        children=sum(rec.selection.counts.values()),
+        kv_before=rec.kv_before,
+        kv_after=rec.kv_after,
+        select_ms=rec.select_ms,
+        expand_ms=rec.expand_ms,
+        score_ms=rec.score_ms,
+        n_clusters=info.get("n_clusters"),
+        ilp_vars=info.get("ilp_vars"),
+        ilp_constraints=info.get("ilp_constraints"),
+        ilp_objective=info.get("ilp_objective"),
+        solver=info.get("solver"),
+        solve_ms=info.get("solve_ms"),
+        server_kv_tokens=server.get("kv_tokens"),
+        server_kv_usage=server.get("kv_usage"),
+        server_cache_hit_rate=server.get("cache_hit_rate"),
+        cached_prompt_tokens=server.get("cached_prompt_tokens"),
+        prompt_tokens=server.get("prompt_tokens"),
+        info=_info(info, rec),
     )
 
 
@@ -232,7 +269,12 @@ class DepthWriter:
     @staticmethod
     def _mark_frontier(s: Session, tree: Tree, rec: DepthCommit) -> None:
         changes = [
-            {"id": tree.nodes[i].db_id, "kept": n > 0, "n_children": n, "cluster": rec.selection.clusters.get(i)}
+            {
+                "id": tree.nodes[i].db_id,
+                "kept": n > 0,
+                "n_children": n,
+                "cluster": rec.selection.clusters.get(i),
+            }
             for i, n in rec.selection.counts.items()
         ]
         if changes:
@@ -243,7 +285,9 @@ def _finish(s: Session, job: m.Job, status: str, error: str | None = None) -> No
     job.status, job.error, job.finished_at, job.lease = status, error, m.utcnow(), None
     s.flush()
     open_jobs = s.scalar(
-        select(func.count()).select_from(m.Job).where(m.Job.run_id == job.run_id, m.Job.status.not_in(FINISHED))
+        select(func.count())
+        .select_from(m.Job)
+        .where(m.Job.run_id == job.run_id, m.Job.status.not_in(FINISHED))
     )
     if not open_jobs:
         s.get_one(m.Run, job.run_id).finished_at = m.utcnow()
@@ -281,10 +325,10 @@ class Heartbeat:
             try:
                 if not heartbeat(*self.args):
                     return
-            except Exception:  # noqa: BLE001 - a missed beat is harmless; the next one retries
+            except Exception:
                 log.warning("heartbeat of job %s failed", self.args[1], exc_info=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self.thread.start()
         return self
 

@@ -51,7 +51,9 @@ def live_workers(app: Any, timeout: float = 1.5) -> list[str]:
 def live_queues(app: Any, timeout: float = 1.5) -> list[str]:
     """Queues that live workers consume, sorted: where submit spreads a run's jobs."""
     replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    return sorted({q["name"] for queues in replies.values() for q in queues if not q["name"].endswith("pidbox")})
+    return sorted(
+        {q["name"] for queues in replies.values() for q in queues if not q["name"].endswith("pidbox")}
+    )
 
 
 def target_queues(app: Any, requested: str | None, default: str) -> list[str]:
@@ -94,7 +96,7 @@ class Janitor(threading.Thread):
             if stale:
                 log.warning("re-enqueueing %d jobs of dead workers: %s", len(stale), [j for j, _ in stale])
                 enqueue(self.app, [(job_id, queue or self.default_queue) for job_id, queue in stale])
-        except Exception:  # noqa: BLE001 - the next sweep tries again
+        except Exception:
             log.warning("janitor sweep failed", exc_info=True)
 
 

@@ -22,7 +22,15 @@ from etsq.search.methods import get_method
 from etsq.settings import Settings
 
 RECORDED_PACKAGES = (
-    "etsq", "torch", "transformers", "sentence-transformers", "pulp", "highspy", "celery", "httpx", "sglang",
+    "etsq",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "pulp",
+    "highspy",
+    "celery",
+    "httpx",
+    "sglang",
 )
 
 
@@ -36,7 +44,12 @@ class RunSpec:
     limit: int | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "limit": self.limit, "search": self.search.to_dict(), "models": self.models}
+        return {
+            "dataset": self.dataset,
+            "limit": self.limit,
+            "search": self.search.to_dict(),
+            "models": self.models,
+        }
 
 
 def model_config(
@@ -54,22 +67,40 @@ def model_config(
     """The `models` part of a run's config, from submit's options or a sweep file."""
     if backend == "sim":
         # Labelled so that no synthetic result is ever mistaken for a model's.
-        return {"backend": "sim", "synthetic": True, "policy": "sim", "prm": "sim",
-                "sim_latency_s": sim_latency_s, "sim_answer_every": sim_answer_every, "embedding": embedding}
+        return {
+            "backend": "sim",
+            "synthetic": True,
+            "policy": "sim",
+            "prm": "sim",
+            "sim_latency_s": sim_latency_s,
+            "sim_answer_every": sim_answer_every,
+            "embedding": embedding,
+        }
     if backend == "local":
         if policy_url or prm_url:
             raise ConfigError("--policy-url/--prm-url need --backend sglang or --backend openai")
         policy = policy or "smollm2"
-        return {"backend": "local", "policy": policy, "prm": prm or policy, "prm_family": prm_family,
-                "embedding": embedding}
+        return {
+            "backend": "local",
+            "policy": policy,
+            "prm": prm or policy,
+            "prm_family": prm_family,
+            "embedding": embedding,
+        }
     if backend not in ("sglang", "openai"):
         raise ConfigError(f"unknown backend {backend!r}; choose from local, sglang, openai, sim")
     if backend == "openai" and prm_api != "logprob":
         raise ConfigError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
     # Over HTTP the model specs only say where the chat template comes from (None: the server's).
     return {
-        "backend": backend, "policy_url": policy_url, "prm_url": prm_url or policy_url, "policy": policy,
-        "prm": prm or policy, "prm_family": prm_family, "prm_api": prm_api, "embedding": embedding,
+        "backend": backend,
+        "policy_url": policy_url,
+        "prm_url": prm_url or policy_url,
+        "policy": policy,
+        "prm": prm or policy,
+        "prm_family": prm_family,
+        "prm_api": prm_api,
+        "embedding": embedding,
     }
 
 
@@ -101,10 +132,14 @@ def load_problems(settings: Settings, spec: RunSpec) -> list[Problem]:
 def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
     row = s.scalar(select(m.Problem).where(m.Problem.dataset == name, m.Problem.problem_id == p.problem_id))
     if row is None:
-        row = m.Problem(dataset=name, problem_id=p.problem_id, question=p.question, answer=p.answer, meta=p.meta)
+        row = m.Problem(
+            dataset=name, problem_id=p.problem_id, question=p.question, answer=p.answer, meta=p.meta
+        )
         s.add(row)
     elif (row.question, row.answer) != (p.question, p.answer):
-        raise UserError(f"{name}/{p.problem_id} differs from the stored row of that id; give the file another name")
+        raise UserError(
+            f"{name}/{p.problem_id} differs from the stored row of that id; give the file another name"
+        )
     return row
 
 
@@ -144,9 +179,15 @@ def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[s
     with session_scope(url) as s:
         rows = [_problem_row(s, name, p) for p in problems]
         run = m.Run(
-            dataset=name, method=spec.search.method, width=spec.search.width, seed=spec.search.seed,
-            config=config, config_hash=config_hash(config), policy_model=model_label(spec.models, "policy"),
-            prm_model=model_label(spec.models, "prm"), versions=package_versions(),
+            dataset=name,
+            method=spec.search.method,
+            width=spec.search.width,
+            seed=spec.search.seed,
+            config=config,
+            config_hash=config_hash(config),
+            policy_model=model_label(spec.models, "policy"),
+            prm_model=model_label(spec.models, "prm"),
+            versions=package_versions(),
         )
         # Round-robin over the queues with live workers keeps every GPU's servers busy.
         run.jobs = [m.Job(problem=row, queue=queues[i % len(queues)]) for i, row in enumerate(rows)]
@@ -219,13 +260,22 @@ def run_summary(s: Session, run_id: int) -> dict[str, Any]:
     run = s.get_one(m.Run, run_id)
     counts = _job_counts(s, run_id)
     return {
-        "run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width,
-        "status": run_status_label(counts), "problems": sum(counts.values()),
-        "problems_done": counts.get("done", 0), "problems_failed": counts.get("failed", 0),
-        "problems_running": counts.get("running", 0), "problems_queued": counts.get("queued", 0),
+        "run_id": run.id,
+        "dataset": run.dataset,
+        "method": run.method,
+        "width": run.width,
+        "status": run_status_label(counts),
+        "problems": sum(counts.values()),
+        "problems_done": counts.get("done", 0),
+        "problems_failed": counts.get("failed", 0),
+        "problems_running": counts.get("running", 0),
+        "problems_queued": counts.get("queued", 0),
         "problems_cancelled": counts.get("cancelled", 0),
-        "nodes": _node_count(s, run_id), "policy_model": run.policy_model, "prm_model": run.prm_model,
-        "created_at": run.created_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "nodes": _node_count(s, run_id),
+        "policy_model": run.policy_model,
+        "prm_model": run.prm_model,
+        "created_at": run.created_at.isoformat(),
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     }
 
 
@@ -252,7 +302,10 @@ def statuses(url: str, wanted: list[int] | None = None) -> list[dict[str, Any]]:
 
 
 def progress(url: str, run_id: int) -> tuple[int, int, int]:
-    """(finished jobs, failed jobs, total jobs) of a run: what a progress bar shows (cancelled counts as finished)."""
+    """(finished, failed, total) jobs of a run: what a progress bar shows.
+
+    Cancelled jobs count as finished.
+    """
     with session_scope(url) as s:
         done_or_failed = case((m.Job.status.in_(m.FINISHED), 1), else_=0)
         failed = case((m.Job.status == "failed", 1), else_=0)
@@ -275,14 +328,27 @@ def export_jobs(url: str, run_id: int) -> Iterator[dict[str, Any]]:
 def _export_job(s: Session, job: m.Job) -> dict[str, Any]:
     nodes = s.scalars(select(m.Node).where(m.Node.job_id == job.id).order_by(m.Node.id)).all()
     return {
-        "problem_id": job.problem.problem_id, "question": job.problem.question, "answer": job.problem.answer,
-        "status": job.status, "error": job.error, "attempts": job.attempts,
+        "problem_id": job.problem.problem_id,
+        "question": job.problem.question,
+        "answer": job.problem.answer,
+        "status": job.status,
+        "error": job.error,
+        "attempts": job.attempts,
         "nodes": [
             {
-                "id": n.id, "parent_id": n.parent_id, "depth": n.depth, "text": n.text, "tokens": n.step_tokens,
-                "cum_tokens": n.cum_tokens, "score": n.score, "terminal": n.terminal,
-                "terminal_reason": n.terminal_reason, "answer": n.answer, "kept": n.kept,
-                "n_children": n.n_children, "cluster": n.cluster,
+                "id": n.id,
+                "parent_id": n.parent_id,
+                "depth": n.depth,
+                "text": n.text,
+                "tokens": n.step_tokens,
+                "cum_tokens": n.cum_tokens,
+                "score": n.score,
+                "terminal": n.terminal,
+                "terminal_reason": n.terminal_reason,
+                "answer": n.answer,
+                "kept": n.kept,
+                "n_children": n.n_children,
+                "cluster": n.cluster,
             }
             for n in nodes
         ],

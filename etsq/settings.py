@@ -24,7 +24,7 @@ class Settings:
     prm_url: str | None = None
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         home = Path(os.environ.get("ETSQ_HOME") or user_data_dir("etsq")).expanduser()
         db_url = os.environ.get("ETSQ_DATABASE_URL") or f"sqlite:///{home / 'etsq.db'}"
         data_dir = os.environ.get("ETSQ_DATA_DIR")

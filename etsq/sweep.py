@@ -48,7 +48,9 @@ def read_sweep(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: a sweep file is a mapping with datasets, methods and widths")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise UserError(f"{path}: unknown keys {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+        raise UserError(
+            f"{path}: unknown keys {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_TOP_KEYS))}"
+        )
     missing = {"datasets", "methods", "widths"} - set(data)
     if missing:
         raise UserError(f"{path}: missing {', '.join(sorted(missing))}")
@@ -60,7 +62,10 @@ def _param_grid(params: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     if unknown:
         raise UserError(f"{path}: unknown search parameters {', '.join(sorted(unknown))}")
     keys = sorted(params)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(_as_list(params[k]) for k in keys))]
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(_as_list(params[k]) for k in keys))
+    ]
 
 
 def sweep_specs(path: Path) -> list[RunSpec]:
@@ -71,13 +76,20 @@ def sweep_specs(path: Path) -> list[RunSpec]:
     except TypeError as exc:
         raise ConfigError(f"{path}: models: {exc}") from None
     grid = itertools.product(
-        _as_list(data["datasets"]), _as_list(data["methods"]), _as_list(data["widths"]),
-        _as_list(data.get("seeds", 0)), _param_grid(data.get("params") or {}, path),
+        _as_list(data["datasets"]),
+        _as_list(data["methods"]),
+        _as_list(data["widths"]),
+        _as_list(data.get("seeds", 0)),
+        _param_grid(data.get("params") or {}, path),
     )
     try:
         return [
-            RunSpec(dataset=str(ds), models=models, limit=data.get("limit"),
-                    search=SearchConfig(method=str(method), width=int(width), seed=int(seed), **params))
+            RunSpec(
+                dataset=str(ds),
+                models=models,
+                limit=data.get("limit"),
+                search=SearchConfig(method=str(method), width=int(width), seed=int(seed), **params),
+            )
             for ds, method, width, seed, params in grid
         ]
     except (TypeError, ValueError) as exc:

@@ -46,12 +46,18 @@ class Watch:
         return (nodes - before) / (now - then) if now > then else 0.0
 
     def render(self, rows: list[dict[str, Any]]) -> Group:
-        bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[extra]}"))
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}"),
+        )
         for row in rows:
             done = row["problems_done"] + row["problems_failed"] + row["problems_cancelled"]
-            extra = (f"failed {row['problems_failed']}  running {row['problems_running']} "
-                     f"(depths {row['depths'] or '-'})  {self._rate(row):.1f} nodes/s  ETA {row['eta']}")
+            extra = (
+                f"failed {row['problems_failed']}  running {row['problems_running']} "
+                f"(depths {row['depths'] or '-'})  {self._rate(row):.1f} nodes/s  ETA {row['eta']}"
+            )
             label = f"run {row['run_id']} {row['method']} W={row['width']} {row['dataset']} [{row['status']}]"
             bars.add_task(label, total=row["problems"], completed=done, extra=extra)
         return Group(bars)

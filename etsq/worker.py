@@ -99,7 +99,7 @@ def run_job(job_id: int, settings: Settings | None = None, worker: str | None = 
     except OperationalError as exc:
         release_job(settings.database_url, job_id, claim.lease)
         raise TransientError(f"database: {exc.orig}") from exc
-    except Exception as exc:  # noqa: BLE001 - any other fault is permanent for this job
+    except Exception as exc:
         return _fail(settings.database_url, claim, exc)
 
 

@@ -49,7 +49,9 @@ class FaultProxy:
                     self._answer(503, b'{"error": "injected fault"}', "application/json")
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
-                conn.request(self.command, self.path, body, {"Content-Type": self.headers.get("Content-Type", "")})
+                conn.request(
+                    self.command, self.path, body, {"Content-Type": self.headers.get("Content-Type", "")}
+                )
                 resp = conn.getresponse()
                 self._answer(resp.status, resp.read(), resp.getheader("Content-Type") or "")
                 conn.close()

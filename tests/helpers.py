@@ -37,10 +37,18 @@ def run_recorded(searcher: Searcher) -> tuple[Tree, list[DepthCommit]]:
 
 
 def tiny_models(model: Path) -> dict[str, Any]:
-    return {"backend": "local", "policy": str(model), "prm": str(model), "prm_family": "judge", "embedding": None}
+    return {
+        "backend": "local",
+        "policy": str(model),
+        "prm": str(model),
+        "prm_family": "judge",
+        "embedding": None,
+    }
 
 
-def store_run(url: str, model: Path, cfg: SearchConfig, dataset: str = "gsm8k", limit: int = 2) -> tuple[int, list[int]]:
+def store_run(
+    url: str, model: Path, cfg: SearchConfig, dataset: str = "gsm8k", limit: int = 2
+) -> tuple[int, list[int]]:
     """A new run stored with its jobs queued (nothing enqueued): (run id, job ids)."""
     spec = RunSpec(dataset=dataset, search=cfg, models=tiny_models(model), limit=limit)
     run_id, created = create_run(url, spec, load_problems(Settings.from_env(), spec), ["etsq"])
@@ -48,7 +56,9 @@ def store_run(url: str, model: Path, cfg: SearchConfig, dataset: str = "gsm8k", 
     return run_id, [job_id for job_id, _ in queued_jobs(url, run_id, "etsq")]
 
 
-def etsq(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def etsq(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real `etsq` CLI in a child process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

@@ -692,13 +692,19 @@ class HttpServiceHandle:
 
 
 def start_http_service(
-    name: str, argv: list[str], tmpdir: Path, health_path: str = "/health",
-    start_timeout: float = START_TIMEOUT_S, env: Mapping[str, str] | None = None,
+    name: str,
+    argv: list[str],
+    tmpdir: Path,
+    health_path: str = "/health",
+    start_timeout: float = START_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
 ) -> HttpServiceHandle:
     """Start ``argv`` ("{port}" replaced by a free port) and wait until its health check answers."""
     directory = Path(tmpdir)
     directory.mkdir(parents=True, exist_ok=True)
-    handle = HttpServiceHandle(name, argv, free_local_port(), directory, health_path, start_timeout, dict(env or {}))
+    handle = HttpServiceHandle(
+        name, argv, free_local_port(), directory, health_path, start_timeout, dict(env or {})
+    )
     try:
         handle.start()
     except BaseException:

@@ -458,10 +458,10 @@ class Handler(BaseHTTPRequestHandler):
         # delayed ACK (~40 ms per response).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         routes = {
             "/health": lambda: self._send(HTTPStatus.OK, b"", "text/plain"),
             "/get_model_info": lambda: self._json(HTTPStatus.OK, self.engine.model_info()),
@@ -471,7 +471,7 @@ class Handler(BaseHTTPRequestHandler):
         }
         routes.get(self.path.split("?")[0], self._not_found)()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         routes = {"/generate": self.engine.generate}
         if self.tokenize:
             routes["/tokenize"] = self.engine.tokenize

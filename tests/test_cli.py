@@ -38,7 +38,11 @@ def _runs_in(db: Path) -> int:
 )
 def test_bad_submit_input(tmp_path: Path, args: list[str], message: str) -> None:
     db = tmp_path / "cli.db"
-    proc = etsq("submit", *args, env={"ETSQ_DATABASE_URL": f"sqlite:///{db}", "ETSQ_BROKER_URL": "redis://127.0.0.1:1/0"})
+    proc = etsq(
+        "submit",
+        *args,
+        env={"ETSQ_DATABASE_URL": f"sqlite:///{db}", "ETSQ_BROKER_URL": "redis://127.0.0.1:1/0"},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("etsq: error:") and message in lines[0], proc.stderr

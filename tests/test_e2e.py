@@ -15,7 +15,7 @@ from etsq.broker import stop_local_redis
 from etsq.db import models as m
 from etsq.db.session import session_scope
 from tests.helpers import etsq, etsq_json, tiny_submit_args
-from tests.services import PostgresHandle, RedisHandle
+from tests.services import RedisHandle
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,28 @@ def _check_trees(url: str, run_id: int, width: int) -> None:
             assert depths == {n.depth for n in nodes}
 
 
-def test_postgres_redis_and_a_separate_worker(pg_url: str, redis_server: RedisHandle, tiny_model: Path, tmp_path: Path) -> None:
-    env = {"ETSQ_DATABASE_URL": pg_url, "ETSQ_BROKER_URL": redis_server.url, "ETSQ_QUEUE": f"q{tmp_path.name[-8:]}"}
+def test_postgres_redis_and_a_separate_worker(
+    pg_url: str, redis_server: RedisHandle, tiny_model: Path, tmp_path: Path
+) -> None:
+    env = {
+        "ETSQ_DATABASE_URL": pg_url,
+        "ETSQ_BROKER_URL": redis_server.url,
+        "ETSQ_QUEUE": f"q{tmp_path.name[-8:]}",
+    }
     worker = subprocess.Popen(
         [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
-        env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"),
+        env={**__import__("os").environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "w.log", "wb"),
     )
     try:
         proc = etsq("submit", "gsm8k", *tiny_submit_args(tiny_model, width=4, limit=3), env=env)
         assert proc.returncode == 0, proc.stderr
         run_id = int(proc.stdout.strip())
         row = _wait_done(run_id, env)
-        assert (row["problems_done"], row["problems_failed"]) == (3, 0), (tmp_path / "w.log").read_text()[-3000:]
+        assert (row["problems_done"], row["problems_failed"]) == (3, 0), (tmp_path / "w.log").read_text()[
+            -3000:
+        ]
         _check_trees(pg_url, run_id, width=4)
         [agg] = etsq_json("aggregate", str(run_id), "--agg", "prod", env=env)
         assert (agg["n_problems"], agg["agg"], agg["vote"]) == (3, "prod", "weighted")
@@ -67,7 +77,13 @@ def test_embedded_default_submit_wait(tiny_model: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {"ETSQ_HOME": str(home)}
     try:
-        proc = etsq("submit", "gsm8k", *tiny_submit_args(tiny_model, method="bon", width=3, limit=2), "--wait", env=env)
+        proc = etsq(
+            "submit",
+            "gsm8k",
+            *tiny_submit_args(tiny_model, method="bon", width=3, limit=2),
+            "--wait",
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
         run_id = int(proc.stdout.strip().splitlines()[0])
         [agg] = etsq_json("aggregate", env=env)

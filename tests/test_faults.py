@@ -6,6 +6,7 @@ search, ILP, clustering, queue and database are all the real ones.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -48,8 +49,12 @@ class Workers:
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"worker{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--loglevel", "INFO", *args],
-                                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO", *args],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(proc)
         return proc
 
@@ -97,15 +102,23 @@ def run_done(url: str, run_id: int) -> bool:
 
 def node_ids(url: str, job_id: int) -> dict[str, int]:
     with session_scope(url) as s:
-        return {path: node_id for path, node_id in s.execute(select(m.Node.path, m.Node.id).where(m.Node.job_id == job_id))}
+        return {
+            path: node_id
+            for path, node_id in s.execute(select(m.Node.path, m.Node.id).where(m.Node.job_id == job_id))
+        }
 
 
 def assert_no_duplicates(url: str, run_id: int) -> None:
     with session_scope(url) as s:
-        q = select(m.Node.job_id, m.Node.path).join(m.Job, m.Job.id == m.Node.job_id).where(m.Job.run_id == run_id)
+        q = (
+            select(m.Node.job_id, m.Node.path)
+            .join(m.Job, m.Job.id == m.Node.job_id)
+            .where(m.Job.run_id == run_id)
+        )
         rows = s.execute(q).all()
         depths = s.execute(
-            select(m.SelectionStep.job_id, m.SelectionStep.depth).join(m.Job, m.Job.id == m.SelectionStep.job_id)
+            select(m.SelectionStep.job_id, m.SelectionStep.depth)
+            .join(m.Job, m.Job.id == m.SelectionStep.job_id)
             .where(m.Job.run_id == run_id)
         ).all()
     assert len(rows) == len(set(rows)) and len(depths) == len(set(depths))
@@ -118,7 +131,9 @@ def running_past(url: str, run_id: int, depth: int) -> m.Job | None:
 def test_kill_9_mid_run_loses_nothing(env: dict[str, str], pg_url: str, workers: Workers) -> None:
     first = workers.start()
     run_id = submit(env, "--method", "ets", "--width", "16", "--limit", "10", "--sim-latency", "0.15")
-    victim = wait_for(lambda: running_past(pg_url, run_id, 2), 120, "a job reaching depth 2\n" + workers.tail())
+    victim = wait_for(
+        lambda: running_past(pg_url, run_id, 2), 120, "a job reaching depth 2\n" + workers.tail()
+    )
     before = node_ids(pg_url, victim.id)
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -134,10 +149,16 @@ def test_kill_9_mid_run_loses_nothing(env: dict[str, str], pg_url: str, workers:
     assert_no_duplicates(pg_url, run_id)
 
 
-def test_flushed_redis_then_resume(env: dict[str, str], pg_url: str, workers: Workers, own_redis: RedisHandle) -> None:
+def test_flushed_redis_then_resume(
+    env: dict[str, str], pg_url: str, workers: Workers, own_redis: RedisHandle
+) -> None:
     workers.start()
     run_id = submit(env, "--method", "rebase", "--width", "8", "--limit", "6", "--sim-latency", "0.2")
-    wait_for(lambda: any(j.status == "done" for j in jobs_of(pg_url, run_id)), 120, "a first job\n" + workers.tail())
+    wait_for(
+        lambda: any(j.status == "done" for j in jobs_of(pg_url, run_id)),
+        120,
+        "a first job\n" + workers.tail(),
+    )
     own_redis.flushall()  # every queued task is gone
     time.sleep(4)  # the job in hand finishes; nothing else arrives
     assert not run_done(pg_url, run_id)
@@ -172,12 +193,16 @@ models: {backend: sim}
 """
 
 
-def test_same_sweep_twice_concurrently_makes_one_set_of_runs(env: dict[str, str], pg_url: str, tmp_path: Path) -> None:
+def test_same_sweep_twice_concurrently_makes_one_set_of_runs(
+    env: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
     cmd = [sys.executable, "-m", "cli", "sweep", str(path), "--json"]
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     with session_scope(pg_url) as s:
@@ -232,9 +257,27 @@ def proxy(sglang_server: Any) -> Iterator[Any]:
 
 
 def _submit_sglang(env: dict[str, str], url: str) -> int:
-    proc = etsq("submit", "gsm8k", "--backend", "sglang", "--policy-url", url, "--method", "rebase",
-                "--width", "4", "--limit", "2", "--max-step-tokens", "6", "--max-tokens", "30", "--max-depth", "5",
-                env=env)
+    proc = etsq(
+        "submit",
+        "gsm8k",
+        "--backend",
+        "sglang",
+        "--policy-url",
+        url,
+        "--method",
+        "rebase",
+        "--width",
+        "4",
+        "--limit",
+        "2",
+        "--max-step-tokens",
+        "6",
+        "--max-tokens",
+        "30",
+        "--max-depth",
+        "5",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip().splitlines()[-1])
 
@@ -270,14 +313,16 @@ def test_a_server_that_never_recovers_fails_jobs_with_the_reason(
     assert row["status"] == "failed"
 
 
-def test_one_worker_searches_several_problems_at_once(env: dict[str, str], pg_url: str, workers: Workers) -> None:
+def test_one_worker_searches_several_problems_at_once(
+    env: dict[str, str], pg_url: str, workers: Workers
+) -> None:
     workers.start("--concurrency", "3")
     run_id = submit(env, "--method", "rebase", "--width", "4", "--limit", "6", "--sim-latency", "0.3")
     wait_for(lambda: run_done(pg_url, run_id), 120, "the run\n" + workers.tail())
     jobs = jobs_of(pg_url, run_id)
     assert all(j.status == "done" for j in jobs)
     spans = sorted((j.started_at, j.finished_at) for j in jobs)
-    overlaps = sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start < end)
+    overlaps = sum(1 for (_, end), (start, _) in itertools.pairwise(spans) if start < end)
     assert overlaps >= 2  # jobs ran side by side, not one after another
     assert len({j.worker for j in jobs}) == 1
     assert_no_duplicates(pg_url, run_id)

@@ -43,13 +43,13 @@ class Scripted(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: Scripted
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._answer()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self._answer()
 
@@ -111,7 +111,7 @@ def test_a_client_error_is_permanent_and_not_retried() -> None:
 def test_refused_connections_are_retried_then_transient() -> None:
     client = _client(f"http://127.0.0.1:{free_local_port()}")
     started = time.monotonic()
-    with pytest.raises(TransientError, match="ConnectError.*after 4 attempts"):
+    with pytest.raises(TransientError, match=r"ConnectError.*after 4 attempts"):
         client.call(client.get_json("/v1/models"))
     assert time.monotonic() - started >= sum(FAST.pause(i) for i in range(FAST.attempts - 1)) * 0.9
 

@@ -73,7 +73,9 @@ class Crash(BaseException):
     """Stands in for a worker killed between two depth commits."""
 
 
-def test_interrupted_job_resumes_to_the_same_tree(db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_job_resumes_to_the_same_tree(
+    db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_config("rebase", width=4, max_depth=8, max_tokens=48)
     labelled = tiny_config("rebase", width=4, max_depth=8, max_tokens=48, extra={"run": "reference"})
     _, [reference] = store_run(db_url, tiny_model, labelled, limit=1)
@@ -104,23 +106,44 @@ def test_interrupted_job_resumes_to_the_same_tree(db_url: str, tiny_model: Path,
     assert sorted(shape(resumed)) == sorted(shape(_nodes(db_url, reference)))
     with session_scope(db_url) as s:
         assert s.get_one(m.Job, job_id).attempts == 2
-        assert s.scalar(select(func.count()).select_from(m.SelectionStep).where(m.SelectionStep.job_id == job_id)) == (
-            max(n.depth for n in resumed) + 1
-        )
+        assert s.scalar(
+            select(func.count()).select_from(m.SelectionStep).where(m.SelectionStep.job_id == job_id)
+        ) == (max(n.depth for n in resumed) + 1)
 
 
 def test_load_tree_rebuilds_paths_and_links(pg_session, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     problem = m.Problem(dataset="t", problem_id="p", question="q", answer="1", meta={})
-    run = m.Run(dataset="t", method="rebase", width=2, seed=0, config={}, config_hash="x", policy_model="a",
-                prm_model="a", versions={})
+    run = m.Run(
+        dataset="t",
+        method="rebase",
+        width=2,
+        seed=0,
+        config={},
+        config_hash="x",
+        policy_model="a",
+        prm_model="a",
+        versions={},
+    )
     job = m.Job(run=run, problem=problem)
     pg_session.add(job)
     pg_session.flush()
     root = m.Node(job_id=job.id, depth=0, path="0", text="P", step_tokens=5, cum_tokens=5)
     pg_session.add(root)
     pg_session.flush()
-    kids = [m.Node(job_id=job.id, parent_id=root.id, depth=1, path=f"0.{i}", text=f"s{i}", step_tokens=2,
-                   cum_tokens=7, score=0.5, terminal=i == 1) for i in (1, 0)]
+    kids = [
+        m.Node(
+            job_id=job.id,
+            parent_id=root.id,
+            depth=1,
+            path=f"0.{i}",
+            text=f"s{i}",
+            step_tokens=2,
+            cum_tokens=7,
+            score=0.5,
+            terminal=i == 1,
+        )
+        for i in (1, 0)
+    ]
     pg_session.add_all(kids)
     pg_session.flush()
     tree, depth = load_tree(pg_session, job.id)  # type: ignore[misc]

@@ -72,7 +72,9 @@ def grow_tree(seed: int, width: int, depth: int, n_protos: int = 4) -> tuple[Tre
     add_children(0, width)
     for d in range(1, depth):
         frontier = tree.frontier(d)
-        for idx, n in zip(frontier, rebase_allocate(frontier_scores(tree, frontier), width, 0.2)):
+        for idx, n in zip(
+            frontier, rebase_allocate(frontier_scores(tree, frontier), width, 0.2), strict=True
+        ):
             add_children(idx, n)
     return tree, tree.frontier(depth), FakeEmbedder(table)
 
@@ -317,7 +319,7 @@ def test_ets_coverage_never_covers_fewer_clusters(
     spec: tuple[int, int, int], lambda_b: float, cost: str
 ) -> None:
     tree, frontier, emb = grow_tree(*spec)
-    ids = dict(zip(frontier, cluster_texts([tree.nodes[i].text for i in frontier], emb, 0.05)))
+    ids = dict(zip(frontier, cluster_texts([tree.nodes[i].text for i in frontier], emb, 0.05), strict=True))
     without = ets_select(tree, frontier, emb, lambda_b=lambda_b, lambda_s=0.0, cost=cost)
     with_cov = ets_select(tree, frontier, emb, lambda_b=lambda_b, lambda_s=1.5, cost=cost)
     covered = [len({ids[i] for i in s.info["ilp_kept"]}) for s in (without, with_cov)]
@@ -353,7 +355,9 @@ def test_ets_info_and_skips() -> None:
 def test_ets_identical_steps_skip_the_embedder() -> None:
     tree = Tree("p", 4)
     parents = [tree.add_child(0, "x", 3, score=0.5).idx for _ in range(3)]
-    frontier = [tree.add_child(p, "same", 2, score=s).idx for p, s in zip(parents, (0.2, 0.9, 0.4))]
+    frontier = [
+        tree.add_child(p, "same", 2, score=s).idx for p, s in zip(parents, (0.2, 0.9, 0.4), strict=True)
+    ]
     emb = FakeEmbedder({})
     sel = ets_select(tree, frontier, emb, lambda_b=1.0, lambda_s=1.5)
     assert emb.calls == 0 and set(sel.clusters.values()) == {0}

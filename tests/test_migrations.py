@@ -29,4 +29,6 @@ def test_downgrade_to_base_and_back(tmp_path: Path) -> None:
     command.downgrade(alembic_config(url), "base")
     assert set(inspect(get_engine(url)).get_table_names()) <= {"alembic_version"}
     upgrade(url)
-    assert {"runs", "jobs", "nodes", "selection_steps", "problems"} <= set(inspect(get_engine(url)).get_table_names())
+    assert {"runs", "jobs", "nodes", "selection_steps", "problems"} <= set(
+        inspect(get_engine(url)).get_table_names()
+    )

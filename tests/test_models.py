@@ -125,7 +125,7 @@ def test_split_step_finish_reasons(tiny: LoadedModel) -> None:
     # The delimiter spans two tokens here; the step ends with the one that completes it.
     ids = body + newline + newline + tok.encode(" Then", add_special_tokens=False) + [tok.pad_token_id]
     assert split_step(ids, eos, tok.decode, "\n\n") == StepSample("3 + 4 = 7.\n\n", len(body) + 2, "stop")
-    ended = body + [tok.eos_token_id, tok.pad_token_id]
+    ended = [*body, tok.eos_token_id, tok.pad_token_id]
     assert split_step(ended, eos, tok.decode, "\n\n") == StepSample("3 + 4 = 7.", len(body) + 1, "eos")
     assert split_step(body, eos, tok.decode, "\n\n") == StepSample("3 + 4 = 7.", len(body), "length")
     assert split_step(body, eos, tok.decode, "") == StepSample("3 + 4 = 7.", len(body), "length")
@@ -162,7 +162,7 @@ def test_judge_prompt_shows_problem_steps_and_question(tiny: LoadedModel) -> Non
 
 def test_prm_rejects_multi_token_labels_and_unknown_families(tiny: LoadedModel) -> None:
     odd = PRMFamily("odd", "Correct answer", "No", judge_text, add_special_tokens=False)
-    with pytest.raises(ModelError, match="'Correct answer' is .* tokens"):
+    with pytest.raises(ModelError, match=r"'Correct answer' is .* tokens"):
         LocalPRM(tiny, odd)
     with pytest.raises(ConfigError, match="unknown PRM family"):
         LocalPRM(tiny, "oracle")
@@ -187,7 +187,9 @@ def test_load_local_models_shares_one_model(tiny_model: Path, tmp_path: Path) ->
     assert isinstance(policy, LocalPolicy) and isinstance(prm, LocalPRM)
     assert policy.loaded is prm.loaded is again.loaded
     assert (policy.info.name, policy.info.backend, prm.info.details["family"]) == (
-        str(tiny_model), "transformers", "math-shepherd"
+        str(tiny_model),
+        "transformers",
+        "math-shepherd",
     )
 
 
@@ -205,6 +207,7 @@ def test_missing_smollm2_package_names_the_install_command(
 def test_smollm2_converts_once_and_runs(tmp_path: Path) -> None:
     # Two concurrent callers: the file lock makes one convert while the other waits and reuses it.
     paths: list[Path] = []
+
     def convert() -> None:
         paths.append(smollm.ensure_smollm2(tmp_path))
 

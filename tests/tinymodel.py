@@ -104,4 +104,3 @@ def build_tiny_model(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-

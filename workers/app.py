@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from celery import Celery, signals
@@ -52,4 +51,6 @@ def _start_janitor(sender: Any = None, **_: Any) -> None:
 
     worker_app = getattr(sender, "app", None) or app  # the app `etsq worker` built, with its queue
     interval = float(os.environ.get("ETSQ_JANITOR_S", "30"))
-    Janitor(worker_app, Settings.from_env().database_url, worker_app.conf.task_default_queue, interval).start()
+    Janitor(
+        worker_app, Settings.from_env().database_url, worker_app.conf.task_default_queue, interval
+    ).start()

@@ -34,8 +34,17 @@ from etsq.models.prm_families import PRM_FAMILIES, PRMFamily, get_family, judge_
 from etsq.models.prompts import SYSTEM_PROMPT, format_question
 
 __all__ = [
-    "PRM_FAMILIES", "SYSTEM_PROMPT", "LoadedModel", "LocalPRM", "LocalPolicy", "PRMFamily",
-    "get_family", "judge_text", "load_causal_lm", "shepherd_text", "split_step",
+    "PRM_FAMILIES",
+    "SYSTEM_PROMPT",
+    "LoadedModel",
+    "LocalPRM",
+    "LocalPolicy",
+    "PRMFamily",
+    "get_family",
+    "judge_text",
+    "load_causal_lm",
+    "shepherd_text",
+    "split_step",
 ]
 
 BACKEND = "transformers"

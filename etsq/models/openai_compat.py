@@ -184,7 +184,7 @@ class OpenAIPRM(RemoteRole):
             prefixes = await gather_all(
                 *(tokenize(self.served, t, self.family.add_special_tokens) for t in texts)
             )
-            prompts = [ids + [label] for ids in prefixes for label in self.label_ids]
+            prompts = [[*ids, label] for ids in prefixes for label in self.label_ids]
             results = await gather_all(*(self._logprobs(group) for group in batches(prompts)))
             flat = [lp for group in results for lp in group]
             return [two_way(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]

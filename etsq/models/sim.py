@@ -17,10 +17,18 @@ import numpy as np
 from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequest, StepSample
 
 _PHRASES = (
-    "Let x be the unknown quantity", "Multiply both sides by two", "Add the two partial sums",
-    "Subtract the smaller number", "Divide the total by the count", "Check the units of the result",
-    "Write the equation for the total", "Simplify the fraction", "Substitute the known value",
-    "Compute the difference", "Factor the expression", "Square both sides",
+    "Let x be the unknown quantity",
+    "Multiply both sides by two",
+    "Add the two partial sums",
+    "Subtract the smaller number",
+    "Divide the total by the count",
+    "Check the units of the result",
+    "Write the equation for the total",
+    "Simplify the fraction",
+    "Substitute the known value",
+    "Compute the difference",
+    "Factor the expression",
+    "Square both sides",
 )
 
 
@@ -45,11 +53,18 @@ class SimPolicy:
     def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
         if self.latency_s:
             time.sleep(self.latency_s)
-        return [[self._sample(np.random.default_rng([req.seed, i]), params) for i in range(req.n)] for req in requests]
+        return [
+            [self._sample(np.random.default_rng([req.seed, i]), params) for i in range(req.n)]
+            for req in requests
+        ]
 
     def _sample(self, rng: np.random.Generator, params: SamplingParams) -> StepSample:
         phrase = _PHRASES[int(rng.integers(len(_PHRASES)))]
-        tokens = int(rng.integers(8, min(64, params.max_step_tokens) + 1)) if params.max_step_tokens > 8 else params.max_step_tokens
+        tokens = (
+            int(rng.integers(8, min(64, params.max_step_tokens) + 1))
+            if params.max_step_tokens > 8
+            else params.max_step_tokens
+        )
         if rng.random() < 1 / self.answer_every:
             return StepSample(f"{phrase}. The answer is {int(rng.integers(1, 6))}.", tokens, "eos")
         return StepSample(f"{phrase}.{params.step_delimiter}", tokens, "stop")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +15,6 @@ _LAMBDA_S_POINTS: tuple[tuple[int, float], ...] = ((16, 1.5), (64, 1.4), (256, 1
 
 def default_lambda_s(width: int) -> float:
     """Paper's lambda_s for W=16/64/256; piecewise-linear in log2(W) between, clamped outside."""
-    import math
-
     xs = [math.log2(w) for w, _ in _LAMBDA_S_POINTS]
     ys = [v for _, v in _LAMBDA_S_POINTS]
     x = math.log2(max(width, 1))
@@ -22,7 +22,7 @@ def default_lambda_s(width: int) -> float:
         return ys[0]
     if x >= xs[-1]:
         return ys[-1]
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     raise AssertionError("unreachable")
@@ -71,6 +71,6 @@ class SearchConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})

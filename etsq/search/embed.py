@@ -79,7 +79,7 @@ class SentenceEmbedder:
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        fresh = dict(zip(missing, self._encode(missing))) if missing else {}
+        fresh = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
         rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
         if len(self._cache) + len(fresh) > self.max_cache:
             self._cache.clear()  # bounded memory for long-lived workers

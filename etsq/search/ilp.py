@@ -264,10 +264,10 @@ def objective_value(problem: EtsProblem, selected: Sequence[bool]) -> float:
     """The literal program's objective at x = selected (y, c at their forced values)."""
     alive: set[int] = set()
     cost = sum(_mark_alive(problem, i, alive) for i, s in enumerate(selected) if s)
-    reward = sum(o for o, s in zip(problem.outcome, selected) if s)
+    reward = sum(o for o, s in zip(problem.outcome, selected, strict=True) if s)
     covered = 0
     if problem.clusters is not None:
-        covered = len({k for k, s in zip(problem.clusters, selected) if s})
+        covered = len({k for k, s in zip(problem.clusters, selected, strict=True) if s})
     return reward - problem.lambda_b * cost + problem.coverage_weight * covered
 
 
@@ -281,7 +281,7 @@ def dominated_siblings(problem: EtsProblem) -> set[int]:
         cluster = 0 if problem.clusters is None else problem.clusters[i]
         groups.setdefault((problem.parent[i], cluster), []).append(i)
     fixed: set[int] = set()
-    O, C, lb = problem.outcome, problem.cost, problem.lambda_b
+    O, C, lb = problem.outcome, problem.cost, problem.lambda_b  # noqa: E741 - the paper's O_i and C_i
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -475,10 +475,12 @@ def _pulp_problem(model: MatrixModel) -> tuple[Any, list[Any]]:
         pulp.LpVariable(f"v{j}", 0, 1, pulp.LpBinary if flag else pulp.LpContinuous)
         for j, flag in enumerate(model.integer)
     ]
-    prob += pulp.LpAffineExpression(zip(cols, model.obj), constant=model.offset)
+    prob += pulp.LpAffineExpression(zip(cols, model.obj, strict=True), constant=model.offset)
     for r in range(model.n_rows):
         a, b = model.row_start[r], model.row_start[r + 1]
-        expr = pulp.LpAffineExpression(zip((cols[j] for j in model.row_index[a:b]), model.row_value[a:b]))
+        expr = pulp.LpAffineExpression(
+            zip((cols[j] for j in model.row_index[a:b]), model.row_value[a:b], strict=True)
+        )
         if model.row_lower[r] > -math.inf:
             prob += pulp.LpConstraint(expr, pulp.LpConstraintGE, f"r{r}l", model.row_lower[r])
         if model.row_upper[r] < math.inf:

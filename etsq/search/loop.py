@@ -157,7 +157,11 @@ class Searcher:
         t0 = time.perf_counter()
         samples = self.policy.expand(requests, self.params)
         t1 = time.perf_counter()
-        new = [self._add(tree, parent, s) for (parent, _), group in zip(parents, samples) for s in group]
+        new = [
+            self._add(tree, parent, s)
+            for (parent, _), group in zip(parents, samples, strict=True)
+            for s in group
+        ]
         self._score(tree, new)
         record.new_nodes = new
         record.expand_ms = (t1 - t0) * 1000
@@ -175,5 +179,5 @@ class Searcher:
 
     def _score(self, tree: Tree, new: list[int]) -> None:
         requests = [ScoreRequest(self.question, tuple(tree.steps(i))) for i in new]
-        for idx, score in zip(new, self.prm.score(requests)):
+        for idx, score in zip(new, self.prm.score(requests), strict=True):
             tree.nodes[idx].score = float(score)

@@ -85,7 +85,7 @@ def _allocate(kept: list[int], scores: list[float], group_of: list[int], left: l
         by_group[group_of[pos]].append(pos)
     counts: dict[int, int] = {}
     for g, members in by_group.items():
-        for pos, n in zip(members, split_evenly(max(left[g], 0), len(members))):
+        for pos, n in zip(members, split_evenly(max(left[g], 0), len(members)), strict=True):
             counts[pos] = n
     return counts
 

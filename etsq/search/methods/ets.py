@@ -49,7 +49,7 @@ def frontier_clusters(
     if len(frontier) == 1 or len(set(texts)) == 1:
         return None, {i: 0 for i in frontier}
     ids = [int(k) for k in cluster_texts(texts, ctx.embedder, cfg.cluster_threshold)]
-    return ids, dict(zip(frontier, ids))
+    return ids, dict(zip(frontier, ids, strict=True))
 
 
 def _outcomes(counts: list[int]) -> list[float]:
@@ -94,7 +94,7 @@ def _rebase_over_kept(
     """REBASE's allocation with pruned nodes left out (weight 0)."""
     kept_pos = [p for p, keep in enumerate(selected) if keep]
     counts = {i: 0 for i in frontier}
-    for p, n in zip(kept_pos, rebase_allocate([scores[p] for p in kept_pos], remaining, temp)):
+    for p, n in zip(kept_pos, rebase_allocate([scores[p] for p in kept_pos], remaining, temp), strict=True):
         counts[frontier[p]] = n
     return counts
 
@@ -114,6 +114,6 @@ def select(
     cluster_ms = (time.perf_counter() - t0) * 1000
     solution = _run_program(tree, frontier, scores, remaining, cfg, cluster_ids)
     counts = _rebase_over_kept(frontier, scores, solution.selected, remaining, cfg.softmax_temp)
-    kept = [i for i, keep in zip(frontier, solution.selected) if keep]
+    kept = [i for i, keep in zip(frontier, solution.selected, strict=True) if keep]
     info = _info(solution, cluster_ms, len(set(clusters.values())), kept)
     return Selection(counts=counts, clusters=clusters, info=info)

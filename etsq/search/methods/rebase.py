@@ -95,4 +95,4 @@ def select(
     if root is not None:
         return root
     counts = rebase_allocate(frontier_scores(tree, frontier), remaining, cfg.softmax_temp)
-    return Selection(counts=dict(zip(frontier, counts)))
+    return Selection(counts=dict(zip(frontier, counts, strict=True)))
