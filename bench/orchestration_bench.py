@@ -29,6 +29,7 @@ from sqlalchemy import select  # noqa: E402
 
 from etsq.db import models as m  # noqa: E402
 from etsq.db.session import session_scope, upgrade  # noqa: E402
+from etsq.statuses import JobStatus  # noqa: E402
 from tests.services import start_postgres, start_redis  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def _wait(url: str, run_id: int, timeout: float = 900) -> None:
     while time.monotonic() < deadline:
         with session_scope(url) as s:
             statuses = list(s.scalars(select(m.Job.status).where(m.Job.run_id == run_id)))
-        if all(st in m.FINISHED for st in statuses):
+        if all(JobStatus(st).finished for st in statuses):
             return
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} did not finish")

@@ -121,10 +121,12 @@ def bench_methods(widths: Sequence[int], repeats: int, trees: int) -> dict[str, 
         for seed in range(trees):
             for spread in (False, True):
                 tree, frontier, emb = synthetic_tree(w, seed, spread)
-                for name, fn in METHODS.items():
+                for name, method in METHODS.items():
                     if spread and name != "ets":
                         continue
-                    call = partial(fn, tree, frontier, len(frontier), cfg, SelectContext(embedder=emb))
+                    call = partial(
+                        method.select, tree, frontier, len(frontier), cfg, SelectContext(embedder=emb)
+                    )
                     samples[name + ("-spread" if spread else "")] += _timed(call, repeats)
         for name in rows:
             out[name][w] = _stats(samples[name])

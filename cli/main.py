@@ -1,62 +1,43 @@
-"""`etsq`: submit searches, run workers, watch runs, aggregate and export results."""
+"""`etsq`: submit searches, run workers, watch runs, aggregate and export results.
+
+Each command parses its options, calls one function of the `etsq` package and prints the result.
+The group turns every user-caused failure into one `etsq: error:` line and exit status 2 (see
+`cli.app.EtsqGroup`), which is also what click's test runner sees.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
+from cli.app import EtsqGroup, pass_settings, print_json, table
 from etsq.aggregate import AGGS, VOTES
-from etsq.errors import EtsqError
+from etsq.models.config import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
-from etsq.models.servers import BACKENDS, HTTP_BACKENDS, PRM_APIS
 from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
 
-
-class CliError(click.ClickException):
-    """A user error: printed as one line, exit status 2."""
-
-    exit_code = 2
-
-
-def _settings() -> Settings:
-    return Settings.from_env()
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+_SEARCH_KEYS = (
+    "method", "width", "seed", "temperature", "softmax_temp", "max_step_tokens", "max_tokens", "max_depth",
+    "lambda_b", "lambda_s", "cost", "cluster_threshold", "beam_k", "dvts_subtrees",
+)  # fmt: skip
+_MODEL_KEYS = {
+    "policy_model": "policy", "prm_model": "prm", "prm_family": "prm_family", "embedding_model": "embedding",
+    "policy_url": "policy_url", "prm_url": "prm_url", "prm_api": "prm_api", "sim_latency": "sim_latency_s",
+    "sim_answer_every": "sim_answer_every",
+}  # fmt: skip
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console.width = 200  # piped output: never squeeze columns into 80 characters
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    console.print(table)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=EtsqGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="etsq")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of any error.")
+def cli(debug: bool) -> None:
     """etsq: ETS tree search and its baselines over math benchmarks, as a job queue.
 
     \b
@@ -66,45 +47,17 @@ def cli() -> None:
       etsq status --json
       etsq aggregate --agg prod --vote weighted
 
-    Settings come from ETSQ_HOME, ETSQ_DATABASE_URL, ETSQ_BROKER_URL and ETSQ_DATA_DIR.
+    Settings come from ETSQ_* environment variables (ETSQ_HOME, ETSQ_DATABASE_URL, ETSQ_BROKER_URL,
+    ETSQ_DATA_DIR, ...; the README lists them all).
     """
 
 
-def _search_config(opts: dict[str, Any]) -> SearchConfig:
-    keys = (
-        "method",
-        "width",
-        "seed",
-        "temperature",
-        "softmax_temp",
-        "max_step_tokens",
-        "max_tokens",
-        "max_depth",
-        "lambda_b",
-        "lambda_s",
-        "cost",
-        "cluster_threshold",
-        "beam_k",
-        "dvts_subtrees",
-    )
-    return SearchConfig(**{k: opts[k] for k in keys})
+def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
+    from etsq.runs import RunSpec
 
-
-def _models(opts: dict[str, Any]) -> dict[str, Any]:
-    from etsq.runs import model_config
-
-    return model_config(
-        opts["backend"],
-        opts["policy_model"],
-        opts["prm_model"],
-        opts["prm_family"],
-        opts["embedding_model"],
-        opts["sim_latency"],
-        opts["sim_answer_every"],
-        opts["policy_url"],
-        opts["prm_url"],
-        opts["prm_api"],
-    )
+    search = SearchConfig(**{k: opts[k] for k in _SEARCH_KEYS})
+    models = ModelConfig.create(opts["backend"], **{field: opts[opt] for opt, field in _MODEL_KEYS.items()})
+    return RunSpec(dataset=dataset, search=search, models=models, limit=limit)
 
 
 @cli.command()
@@ -154,7 +107,7 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option(
     "--backend",
-    type=click.Choice(BACKENDS),
+    type=click.Choice(BACKEND_NAMES),
     default="local",
     show_default=True,
     help="Where the models run: in-process, an SGLang server, an OpenAI-compatible server, "
@@ -196,8 +149,15 @@ def _models(opts: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@pass_settings
 def submit(
-    dataset: str, wait: bool, as_json: bool, limit: int | None, queue: str | None, **opts: Any
+    settings: Settings,
+    dataset: str,
+    wait: bool,
+    as_json: bool,
+    limit: int | None,
+    queue: str | None,
+    **opts: Any,
 ) -> None:
     """Enqueue one search job per problem of DATASET (math500, gsm8k or a .jsonl file).
 
@@ -210,87 +170,43 @@ def submit(
       etsq submit my_problems.jsonl --method bon --width 16 --queue gpu1
       etsq submit gsm8k --method ets --width 8 --backend openai --policy-url http://gpu0:8000
     """
-    from etsq.runs import RunSpec, load_problems
+    from etsq.submit import submit as submit_runs
 
-    settings = _settings()
-    spec = RunSpec(dataset=dataset, search=_search_config(opts), models=_models(opts), limit=limit)
-    problems = load_problems(settings, spec)
-    from etsq.queue import target_queues
-
-    app, broker = _connect(settings)
-    run_id, created, n_jobs = _store_and_enqueue(
-        settings, app, spec, problems, target_queues(app, queue, settings.queue)
-    )
-    if not created:
+    submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue)
+    run = submission.runs[0]
+    if not run.created:
         click.echo(
-            f"run {run_id} has this configuration already; {n_jobs} unfinished jobs enqueued", err=True
+            f"run {run.run_id} has this configuration already; {run.jobs_enqueued} unfinished jobs enqueued",
+            err=True,
         )
     if as_json:
-        _print_json({"run_id": run_id, "created": created, "jobs": n_jobs})
+        print_json({"run_id": run.run_id, "created": run.created, "jobs": run.jobs_enqueued})
     else:
-        click.echo(run_id)
+        click.echo(run.run_id)
     if wait:
-        _wait(settings, app, broker, run_id)
+        _wait(submission.connection, run.run_id)
 
 
-def _connect(settings: Settings, queue: str | None = None) -> tuple[Any, str]:
-    from etsq.queue import broker_url, celery_app
+def _wait(conn: Any, run_id: int) -> None:
+    from etsq.submit import RunWaiter
 
-    broker = broker_url(settings)
-    return celery_app(replace(settings, broker_url=broker, queue=queue or settings.queue)), broker
-
-
-def _store_and_enqueue(
-    settings: Settings, app: Any, spec: Any, problems: list[Any], queues: list[str]
-) -> tuple[int, bool, int]:
-    """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
-    from etsq.queue import enqueue, resume
-    from etsq.runs import create_run, delete_run, queued_jobs
-
-    url = settings.database_url
-    run_id, created = create_run(url, spec, problems, queues)
-    if not created:
-        return run_id, False, resume(app, url, run_id, settings.queue)
-    jobs = queued_jobs(url, run_id, settings.queue)
-    try:
-        enqueue(app, jobs)
-    except EtsqError:
-        delete_run(url, run_id)
-        raise
-    return run_id, True, len(jobs)
-
-
-def _wait(settings: Settings, app: Any, broker: str, run_id: int) -> None:
-    from etsq.queue import live_workers, start_local_worker, stop_local_worker
-
-    proc = None
-    if settings.uses_embedded_broker and not live_workers(app):
-        log_path = settings.home / "logs" / f"worker-run{run_id}.log"
-        click.echo(f"no worker is listening; starting one (log: {log_path})", err=True)
-        proc = start_local_worker(settings, broker, log_path)
-    try:
-        _progress(settings.database_url, run_id, proc)
-    finally:
-        if proc is not None:
-            stop_local_worker(proc)
-
-
-def _progress(url: str, run_id: int, proc: Any) -> None:
-    from etsq.runs import progress
-
-    finished, failed, total = progress(url, run_id)
-    with click.progressbar(length=total, label=f"run {run_id}", file=sys.stderr, show_pos=True) as bar:
-        bar.update(finished)
-        while finished < total:
-            time.sleep(1.0)
-            if proc is not None and proc.poll() is not None:
-                raise CliError(f"the local worker exited with status {proc.returncode}; see its log")
-            now, failed, total = progress(url, run_id)
-            bar.update(now - finished)
-            finished = now
-    if failed:
+    with RunWaiter(conn, run_id) as waiter:
+        if waiter.worker_log is not None:
+            click.echo(f"no worker is listening; starting one (log: {waiter.worker_log})", err=True)
+        updates = waiter.follow()
+        first = next(updates)
+        with click.progressbar(
+            length=first.total, label=f"run {run_id}", file=sys.stderr, show_pos=True
+        ) as bar:
+            bar.update(first.finished)
+            last = first
+            for now in updates:
+                bar.update(now.finished - last.finished)
+                last = now
+    if last.failed:
         click.echo(
-            f"run {run_id}: {failed} of {total} problems failed (see `etsq status {run_id}`)", err=True
+            f"run {run_id}: {last.failed} of {last.total} problems failed (see `etsq status {run_id}`)",
+            err=True,
         )
 
 
@@ -298,7 +214,8 @@ def _progress(url: str, run_id: int, proc: Any) -> None:
 @click.argument("runs", nargs=-1, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
 @click.option("--watch", is_flag=True, help="Live progress bars until the runs finish.")
-def status(runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
+@pass_settings
+def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
     """Show runs: status and problems done/failed/running.
 
     \b
@@ -308,30 +225,16 @@ def status(runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
       etsq status --watch
     """
     from etsq.runs import statuses
+    from etsq.watch import Watch
 
-    url = _settings().database_url
-    rows = statuses(url, list(runs) or None)
+    rows = statuses(settings.database_url, list(runs) or None)
     if watch:
-        from etsq.watch import Watch
-
-        Watch(url, list(runs) or None).run()
-        return
-    if as_json:
-        _print_json(rows)
-        return
-    cols = [
-        "run_id",
-        "dataset",
-        "method",
-        "width",
-        "status",
-        "problems",
-        "problems_done",
-        "problems_failed",
-        "problems_running",
-        "nodes",
-    ]
-    _table(rows, cols)
+        Watch(settings.database_url, list(runs) or None).run()
+    elif as_json:
+        print_json(rows)
+    else:
+        table(rows, ["run_id", "dataset", "method", "width", "status", "problems", "problems_done",
+                     "problems_failed", "problems_running", "nodes"])  # fmt: skip
 
 
 @cli.command()
@@ -351,7 +254,10 @@ def status(runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
     help="Answer selection [default: weighted]; repeatable.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-def aggregate(runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ...], as_json: bool) -> None:
+@pass_settings
+def aggregate(
+    settings: Settings, runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ...], as_json: bool
+) -> None:
     """Grade runs offline from stored nodes: step aggregation x answer selection.
 
     \b
@@ -362,14 +268,15 @@ def aggregate(runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ..
     from etsq.evaluate import evaluate
 
     rows = evaluate(
-        _settings().database_url, list(runs) or None, list(aggs) or ["last"], list(votes) or ["weighted"]
+        settings.database_url, list(runs) or None, list(aggs) or ["last"], list(votes) or ["weighted"]
     )
     if as_json:
-        _print_json(rows)
-        return
-    _table(
-        rows, ["run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_correct", "accuracy"]
-    )
+        print_json(rows)
+    else:
+        table(
+            rows,
+            ["run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_correct", "accuracy"],
+        )
 
 
 @cli.command()
@@ -382,24 +289,22 @@ def aggregate(runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ..
     default=None,
     help="File [default: stdout].",
 )
-def export(run: int, fmt: str, output: Path | None) -> None:
+@pass_settings
+def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
     """Export a run's trees, one JSON object per problem.
 
     \b
     Example:
       etsq export 3 -o run3.jsonl
     """
-    from etsq.runs import export_jobs
+    from etsq.export import export_lines, write_atomically
 
-    lines = (json.dumps(obj, ensure_ascii=False) + "\n" for obj in export_jobs(_settings().database_url, run))
+    lines = export_lines(settings.database_url, run, fmt)
     if output is None:
         for line in lines:
             click.echo(line, nl=False)
-        return
-    tmp = output.with_name(output.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(lines)
-    tmp.replace(output)  # never leave a half-written export behind
+    else:
+        write_atomically(output, lines)
 
 
 @cli.command()
@@ -417,7 +322,7 @@ def export(run: int, fmt: str, output: Path | None) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option(
     "--backend",
-    type=click.Choice(HTTP_BACKENDS),
+    type=click.Choice(REMOTE_BACKENDS),
     default=None,
     help="Server kind for runs that name none; checked at start with --policy-url.",
 )
@@ -430,9 +335,8 @@ def export(run: int, fmt: str, output: Path | None) -> None:
     show_default=True,
     help="PRM family whose label tokens the start-up check looks for.",
 )
-def worker(
-    gpu: str | None, queue: str | None, concurrency: int | None, loglevel: str, **servers: Any
-) -> None:
+@pass_settings
+def worker(settings: Settings, **options: Any) -> None:
     """Run a Celery worker that searches queued jobs.
 
     \b
@@ -441,33 +345,9 @@ def worker(
       etsq worker --gpu 0 --concurrency 8           # queue gpu0, CUDA_VISIBLE_DEVICES=0
       etsq worker --gpu 0 --backend sglang --policy-url http://127.0.0.1:30000 --prm-url http://127.0.0.1:30001
     """
-    import os
+    from etsq.serve import WorkerOptions, serve
 
-    from etsq.db.session import ensure_schema
-
-    _serve_from(servers)
-    settings = _settings()
-    ensure_schema(settings.database_url)
-    queue = queue or (f"gpu{gpu}" if gpu is not None else settings.queue)
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ETSQ_GPU"] = gpu
-    app, _ = _connect(settings, queue)
-    concurrency = concurrency or (8 if servers["policy_url"] else 1)
-    pool = "threads" if concurrency > 1 else "solo"
-    # A unique node name per worker: control replies (ping, active queues) are keyed by it.
-    name = f"etsq-{queue}-{os.getpid()}@%h"
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={queue}",
-            f"--pool={pool}",
-            f"--concurrency={concurrency}",
-            f"--hostname={name}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    serve(settings, WorkerOptions(**options), lambda line: click.echo(f"etsq worker: {line}", err=True))
 
 
 @cli.command()
@@ -476,7 +356,8 @@ def worker(
     "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
-def sweep(file: Path, queue: str | None, as_json: bool) -> None:
+@pass_settings
+def sweep(settings: Settings, file: Path, queue: str | None, as_json: bool) -> None:
     """Submit every run of a sweep FILE (YAML grid); existing runs resume instead of repeating.
 
     \b
@@ -488,38 +369,26 @@ def sweep(file: Path, queue: str | None, as_json: bool) -> None:
       params: {lambda_b: [1.0, 2.0]}
     Then: etsq sweep sweep.yaml && etsq status --watch
     """
-    from etsq.queue import target_queues
-    from etsq.runs import load_problems
+    from etsq.submit import submit as submit_runs
     from etsq.sweep import sweep_specs
 
-    settings = _settings()
-    specs = sweep_specs(file)
-    problems = [load_problems(settings, spec) for spec in specs]  # all validated before any write
-    app, _ = _connect(settings)
-    queues = target_queues(app, queue, settings.queue)
-    rows = []
-    for spec, probs in zip(specs, problems, strict=True):
-        run_id, created, n = _store_and_enqueue(settings, app, spec, probs, queues)
-        rows.append(
-            {
-                "run_id": run_id,
-                "dataset": spec.dataset,
-                "method": spec.search.method,
-                "width": spec.search.width,
-                "created": created,
-                "jobs_enqueued": n,
-            }
-        )
+    runs = submit_runs(settings, sweep_specs(file), queue).runs
+    rows = [
+        {"run_id": r.run_id, "dataset": r.spec.dataset, "method": r.spec.search.method,
+         "width": r.spec.search.width, "created": r.created, "jobs_enqueued": r.jobs_enqueued}
+        for r in runs
+    ]  # fmt: skip
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     else:
-        _table(rows, ["run_id", "dataset", "method", "width", "created", "jobs_enqueued"])
+        table(rows, ["run_id", "dataset", "method", "width", "created", "jobs_enqueued"])
 
 
 @cli.command("resume")
 @click.argument("run", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def resume_cmd(run: int, as_json: bool) -> None:
+@pass_settings
+def resume_cmd(settings: Settings, run: int, as_json: bool) -> None:
     """Enqueue a run's unfinished jobs again (after a crash, a reboot, or a flushed Redis).
 
     Jobs resume from their last committed depth; jobs a live worker holds are left alone.
@@ -528,21 +397,16 @@ def resume_cmd(run: int, as_json: bool) -> None:
     Example:
       etsq resume 3
     """
-    from etsq.db.session import ensure_schema
-    from etsq.queue import resume
-    from etsq.runs import statuses
+    from etsq.submit import resume_run
 
-    settings = _settings()
-    ensure_schema(settings.database_url)
-    statuses(settings.database_url, [run])  # a clear error for an unknown run
-    app, _ = _connect(settings)
-    n = resume(app, settings.database_url, run, settings.queue)
-    _print_json({"run_id": run, "enqueued": n}) if as_json else click.echo(f"run {run}: {n} jobs enqueued")
+    n = resume_run(settings, run)
+    print_json({"run_id": run, "enqueued": n}) if as_json else click.echo(f"run {run}: {n} jobs enqueued")
 
 
 @cli.command()
 @click.argument("run", type=int)
-def cancel(run: int) -> None:
+@pass_settings
+def cancel(settings: Settings, run: int) -> None:
     """Cancel a run: queued jobs are dropped, running ones stop after their current depth.
 
     \b
@@ -551,28 +415,7 @@ def cancel(run: int) -> None:
     """
     from etsq.runs import cancel_run
 
-    n = cancel_run(_settings().database_url, run)
-    click.echo(f"run {run}: {n} jobs cancelled")
-
-
-def _serve_from(servers: dict[str, Any]) -> None:
-    """Check the worker's servers (a one-line error if one is down or the wrong kind), then export
-    them as ETSQ_BACKEND/ETSQ_POLICY_URL/ETSQ_PRM_URL for the tasks (prefork children included)."""
-    import os
-
-    from etsq.models.servers import check_servers, server_spec
-
-    if not servers["policy_url"]:
-        if servers["backend"] or servers["prm_url"]:
-            raise CliError("--backend and --prm-url need --policy-url")
-        return
-    if not servers["backend"]:
-        raise CliError("--policy-url needs --backend sglang or --backend openai")
-    models = {"backend": servers["backend"], "prm_family": servers["prm_family"]}
-    spec = server_spec(models, servers)
-    for line in check_servers(spec):
-        click.echo(f"etsq worker: {line}", err=True)
-    os.environ.update(ETSQ_BACKEND=spec.backend, ETSQ_POLICY_URL=spec.policy_url, ETSQ_PRM_URL=spec.prm_url)
+    click.echo(f"run {run}: {cancel_run(settings.database_url, run)} jobs cancelled")
 
 
 @cli.group()
@@ -582,32 +425,17 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
+@pass_settings
+def db_upgrade(settings: Settings, revision: str) -> None:
     """Apply schema migrations (other commands do this themselves)."""
     from etsq.db.session import current_revision, upgrade
 
-    url = _settings().database_url
-    upgrade(url, revision)
-    click.echo(f"database at revision {current_revision(url)}")
+    upgrade(settings.database_url, revision)
+    click.echo(f"database at revision {current_revision(settings.database_url)}")
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        click.echo(f"etsq: error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except EtsqError as exc:
-        click.echo(f"etsq: error: {exc}", err=True)
-        sys.exit(2)
-    except SQLAlchemyError as exc:
-        click.echo(f"etsq: database error: {str(exc).splitlines()[0]}", err=True)
-        sys.exit(2)
+    cli.main(prog_name="etsq")
 
 
 if __name__ == "__main__":

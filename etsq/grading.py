@@ -16,8 +16,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from math_verify import parse, verify
-
 from etsq.errors import DatasetError
 
 T = TypeVar("T")
@@ -169,11 +167,19 @@ def _parse(answer: str) -> tuple[Any, ...]:
     return ()
 
 
+# math_verify pulls in sympy and an ANTLR parser (~0.35 s); it is imported when first needed, so
+# that the search loop and the CLI, which only extract answers, never pay for it.
+
+
 def _parse_once(wrapped: str, timeout_s: int | None) -> list[Any]:
+    from math_verify import parse
+
     return list(parse(wrapped, parsing_timeout=timeout_s))
 
 
 def _verify(gold: tuple[Any, ...], target: tuple[Any, ...], timeout_s: int | None) -> bool:
+    from math_verify import verify
+
     return bool(verify(list(gold), list(target), timeout_seconds=timeout_s))
 
 

@@ -8,7 +8,6 @@ last committed depth with the tree exactly as it was.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import uuid
@@ -20,15 +19,14 @@ from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from etsq.db import models as m
-from etsq.db.session import session_scope
+from etsq.db.session import rows_affected, session_scope
 from etsq.errors import EtsqError, PermanentError
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
 from etsq.search.tree import Node, Tree
+from etsq.statuses import FINISHED, JobStatus
 
 log = logging.getLogger(__name__)
-
-FINISHED = m.FINISHED
 
 # Set when the worker is asked to shut down: the job in hand stops after its current depth.
 STOP = threading.Event()
@@ -60,29 +58,29 @@ class Claim:
     lease: str
 
 
-def stale_after() -> timedelta:
-    """How long a running job's heartbeat may be silent before its worker is presumed dead."""
-    return timedelta(seconds=float(os.environ.get("ETSQ_STALE_AFTER_S", "120")))
+def _stale(now: datetime, stale_after_s: float) -> ColumnElement[bool]:
+    """A running job whose heartbeat is older than `stale_after_s`: its worker is presumed dead."""
+    cutoff = now - timedelta(seconds=stale_after_s)
+    return or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < cutoff)
 
 
-def heartbeat_every() -> float:
-    return float(os.environ.get("ETSQ_HEARTBEAT_S", "15"))
+def _claimable(now: datetime, stale_after_s: float) -> ColumnElement[bool]:
+    running_but_stale = and_(m.Job.status == JobStatus.RUNNING, _stale(now, stale_after_s))
+    return or_(m.Job.status == JobStatus.QUEUED, running_but_stale)
 
 
-def _claimable(now: datetime) -> ColumnElement[bool]:
-    stale = or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < now - stale_after())
-    return or_(m.Job.status == "queued", and_(m.Job.status == "running", stale))
-
-
-def claim_job(url: str, job_id: int, worker: str | None = None, gpu: str | None = None) -> Claim | None:
+def claim_job(
+    url: str, job_id: int, stale_after_s: float, worker: str | None = None, gpu: str | None = None
+) -> Claim | None:
     """Take the job with a fresh lease; None when it is finished, missing, or held by a live worker."""
     lease, now = str(uuid.uuid4()), m.utcnow()
     with session_scope(url) as s:
-        taken = s.execute(
+        taken = rows_affected(
+            s,
             update(m.Job)
-            .where(m.Job.id == job_id, _claimable(now))
+            .where(m.Job.id == job_id, _claimable(now, stale_after_s))
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 attempts=m.Job.attempts + 1,
                 worker=worker or socket.gethostname(),
                 gpu=gpu,
@@ -90,8 +88,8 @@ def claim_job(url: str, job_id: int, worker: str | None = None, gpu: str | None 
                 heartbeat_at=now,
                 error=None,
                 started_at=func.coalesce(m.Job.started_at, now),
-            )
-        ).rowcount
+            ),
+        )
         if not taken:
             return None
         job = s.get_one(m.Job, job_id)
@@ -111,13 +109,12 @@ def claim_job(url: str, job_id: int, worker: str | None = None, gpu: str | None 
 def heartbeat(url: str, job_id: int, lease: str) -> bool:
     """Refresh the job's heartbeat; False when the lease was lost (reclaimed or cancelled)."""
     with session_scope(url) as s:
-        return bool(
-            s.execute(
-                update(m.Job)
-                .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == "running")
-                .values(heartbeat_at=m.utcnow())
-            ).rowcount
+        stmt = (
+            update(m.Job)
+            .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
+            .values(heartbeat_at=m.utcnow())
         )
+        return rows_affected(s, stmt) > 0
 
 
 def release_job(url: str, job_id: int, lease: str) -> None:
@@ -125,22 +122,23 @@ def release_job(url: str, job_id: int, lease: str) -> None:
     with session_scope(url) as s:
         s.execute(
             update(m.Job)
-            .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == "running")
-            .values(status="queued", lease=None, heartbeat_at=None)
+            .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.QUEUED, lease=None, heartbeat_at=None)
         )
 
 
-def requeue_stale(url: str, run_id: int | None = None) -> list[tuple[int, str | None]]:
+def requeue_stale(url: str, stale_after_s: float, run_id: int | None = None) -> list[tuple[int, str | None]]:
     """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue."""
-    cutoff = m.utcnow() - stale_after()
-    cond = [m.Job.status == "running", or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < cutoff)]
+    cond = [m.Job.status == JobStatus.RUNNING, _stale(m.utcnow(), stale_after_s)]
     if run_id is not None:
         cond.append(m.Job.run_id == run_id)
     with session_scope(url) as s:
         rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
         if rows:
             ids = [job_id for job_id, _ in rows]
-            s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status="queued", lease=None))
+            s.execute(
+                update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None)
+            )
         return rows
 
 
@@ -245,7 +243,7 @@ class DepthWriter:
     def _commit(self, tree: Tree, rec: DepthCommit) -> None:
         with session_scope(self.url) as s:
             job = s.get_one(m.Job, self.job_id, with_for_update=True)
-            if job.lease != self.lease or job.status != "running":
+            if job.lease != self.lease or job.status != JobStatus.RUNNING:
                 raise LeaseLost(f"job {self.job_id} is no longer ours (status {job.status})")
             if tree.root.db_id is None:
                 self._insert(s, tree, [tree.root])
@@ -255,7 +253,7 @@ class DepthWriter:
             job.depth = rec.depth + (0 if rec.final else 1)
             job.heartbeat_at = m.utcnow()
             if rec.final:
-                _finish(s, job, "done")
+                _finish(s, job, JobStatus.DONE)
 
     def _insert(self, s: Session, tree: Tree, nodes: list[Node]) -> None:
         if not nodes:
@@ -281,7 +279,7 @@ class DepthWriter:
             s.execute(update(m.Node), changes)
 
 
-def _finish(s: Session, job: m.Job, status: str, error: str | None = None) -> None:
+def _finish(s: Session, job: m.Job, status: JobStatus, error: str | None = None) -> None:
     job.status, job.error, job.finished_at, job.lease = status, error, m.utcnow(), None
     s.flush()
     open_jobs = s.scalar(
@@ -299,29 +297,28 @@ def fail_job(url: str, job_id: int, reason: str, lease: str | None = None) -> No
         job = s.get(m.Job, job_id)
         if job is None or job.status in FINISHED or (lease is not None and job.lease not in (lease, None)):
             return
-        _finish(s, job, "failed", reason[:4000])
+        _finish(s, job, JobStatus.FAILED, reason[:4000])
 
 
-def search_job(url: str, claim: Claim, searcher_factory: Any) -> None:
+def search_job(url: str, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
     """Run (or resume) the claimed job's search to completion."""
-    searcher: Searcher = searcher_factory(claim)
     with session_scope(url) as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    with Heartbeat(url, claim.job_id, claim.lease):
+    with Heartbeat(url, claim.job_id, claim.lease, heartbeat_s):
         searcher.run(tree, DepthWriter(url, claim.job_id, claim.lease), start_depth=depth)
 
 
 class Heartbeat:
     """A background thread that keeps a running job's heartbeat fresh between depth commits."""
 
-    def __init__(self, url: str, job_id: int, lease: str) -> None:
-        self.args = (url, job_id, lease)
+    def __init__(self, url: str, job_id: int, lease: str, every_s: float) -> None:
+        self.args, self.every_s = (url, job_id, lease), every_s
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def _beat(self) -> None:
-        while not self.done.wait(heartbeat_every()):
+        while not self.done.wait(self.every_s):
             try:
                 if not heartbeat(*self.args):
                     return

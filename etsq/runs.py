@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from etsq.datasets import Problem, dataset_name, load_dataset
 from etsq.db import models as m
-from etsq.db.session import ensure_schema, session_scope
+from etsq.db.session import ensure_schema, rows_affected, session_scope
 from etsq.errors import ConfigError, UserError
+from etsq.models.config import ModelConfig
 from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
 from etsq.settings import Settings
+from etsq.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
 
 RECORDED_PACKAGES = (
     "etsq",
@@ -40,7 +42,7 @@ class RunSpec:
 
     dataset: str
     search: SearchConfig
-    models: dict[str, Any]
+    models: ModelConfig
     limit: int | None = None
 
     def config(self) -> dict[str, Any]:
@@ -48,60 +50,8 @@ class RunSpec:
             "dataset": self.dataset,
             "limit": self.limit,
             "search": self.search.to_dict(),
-            "models": self.models,
+            "models": self.models.to_dict(),
         }
-
-
-def model_config(
-    backend: str = "local",
-    policy: str | None = None,
-    prm: str | None = None,
-    prm_family: str = "judge",
-    embedding: str | None = None,
-    sim_latency_s: float = 0.0,
-    sim_answer_every: int = 4,
-    policy_url: str | None = None,
-    prm_url: str | None = None,
-    prm_api: str = "logprob",
-) -> dict[str, Any]:
-    """The `models` part of a run's config, from submit's options or a sweep file."""
-    if backend == "sim":
-        # Labelled so that no synthetic result is ever mistaken for a model's.
-        return {
-            "backend": "sim",
-            "synthetic": True,
-            "policy": "sim",
-            "prm": "sim",
-            "sim_latency_s": sim_latency_s,
-            "sim_answer_every": sim_answer_every,
-            "embedding": embedding,
-        }
-    if backend == "local":
-        if policy_url or prm_url:
-            raise ConfigError("--policy-url/--prm-url need --backend sglang or --backend openai")
-        policy = policy or "smollm2"
-        return {
-            "backend": "local",
-            "policy": policy,
-            "prm": prm or policy,
-            "prm_family": prm_family,
-            "embedding": embedding,
-        }
-    if backend not in ("sglang", "openai"):
-        raise ConfigError(f"unknown backend {backend!r}; choose from local, sglang, openai, sim")
-    if backend == "openai" and prm_api != "logprob":
-        raise ConfigError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
-    # Over HTTP the model specs only say where the chat template comes from (None: the server's).
-    return {
-        "backend": backend,
-        "policy_url": policy_url,
-        "prm_url": prm_url or policy_url,
-        "policy": policy,
-        "prm": prm or policy,
-        "prm_family": prm_family,
-        "prm_api": prm_api,
-        "embedding": embedding,
-    }
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -143,14 +93,6 @@ def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
     return row
 
 
-def model_label(models: dict[str, Any], role: str) -> str:
-    """What a run records as its policy/PRM model: the model spec, or for servers backend + URL."""
-    backend = models.get("backend") or "local"
-    if backend in ("local", "sim"):
-        return str(models[role])
-    return f"{backend}:{models.get(f'{role}_url') or '(worker default)'}"
-
-
 def create_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> tuple[int, bool]:
     """The run of this configuration: (id, True) when stored now, (id, False) when it existed.
 
@@ -185,8 +127,8 @@ def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[s
             seed=spec.search.seed,
             config=config,
             config_hash=config_hash(config),
-            policy_model=model_label(spec.models, "policy"),
-            prm_model=model_label(spec.models, "prm"),
+            policy_model=spec.models.label("policy"),
+            prm_model=spec.models.label("prm"),
             versions=package_versions(),
         )
         # Round-robin over the queues with live workers keeps every GPU's servers busy.
@@ -199,7 +141,7 @@ def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[s
 def queued_jobs(url: str, run_id: int, default_queue: str) -> list[tuple[int, str]]:
     """(job id, queue) of the run's jobs waiting for a worker: what resume enqueues."""
     with session_scope(url) as s:
-        q = select(m.Job.id, m.Job.queue).where(m.Job.run_id == run_id, m.Job.status == "queued")
+        q = select(m.Job.id, m.Job.queue).where(m.Job.run_id == run_id, m.Job.status == JobStatus.QUEUED)
         return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
 
 
@@ -208,13 +150,14 @@ def cancel_run(url: str, run_id: int) -> int:
     ensure_schema(url)
     with session_scope(url) as s:
         run_ids(s, [run_id])
-        n = s.execute(
+        n = rows_affected(
+            s,
             update(m.Job)
-            .where(m.Job.run_id == run_id, m.Job.status.in_(("queued", "running")))
-            .values(status="cancelled", lease=None, finished_at=m.utcnow())
-        ).rowcount
+            .where(m.Job.run_id == run_id, m.Job.status.in_(UNFINISHED))
+            .values(status=JobStatus.CANCELLED, lease=None, finished_at=m.utcnow()),
+        )
         s.get_one(m.Run, run_id).finished_at = m.utcnow()
-        return int(n or 0)
+        return n
 
 
 def delete_run(url: str, run_id: int) -> None:
@@ -234,21 +177,9 @@ def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:
     return list(wanted)
 
 
-def run_status_label(counts: dict[str, int]) -> str:
-    total = sum(counts.values())
-    if counts.get("queued", 0) == total:
-        return "queued"
-    if sum(counts.get(s, 0) for s in m.FINISHED) < total:
-        return "running"
-    for status in ("cancelled", "failed"):
-        if counts.get(status, 0) == total:
-            return status
-    return "cancelled" if counts.get("cancelled") else "done"
-
-
-def _job_counts(s: Session, run_id: int) -> dict[str, int]:
+def _job_counts(s: Session, run_id: int) -> dict[JobStatus, int]:
     rows = s.execute(select(m.Job.status, func.count()).where(m.Job.run_id == run_id).group_by(m.Job.status))
-    return {status: int(n) for status, n in rows}
+    return {JobStatus(status): int(n) for status, n in rows}
 
 
 def _node_count(s: Session, run_id: int) -> int:
@@ -264,13 +195,13 @@ def run_summary(s: Session, run_id: int) -> dict[str, Any]:
         "dataset": run.dataset,
         "method": run.method,
         "width": run.width,
-        "status": run_status_label(counts),
+        "status": RunStatus.of(counts).value,
         "problems": sum(counts.values()),
-        "problems_done": counts.get("done", 0),
-        "problems_failed": counts.get("failed", 0),
-        "problems_running": counts.get("running", 0),
-        "problems_queued": counts.get("queued", 0),
-        "problems_cancelled": counts.get("cancelled", 0),
+        "problems_done": counts.get(JobStatus.DONE, 0),
+        "problems_failed": counts.get(JobStatus.FAILED, 0),
+        "problems_running": counts.get(JobStatus.RUNNING, 0),
+        "problems_queued": counts.get(JobStatus.QUEUED, 0),
+        "problems_cancelled": counts.get(JobStatus.CANCELLED, 0),
         "nodes": _node_count(s, run_id),
         "policy_model": run.policy_model,
         "prm_model": run.prm_model,
@@ -280,7 +211,11 @@ def run_summary(s: Session, run_id: int) -> dict[str, Any]:
 
 
 def running_depths(s: Session, run_id: int) -> list[int]:
-    q = select(m.Job.depth).where(m.Job.run_id == run_id, m.Job.status == "running").order_by(m.Job.id)
+    q = (
+        select(m.Job.depth)
+        .where(m.Job.run_id == run_id, m.Job.status == JobStatus.RUNNING)
+        .order_by(m.Job.id)
+    )
     return list(s.scalars(q))
 
 
@@ -288,10 +223,10 @@ def mean_job_seconds(s: Session, run_id: int) -> float | None:
     """Mean wall time of the run's finished jobs: what an ETA is made of."""
     rows = s.execute(
         select(m.Job.started_at, m.Job.finished_at).where(
-            m.Job.run_id == run_id, m.Job.status == "done", m.Job.started_at.is_not(None)
+            m.Job.run_id == run_id, m.Job.status == JobStatus.DONE, m.Job.started_at.is_not(None)
         )
     ).all()
-    spans = [(end - start).total_seconds() for start, end in rows if end is not None]
+    spans = [(end - start).total_seconds() for start, end in rows if start is not None and end is not None]
     return sum(spans) / len(spans) if spans else None
 
 
@@ -307,8 +242,8 @@ def progress(url: str, run_id: int) -> tuple[int, int, int]:
     Cancelled jobs count as finished.
     """
     with session_scope(url) as s:
-        done_or_failed = case((m.Job.status.in_(m.FINISHED), 1), else_=0)
-        failed = case((m.Job.status == "failed", 1), else_=0)
+        done_or_failed = case((m.Job.status.in_(FINISHED), 1), else_=0)
+        failed = case((m.Job.status == JobStatus.FAILED, 1), else_=0)
         row = s.execute(
             select(func.sum(done_or_failed), func.sum(failed), func.count()).where(m.Job.run_id == run_id)
         ).one()

@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from etsq.errors import ConfigError, UserError
-from etsq.runs import RunSpec, model_config
+from etsq.models.config import ModelConfig
+from etsq.runs import RunSpec
 from etsq.search.config import SearchConfig
 
 _TOP_KEYS = {"datasets", "methods", "widths", "limit", "seeds", "params", "models"}
@@ -72,8 +73,8 @@ def sweep_specs(path: Path) -> list[RunSpec]:
     """Every run of the grid, in a stable order; raises a UserError naming the file on bad input."""
     data = read_sweep(path)
     try:
-        models = model_config(**(data.get("models") or {}))
-    except TypeError as exc:
+        models = ModelConfig.create(**(data.get("models") or {}))
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{path}: models: {exc}") from None
     grid = itertools.product(
         _as_list(data["datasets"]),

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from etsq.db.session import session_scope
 from etsq.runs import mean_job_seconds, run_ids, run_summary, running_depths
+from etsq.statuses import RunStatus
 
 
 def _eta(summary: dict[str, Any], mean_s: float | None) -> str:
@@ -65,7 +66,7 @@ class Watch:
     def run(self) -> None:
         rows = snapshot(self.url, self.wanted)
         with Live(self.render(rows), refresh_per_second=4) as live:
-            while any(r["status"] in ("queued", "running") for r in rows):
+            while any(RunStatus(r["status"]).active for r in rows):
                 time.sleep(self.interval)
                 rows = snapshot(self.url, self.wanted)
                 live.update(self.render(rows))

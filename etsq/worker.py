@@ -1,11 +1,9 @@
-"""The worker side of a job: load (and cache) the run's models, then search the job by id."""
+"""The worker side of a job: claim it by id, load (and cache) the run's models, search, record."""
 
 from __future__ import annotations
 
 import logging
-import os
 from functools import lru_cache
-from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
@@ -22,37 +20,15 @@ from etsq.jobs import (
     search_config,
     search_job,
 )
+from etsq.models.backends import load_models
 from etsq.models.base import PRM, Policy
+from etsq.models.config import ModelConfig
 from etsq.search.loop import Searcher
 from etsq.search.methods import get_method
 from etsq.search.methods.base import Embedder
 from etsq.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def load_models(models: dict[str, Any], settings: Settings) -> tuple[Policy, PRM]:
-    """The run's policy and PRM: simulated, in-process or on its servers; each process loads a model once.
-
-    Server-backed models are checked to answer at every job start: a server that went down makes the
-    job retry (TransientError) instead of failing it.
-    """
-    backend = models.get("backend") or "local"
-    if backend == "sim":
-        from etsq.models.sim import SimPolicy, SimPRM
-
-        latency = float(models.get("sim_latency_s", 0.0))
-        return SimPolicy(latency, int(models.get("sim_answer_every", 4))), SimPRM(latency)
-    if backend == "local":
-        from etsq.models.registry import load_local_models
-
-        family = models.get("prm_family", "judge")
-        return load_local_models(models["policy"], models["prm"], settings.home, family)
-    from etsq.models.servers import ensure_reachable, load_server_models, server_spec
-
-    policy, prm = load_server_models(server_spec(models, settings.server_defaults))
-    ensure_reachable(policy, prm)
-    return policy, prm
 
 
 @lru_cache(maxsize=4)
@@ -70,37 +46,42 @@ def _record_model_info(url: str, run_id: int, policy: Policy, prm: PRM) -> None:
 
 
 def build_searcher(claim: Claim, settings: Settings) -> Searcher:
+    """The searcher of a claimed job; server-backed models are checked to answer first.
+
+    A server that went down makes the job retry (TransientError) instead of failing it.
+    """
     cfg = search_config(claim)
-    models = claim.config["models"]
+    models = ModelConfig.from_dict(claim.config["models"])
     policy, prm = load_models(models, settings)
     _record_model_info(settings.database_url, claim.run_id, policy, prm)
-    embedder = load_embedder(models.get("embedding")) if cfg.method == "ets" else None
-    return Searcher(claim.question, claim.key, policy, prm, cfg, get_method(cfg.method), embedder)
+    method = get_method(cfg.method)
+    embedder = load_embedder(models.embedding) if method.needs_embedder else None
+    return Searcher(claim.question, claim.key, policy, prm, cfg, method.select, embedder)
 
 
-def run_job(job_id: int, settings: Settings | None = None, worker: str | None = None) -> str:
+def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     """Search one job to completion and return its status.
 
     Raises TransientError (job released: retry it) and ShutdownRequested (job released:
     enqueue it again); returns "skipped" when the job is finished or a live worker holds it.
     """
-    settings = settings or Settings.from_env()
-    claim = claim_job(settings.database_url, job_id, worker, os.environ.get("ETSQ_GPU"))
+    url = settings.database_url
+    claim = claim_job(url, job_id, settings.stale_after_s, worker, settings.gpu)
     if claim is None:
         return "skipped"
     try:
-        search_job(settings.database_url, claim, lambda c: build_searcher(c, settings))
+        search_job(url, claim, build_searcher(claim, settings), settings.heartbeat_s)
         return "done"
     except LeaseLost:
         return "lost"
     except (TransientError, ShutdownRequested):
-        release_job(settings.database_url, job_id, claim.lease)
+        release_job(url, job_id, claim.lease)
         raise
     except OperationalError as exc:
-        release_job(settings.database_url, job_id, claim.lease)
+        release_job(url, job_id, claim.lease)
         raise TransientError(f"database: {exc.orig}") from exc
-    except Exception as exc:
-        return _fail(settings.database_url, claim, exc)
+    except Exception as exc:  # any other fault is permanent for this job
+        return _fail(url, claim, exc)
 
 
 def _fail(url: str, claim: Claim, exc: BaseException) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 
 from etsq.db.models import Base
 
@@ -18,7 +16,7 @@ def _url() -> str:
     if not url:
         from etsq.settings import Settings
 
-        url = os.environ.get("ETSQ_DATABASE_URL") or Settings.from_env().database_url
+        url = Settings.from_env().database_url
     return url
 
 
@@ -33,6 +31,12 @@ def run_migrations_online() -> None:
     section["sqlalchemy.url"] = _url()
     connectable = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with connectable.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Copying a table drops the old one, and with foreign keys on, that DELETE would cascade
+            # to every row referencing it (all nodes of all jobs).  Off here; each app connection
+            # turns them on again.
+            connection.execute(text("PRAGMA foreign_keys=OFF"))
+            connection.commit()
         # render_as_batch: SQLite can only ALTER tables by copying them.
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

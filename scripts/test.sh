@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), check the migrations match the models, and run the whole test suite.
+# Set up (scripts/setup.sh), run the lint and type gate, check the migrations match the models, and run
+# the whole test suite.
 # The tests start their own Redis, PostgreSQL and model servers (the SGLang stand-in, vLLM's CPU build);
 # PostgreSQL's binaries come from the OS.
 set -euo pipefail
@@ -15,6 +16,10 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! python -c "import 
 fi
 # The vLLM CPU server the OpenAI-backend tests start lives in its own environment (~2 min to create once).
 bash scripts/vllm_env.sh >/dev/null
+# The gate: lint, formatting and types (pyproject.toml configures all three).
+ruff check .
+ruff format --check .
+mypy etsq cli workers
 export ETSQ_DATA_DIR=${ETSQ_DATA_DIR:-$(cd .. && pwd)/shared/data}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

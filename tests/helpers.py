@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from click.testing import Result
+
+from etsq.models.config import ModelConfig
 from etsq.models.registry import load_local_models
 from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
 from etsq.search.config import SearchConfig
@@ -27,7 +30,7 @@ def tiny_config(method: str = "rebase", width: int = 4, seed: int = 0, **kw: Any
 
 def tiny_searcher(model: Path, cfg: SearchConfig, question: str = "What is 2 + 3?") -> Searcher:
     policy, prm = load_local_models(str(model), str(model), Path("/nonexistent"), "judge")
-    return Searcher(question, "test/0", policy, prm, cfg, get_method(cfg.method))
+    return Searcher(question, "test/0", policy, prm, cfg, get_method(cfg.method).select)
 
 
 def run_recorded(searcher: Searcher) -> tuple[Tree, list[DepthCommit]]:
@@ -36,14 +39,8 @@ def run_recorded(searcher: Searcher) -> tuple[Tree, list[DepthCommit]]:
     return tree, records
 
 
-def tiny_models(model: Path) -> dict[str, Any]:
-    return {
-        "backend": "local",
-        "policy": str(model),
-        "prm": str(model),
-        "prm_family": "judge",
-        "embedding": None,
-    }
+def tiny_models(model: Path) -> ModelConfig:
+    return ModelConfig.create("local", policy=str(model), prm=str(model), prm_family="judge")
 
 
 def store_run(
@@ -56,10 +53,33 @@ def store_run(
     return run_id, [job_id for job_id, _ in queued_jobs(url, run_id, "etsq")]
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run the `etsq` CLI in this process through click's test runner (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli as etsq_group
+
+    return CliRunner().invoke(etsq_group, list(args), env=env, catch_exceptions=False)
+
+
+def cli_json(*args: str, env: dict[str, str] | None = None) -> Any:
+    result = cli(*args, "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_error_line(result: Result) -> str:
+    """The single `etsq: error:` line a refused command printed (asserting exit status 2)."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("etsq: error: "), result.stderr
+    return lines[0]
+
+
 def etsq(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `etsq` CLI in a child process."""
+    """Run the real `etsq` CLI in a child process (for what needs a real process: workers, --wait)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout

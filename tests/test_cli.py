@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
 from etsq.db import models as m
-from tests.helpers import etsq, etsq_json, tiny_submit_args
+from tests.helpers import cli, cli_json, one_error_line, tiny_submit_args
 
 
 def _runs_in(db: Path) -> int:
@@ -38,47 +38,73 @@ def _runs_in(db: Path) -> int:
 )
 def test_bad_submit_input(tmp_path: Path, args: list[str], message: str) -> None:
     db = tmp_path / "cli.db"
-    proc = etsq(
-        "submit",
-        *args,
-        env={"ETSQ_DATABASE_URL": f"sqlite:///{db}", "ETSQ_BROKER_URL": "redis://127.0.0.1:1/0"},
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("etsq: error:") and message in lines[0], proc.stderr
+    env = {"ETSQ_DATABASE_URL": f"sqlite:///{db}", "ETSQ_BROKER_URL": "redis://127.0.0.1:1/0"}
+    assert message in one_error_line(cli("submit", *args, env=env))
     assert _runs_in(db) == 0
 
 
 def test_unreachable_broker_writes_no_run(tmp_path: Path, tiny_model: Path) -> None:
     db = tmp_path / "cli.db"
     env = {"ETSQ_DATABASE_URL": f"sqlite:///{db}", "ETSQ_BROKER_URL": "redis://127.0.0.1:1/0"}
-    proc = etsq("submit", "gsm8k", *tiny_submit_args(tiny_model), env=env)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "broker" in proc.stderr
+    assert "broker" in one_error_line(cli("submit", "gsm8k", *tiny_submit_args(tiny_model), env=env))
     assert _runs_in(db) == 0
 
 
 def test_malformed_dataset_row_names_file_and_line(tmp_path: Path) -> None:
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n{not json\n")
-    proc = etsq("submit", str(data), env={"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
-    assert proc.returncode == 2
-    assert f"{data}:2:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    line = one_error_line(
+        cli("submit", str(data), env={"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    )
+    assert f"{data}:2:" in line
 
 
 def test_unknown_run_is_a_user_error(tmp_path: Path) -> None:
     env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
-    for args in (["status", "42"], ["aggregate", "42"], ["export", "42"]):
-        proc = etsq(*args, env=env)
-        assert proc.returncode == 2 and "no run with id 42" in proc.stderr
+    for args in (["status", "42"], ["aggregate", "42"], ["export", "42"], ["cancel", "42"]):
+        assert "no run with id 42" in one_error_line(cli(*args, env=env))
+
+
+def test_export_of_an_unknown_run_leaves_no_file(tmp_path: Path) -> None:
+    env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
+    target = tmp_path / "out.jsonl"
+    one_error_line(cli("export", "999", "-o", str(target), env=env))
+    assert list(tmp_path.glob("out.jsonl*")) == []
 
 
 def test_empty_database_lists_nothing(tmp_path: Path) -> None:
     env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
-    assert etsq_json("status", env=env) == []
-    assert etsq_json("aggregate", env=env) == []
+    assert cli_json("status", env=env) == []
+    assert cli_json("aggregate", env=env) == []
 
 
 def test_help_shows_examples() -> None:
-    proc = etsq("submit", "--help")
-    assert proc.returncode == 0 and "etsq submit math500 --method ets --width 256" in proc.stdout
+    result = cli("submit", "--help")
+    assert result.exit_code == 0 and "etsq submit math500 --method ets --width 256" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("ETSQ_JOB_TIME_LIMIT", "abc"), ("ETSQ_HTTP_RETRIES", "0"), ("ETSQ_HEARTBEAT_S", "nan")],
+)
+def test_a_malformed_setting_is_one_line_naming_it(tmp_path: Path, name: str, value: str) -> None:
+    env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}", name: value}
+    assert one_error_line(cli("status", env=env)).startswith(f"etsq: error: {name}={value!r}: ")
+    assert cli("status", "--help", env=env).exit_code == 0  # help needs no settings
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from etsq.settings import SettingsError
+
+    env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}", "ETSQ_JOB_TIME_LIMIT": "abc"}
+    with pytest.raises(SettingsError):
+        cli("--debug", "status", env=env)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("etsq.runs.statuses", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli("status", env={"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"})

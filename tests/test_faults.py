@@ -97,7 +97,7 @@ def jobs_of(url: str, run_id: int) -> list[m.Job]:
 
 
 def run_done(url: str, run_id: int) -> bool:
-    return all(j.status in m.FINISHED for j in jobs_of(url, run_id))
+    return all(j.status.finished for j in jobs_of(url, run_id))
 
 
 def node_ids(url: str, job_id: int) -> dict[str, int]:
@@ -212,10 +212,7 @@ def test_same_sweep_twice_concurrently_makes_one_set_of_runs(
     assert len(again) == 8 and not any(r["created"] for r in again)
 
 
-def test_jobs_spread_over_gpu_queues(
-    env: dict[str, str], pg_url: str, workers: Workers, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ETSQ_BROKER_URL", env["ETSQ_BROKER_URL"])  # importing workers.app reads it
+def test_jobs_spread_over_gpu_queues(env: dict[str, str], pg_url: str, workers: Workers) -> None:
     workers.start("--gpu", "0")
     workers.start("--gpu", "1")
     wait_for(lambda: _queues_live(env), 60, "two live workers")
@@ -228,12 +225,11 @@ def test_jobs_spread_over_gpu_queues(
 
 
 def _queues_live(env: dict[str, str]) -> bool:
-    from dataclasses import replace
-
-    from etsq.queue import celery_app, live_queues
+    from etsq.celery_app import create_app
+    from etsq.queue import live_queues
     from etsq.settings import Settings
 
-    app = celery_app(replace(Settings.from_env(), broker_url=env["ETSQ_BROKER_URL"]))
+    app = create_app(Settings.from_env().with_(broker_url=env["ETSQ_BROKER_URL"]))
     return live_queues(app) == ["gpu0", "gpu1"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from tests.helpers import store_run, tiny_config
 
 
 def _settings(url: str) -> Settings:
-    return replace(Settings.from_env(), database_url=url)
+    return Settings.from_env().with_(database_url=url)
 
 
 def _nodes(url: str, job_id: int) -> list[m.Node]:
@@ -98,8 +97,8 @@ def test_interrupted_job_resumes_to_the_same_tree(
 
     # Its heartbeat is fresh: for all another worker knows, the job is still being searched.
     assert run_job(job_id, _settings(db_url)) == "skipped"
-    monkeypatch.setenv("ETSQ_STALE_AFTER_S", "0")  # the dead worker's heartbeat is now stale
-    assert run_job(job_id, _settings(db_url)) == "done"
+    stale_now = _settings(db_url).with_(stale_after_s=1e-6)  # the dead worker's heartbeat is now stale
+    assert run_job(job_id, stale_now) == "done"
     resumed = _nodes(db_url, job_id)
     assert {n.path: n.id for n in resumed if n.path in early} == early
     shape = lambda nodes: [(n.path, n.text, n.score, n.terminal, n.kept) for n in nodes]  # noqa: E731

@@ -21,6 +21,7 @@ from etsq.errors import ConfigError
 from etsq.search import ilp
 from etsq.search.clusters import cluster_embeddings, cluster_texts
 from etsq.search.config import SearchConfig
+from etsq.search.loop import select_step
 from etsq.search.methods import METHODS, SelectContext, Selection, get_method
 from etsq.search.methods.beam import beam_count
 from etsq.search.methods.dvts import split_evenly, subtree_count, subtree_groups, widths_left
@@ -82,7 +83,7 @@ def grow_tree(seed: int, width: int, depth: int, n_protos: int = 4) -> tuple[Tre
 def run_select(
     name: str, tree: Tree, frontier: list[int], cfg: SearchConfig, emb: FakeEmbedder | None = None
 ) -> Selection:
-    return get_method(name)(tree, frontier, len(frontier), cfg, SelectContext(embedder=emb))
+    return get_method(name).select(tree, frontier, len(frontier), cfg, SelectContext(embedder=emb))
 
 
 trees = st.tuples(st.integers(0, 10**6), st.integers(2, 12), st.integers(1, 4))
@@ -106,10 +107,11 @@ def test_bon_one_child_each(spec: tuple[int, int, int]) -> None:
     assert sum(sel.counts.values()) == len(frontier)
 
 
-@pytest.mark.parametrize("name", ["bon", "rebase", "beam", "dvts", "ets"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_root_gets_the_whole_width(name: str) -> None:
     tree = Tree("prompt", 10)
-    sel = get_method(name)(tree, [0], 16, SearchConfig(width=16), SelectContext())
+    select = get_method(name).select
+    sel = select_step(select, tree, [0], 16, 0, SearchConfig(width=16, method=name), SelectContext())
     assert sel.counts == {0: 16}
 
 
@@ -195,13 +197,13 @@ def simulate(
     rng = np.random.default_rng(seed)
     cfg = SearchConfig(width=width, method=name, lambda_s=0.0, **(cfg_extra or {}))
     tree = Tree("prompt", 10)
-    select_fn = get_method(name)
+    select_fn = get_method(name).select
     frontier, depth = [0], 0
     while depth < 12:
         remaining = width - len(tree.leaves())
         if remaining <= 0 or not frontier:
             break
-        sel = select_fn(tree, frontier, remaining, cfg, SelectContext())
+        sel = select_step(select_fn, tree, frontier, remaining, depth, cfg, SelectContext())
         for idx, n in sel.counts.items():
             for _ in range(n):
                 tree.add_child(
@@ -212,6 +214,23 @@ def simulate(
     for idx in tree.frontier(depth):
         tree.nodes[idx].terminal = True  # the depth cap ends what is left
     return tree
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("width", [3, 16])
+def test_every_registered_method_decides_for_the_whole_frontier(name: str, width: int) -> None:
+    """What the loop needs of any method: a count >= 0 for each frontier node, progress, determinism."""
+    for seed in range(3):
+        tree, frontier, emb = grow_tree(seed, width, 3)
+        cfg = SearchConfig(method=name, width=width, lambda_s=0.0)
+        remaining = width - len(tree.leaves())
+        if remaining <= 0 or not frontier:
+            continue
+        ctx = SelectContext(embedder=emb)
+        sel = get_method(name).select(tree, frontier, remaining, cfg, ctx)
+        assert set(sel.counts) == set(frontier)
+        assert all(n >= 0 for n in sel.counts.values()) and sum(sel.counts.values()) >= 1
+        assert get_method(name).select(tree, frontier, remaining, cfg, ctx).counts == sel.counts
 
 
 @pytest.mark.parametrize("name", ["bon", "rebase", "ets"])
@@ -246,7 +265,7 @@ def test_dvts_invariants(seed: int, width: int, fixed: int | None) -> None:
     sub_tree = _truncate(tree, depth)  # select afresh over this depth, as if it were the newest
     left = widths_left(sub_tree, groups, width, n_sub)
     cfg = SearchConfig(width=width, dvts_subtrees=fixed)
-    sel = get_method("dvts")(sub_tree, frontier, width - len(sub_tree.leaves()), cfg, SelectContext())
+    sel = get_method("dvts").select(sub_tree, frontier, width - len(sub_tree.leaves()), cfg, SelectContext())
     assert sum(split_evenly(width, n_sub)) == width
     live = {groups[sub_tree.subtree_root(i)] for i in frontier}
     assert sum(sel.counts.values()) == sum(max(left[g], 0) for g in live)
@@ -269,13 +288,13 @@ def _truncate(tree: Tree, depth: int) -> Tree:
 def test_dvts_hand_built() -> None:
     tree = Tree("p", 3)
     first = [tree.add_child(0, "a", 1, score=s).idx for s in (0.1, 0.7, 0.3, 0.2)]
-    sel = get_method("dvts")(tree, first, 4, SearchConfig(width=4), SelectContext())
+    sel = get_method("dvts").select(tree, first, 4, SearchConfig(width=4), SelectContext())
     assert sel.counts == {first[0]: 0, first[1]: 2, first[2]: 2, first[3]: 0}  # 2 subtrees of 2
     kids = [tree.add_child(first[1], "b", 1, score=s).idx for s in (0.4, 0.9)]
     kids += [tree.add_child(first[2], "b", 1, score=0.5, terminal=True).idx]
     kids += [tree.add_child(first[2], "b", 1, score=0.6).idx]
     frontier = [k for k in kids if not tree.nodes[k].terminal]
-    sel = get_method("dvts")(tree, frontier, 3, SearchConfig(width=4), SelectContext())
+    sel = get_method("dvts").select(tree, frontier, 3, SearchConfig(width=4), SelectContext())
     assert sel.counts == {kids[0]: 0, kids[1]: 2, kids[3]: 1}  # subtree 2 lost one to its leaf
 
 

@@ -18,11 +18,12 @@ from etsq.db.session import session_scope
 from etsq.errors import ModelError, TransientError
 from etsq.models import sglang
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
+from etsq.models.config import ModelConfig
 from etsq.models.local import LocalPRM, load_causal_lm
 from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
 from etsq.settings import Settings
 from etsq.worker import run_job
-from tests.helpers import FAST, etsq, tiny_config
+from tests.helpers import FAST, cli, etsq, one_error_line, tiny_config
 from tests.model_servers import start_sglang_standin
 from tests.services import HttpServiceHandle
 from tests.tinymodel import build_tiny_model
@@ -124,56 +125,38 @@ def test_reference_fork_mode_scores_like_stock_logprobs(
             sglang.SGLangPRM(served, "judge", api="fork")
 
 
-def _worker_check(*args: str) -> Any:
-    return etsq("worker", *args, env={"ETSQ_HTTP_RETRIES": "2"}, timeout=120)
+def _worker_check(*args: str) -> str:
+    """The one error line of a worker that refuses its servers at start (in-process: it never starts)."""
+    return one_error_line(cli("worker", *args, env={"ETSQ_HTTP_RETRIES": "2"}))
 
 
 def test_worker_start_names_a_server_that_is_down(tmp_path: Path) -> None:
-    proc = _worker_check("--backend", "sglang", "--policy-url", f"http://127.0.0.1:{free_local_port()}")
-    assert proc.returncode == 2
-    [line] = proc.stderr.strip().splitlines()
+    line = _worker_check("--backend", "sglang", "--policy-url", f"http://127.0.0.1:{free_local_port()}")
     assert line.startswith("etsq: error: cannot reach the sglang servers") and "ConnectError" in line
 
 
 def test_worker_start_rejects_servers_of_the_wrong_kind(
     sglang_server: HttpServiceHandle, tmp_path: Path
 ) -> None:
-    proc = _worker_check("--backend", "openai", "--policy-url", sglang_server.url)
-    assert proc.returncode == 2
-    [line] = proc.stderr.strip().splitlines()
+    line = _worker_check("--backend", "openai", "--policy-url", sglang_server.url)
     assert "is not an OpenAI-compatible server" in line and "404" in line
     small = build_tiny_model(tmp_path / "small-vocab", vocab_size=270)
     with start_sglang_standin(small, tmp_path / "srv") as wrong_prm:
-        proc = _worker_check(
+        line = _worker_check(
             "--backend", "sglang", "--policy-url", sglang_server.url, "--prm-url", wrong_prm.url
         )
-        assert proc.returncode == 2
-        [line] = proc.stderr.strip().splitlines()
         assert "wrong kind of PRM server" in line and "'Yes'" in line and wrong_prm.url in line
 
 
-def _server_models(url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "backend": "sglang",
-        "policy_url": url,
-        "prm_url": url,
-        "policy": None,
-        "prm": None,
-        "prm_family": "judge",
-        "prm_api": "logprob",
-        "embedding": None,
-        **extra,
-    }
+def _server_models(url: str, **extra: Any) -> ModelConfig:
+    return ModelConfig.create("sglang", policy_url=url, prm_url=url, prm_family="judge", **extra)
 
 
-def test_a_job_whose_server_is_down_is_retried_not_failed(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ETSQ_HTTP_RETRIES", "1")
+def test_a_job_whose_server_is_down_is_retried_not_failed(db_url: str) -> None:
     spec = RunSpec("gsm8k", tiny_config(), _server_models(f"http://127.0.0.1:{free_local_port()}"), limit=1)
     run_id, _ = create_run(db_url, spec, load_problems(Settings.from_env(), spec), ["etsq"])
     [(job_id, _)] = queued_jobs(db_url, run_id, "etsq")
-    settings = Settings(**{**vars(Settings.from_env()), "database_url": db_url})
+    settings = Settings.from_env().with_(database_url=db_url, http_retries=1)
     with pytest.raises(TransientError, match="ConnectError"):
         run_job(job_id, settings)
     with session_scope(db_url) as s:

@@ -25,7 +25,7 @@ from etsq.db.session import session_scope
 from etsq.models import openai_compat as oc
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.local import LocalPRM, load_causal_lm
-from tests.helpers import etsq, etsq_json
+from tests.helpers import cli, etsq, etsq_json, one_error_line
 from tests.services import HttpServiceHandle, RedisHandle
 
 pytestmark = pytest.mark.slow
@@ -80,9 +80,7 @@ def test_prm_prompt_logprobs_match_the_in_process_prm(served: oc.ServedModel, sm
 
 
 def test_an_sglang_client_refuses_the_vllm_server(vllm_server: HttpServiceHandle) -> None:
-    proc = etsq("worker", "--backend", "sglang", "--policy-url", vllm_server.url, timeout=120)
-    assert proc.returncode == 2
-    [line] = proc.stderr.strip().splitlines()
+    line = one_error_line(cli("worker", "--backend", "sglang", "--policy-url", vllm_server.url))
     assert "is not an SGLang server" in line and "404" in line
 
 

@@ -1,1 +1,1 @@
-"""Celery shims: the app and its one task, thin wrappers over etsq.worker."""
+"""The Celery entry point (`celery -A workers.app`): a shim over etsq.celery_app."""

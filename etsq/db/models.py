@@ -9,7 +9,9 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Index,
@@ -17,9 +19,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from etsq.statuses import JobStatus
 
 # Stable constraint names so Alembic migrations are identical on SQLite and Postgres.
 NAMING = {
@@ -33,8 +38,21 @@ NAMING = {
 # SQLite only auto-increments INTEGER PRIMARY KEY, so BIGINT ids fall back to INTEGER there.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-FINISHED = ("done", "failed", "cancelled")
+
+class StatusType(TypeDecorator[JobStatus]):
+    """A job status stored as its string and read back as a JobStatus."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
+_JOB_STATUS_CHECK = "status IN ({})".format(", ".join(f"'{s.value}'" for s in JobStatus))
 
 
 def utcnow() -> datetime:
@@ -86,12 +104,15 @@ class Job(Base):
     """One problem of one run: the unit of work a Celery task takes by id."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("run_id", "problem_id"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "problem_id"),
+        CheckConstraint(_JOB_STATUS_CHECK, name="status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     problem_id: Mapped[int] = mapped_column(ForeignKey("problems.id"))
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[JobStatus] = mapped_column(StatusType(), default=JobStatus.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)

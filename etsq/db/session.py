@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,6 +55,13 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def rows_affected(s: Session, stmt: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it changed."""
+    result = s.execute(stmt)
+    assert isinstance(result, CursorResult), "UPDATE and DELETE return a cursor result"
+    return int(result.rowcount or 0)
 
 
 def migrations_dir() -> Path:

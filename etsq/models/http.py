@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 
 from etsq.errors import PermanentError, TransientError
+from etsq.settings import Settings
 
 log = logging.getLogger(__name__)
 # The KV monitor polls /metrics several times a second; httpx's one INFO line per request would
@@ -50,16 +51,13 @@ class RetryConfig:
     read_timeout_s: float = 600.0  # one depth's generation may legitimately take minutes on CPU
 
     @classmethod
-    def from_env(cls) -> RetryConfig:
-        """Defaults, overridden by $ETSQ_HTTP_RETRIES and $ETSQ_HTTP_TIMEOUT (read timeout, s)."""
-        base = cls()
-        attempts = int(os.environ.get("ETSQ_HTTP_RETRIES", base.attempts))
-        timeout = float(os.environ.get("ETSQ_HTTP_TIMEOUT", base.read_timeout_s))
-        return cls(attempts=max(1, attempts), read_timeout_s=timeout)
+    def from_settings(cls, settings: Settings) -> RetryConfig:
+        """Defaults, with the attempts and read timeout of ETSQ_HTTP_RETRIES and ETSQ_HTTP_TIMEOUT."""
+        return cls(attempts=settings.http_retries, read_timeout_s=settings.http_timeout_s)
 
     def pause(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (0-based)."""
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
 
     def timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
@@ -104,7 +102,7 @@ def client_for(url: str, retry: RetryConfig | None = None) -> ServerClient:
     with _state_lock:
         clients: dict[str, ServerClient] = _fresh_state()["clients"]
         if base not in clients:
-            clients[base] = ServerClient(base, retry or RetryConfig.from_env())
+            clients[base] = ServerClient(base, retry or RetryConfig())
         return clients[base]
 
 

@@ -68,18 +68,17 @@ class LoadedModel:
         return str(self.model.dtype).removeprefix("torch.")
 
 
-def configure_threads() -> int:
-    """Set torch's intra-op threads from $ETSQ_TORCH_THREADS, else one fewer than this process's CPUs.
+def configure_threads(wanted: int | None = None) -> int:
+    """Set torch's intra-op threads to `wanted` (ETSQ_TORCH_THREADS), else one fewer than this process's CPUs.
 
     One core is left to the rest of the worker (Celery, database writes, the CLI beside it):
     OpenMP threads that share a core spin against each other, and on 2 cores generation measured
     1.3 tok/s with 2 threads against 32.8 tok/s with 1.
     """
-    wanted = os.environ.get("ETSQ_TORCH_THREADS")
-    threads = int(wanted) if wanted else max(1, len(os.sched_getaffinity(0)) - 1)
+    threads = wanted or max(1, len(os.sched_getaffinity(0)) - 1)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
+    return int(torch.get_num_threads())
 
 
 def _load_dtype() -> torch.dtype | str:
@@ -87,9 +86,9 @@ def _load_dtype() -> torch.dtype | str:
     return "auto" if torch.cuda.is_available() else torch.float32
 
 
-def load_causal_lm(path: str) -> LoadedModel:
+def load_causal_lm(path: str, threads: int | None = None) -> LoadedModel:
     """Load a model directory or hub id for inference; raises ModelError when that fails."""
-    configure_threads()
+    configure_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_load_dtype())
@@ -279,8 +278,8 @@ def _context_decoder(
     prefix = tokenizer.decode(context)
 
     def decode(ids: Sequence[int]) -> str:
-        text = tokenizer.decode(context + list(ids))
-        return text[len(prefix) :] if text.startswith(prefix) else tokenizer.decode(list(ids))
+        text = str(tokenizer.decode(context + list(ids)))
+        return str(text[len(prefix) :] if text.startswith(prefix) else tokenizer.decode(list(ids)))
 
     return decode
 
@@ -295,7 +294,7 @@ def label_token_id(tokenizer: PreTrainedTokenizerBase, label: str, path: str) ->
         raise ModelError(
             f"PRM label {label!r} is {len(ids)} tokens {ids} in the tokenizer of {path!r}, not one"
         )
-    return ids[0]
+    return int(ids[0])
 
 
 class LocalPRM:
@@ -337,4 +336,4 @@ class LocalPRM:
         with torch.inference_mode():
             out = self.loaded.model(**enc, position_ids=positions, use_cache=False, logits_to_keep=1)
         pair = out.logits[:, -1, self.label_ids].float()
-        return torch.softmax(pair, dim=-1)[:, 0].tolist()
+        return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0].tolist()]

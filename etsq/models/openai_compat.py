@@ -23,30 +23,48 @@ cached tokens on every PRM request), so each score prefills its text twice.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from etsq.errors import ConfigError, ModelError, PermanentError
-from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample
-from etsq.models.http import client_for, gather_all
+from etsq.errors import ModelError, PermanentError
+from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
+from etsq.models.config import ModelConfig
+from etsq.models.http import RetryConfig, client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import (
-    RemoteRole,
+    RemotePolicy,
+    RemotePRM,
     ServedModel,
     abort,
     batches,
     delimited_step,
     label_token_ids,
-    local_tokens,
+    ready,
+    tokenize,
     two_way,
 )
+from etsq.settings import Settings
 
 BACKEND = "openai"
 
 
-def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
+def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
+    """The backend loader (see etsq.models.backends): the run's models, once both servers answer."""
+    return ready(*_connect_pair(cfg, RetryConfig.from_settings(settings)))
+
+
+@lru_cache(maxsize=8)
+def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[OpenAIPolicy, OpenAIPRM]:
+    # Cached per process: a long-lived worker keeps one pooled client per server across jobs.
+    assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
+    policy = OpenAIPolicy(connect(cfg.policy_url, cfg.policy, retry))
+    return policy, OpenAIPRM(connect(cfg.prm_url, cfg.prm, retry), cfg.prm_family)
+
+
+def connect(url: str, tokenizer_spec: str | None = None, retry: RetryConfig | None = None) -> ServedModel:
     """The model an OpenAI-compatible server serves; ModelError if the URL is not one."""
-    client = client_for(url)
+    client = client_for(url, retry)
     try:
         listing = client.call(client.get_json("/v1/models"))
     except PermanentError as exc:
@@ -66,15 +84,6 @@ def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
         **({"max_model_len": str(model["max_model_len"])} if "max_model_len" in model else {}),
     }
     return ServedModel(BACKEND, client, str(model["id"]), source, template_tokenizer(source), details)
-
-
-async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
-    body = {"model": served.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
-    try:
-        out = await served.client.post_json("/tokenize", body)
-    except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
-        return local_tokens(served, text, add_special_tokens, exc)
-    return [int(t) for t in out["tokens"]]
 
 
 def finish_reason(choice: dict[str, Any], where: str) -> str:
@@ -102,7 +111,7 @@ def _choices(out: Any, expected: int, where: str) -> list[dict[str, Any]]:
     return sorted(choices, key=lambda c: int(c.get("index", 0)))
 
 
-class OpenAIPolicy(RemoteRole):
+class OpenAIPolicy(RemotePolicy):
     """The `Policy` protocol on an OpenAI-compatible server."""
 
     health_path = "/v1/models"  # every OpenAI-compatible server has it; /health is vLLM's own
@@ -111,26 +120,8 @@ class OpenAIPolicy(RemoteRole):
         super().__init__(served, "vllm")
         # A chat template already writes BOS into the text; plain prompts get the tokenizer's.
         self.add_special_tokens = not has_chat_template(served.template)
-        self.info = served.info("policy")
-
-    def format_prompt(self, question: str) -> str:
-        return self.served.format_prompt(question)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.client.call(tokenize(self.served, text, self.add_special_tokens)))
-
-    def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
-        if params.max_step_tokens < 1:
-            raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
-
-        async def fan_out() -> list[list[StepSample]]:
-            return await gather_all(*(self._expand_one(req, params) for req in requests))
-
-        return self._run(fan_out)  # type: ignore[no-any-return]
 
     async def _expand_one(self, req: ExpandRequest, params: SamplingParams) -> list[StepSample]:
-        if req.n <= 0:
-            return []
         out = await self.client.post_json("/v1/completions", self._body(req, params))
         usage = out.get("usage") or {}
         self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
@@ -163,7 +154,7 @@ class OpenAIPolicy(RemoteRole):
         return delimited_step(str(choice.get("text", "")), reason, delimiter, tokens)
 
 
-class OpenAIPRM(RemoteRole):
+class OpenAIPRM(RemotePRM):
     """The `PRM` protocol on an OpenAI-compatible server, from prompt logprobs of the label tokens."""
 
     health_path = "/v1/models"
@@ -173,9 +164,6 @@ class OpenAIPRM(RemoteRole):
         self.family = get_family(family)
         self.label_ids = label_token_ids(self.family, self._tokenize_label, served.url)
         self.info = served.info("prm", family=self.family.name, prm_api="prompt-logprobs")
-
-    def _tokenize_label(self, label: str) -> list[int]:
-        return self.client.call(tokenize(self.served, label, False))
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.served.template, req) for req in requests]

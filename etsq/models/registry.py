@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from etsq.errors import ModelError
 from etsq.models.base import PRM, Policy
+from etsq.models.config import ModelConfig
 from etsq.models.smollm import ensure_smollm2
+from etsq.settings import Settings
 
 if TYPE_CHECKING:
     from etsq.models.local import LoadedModel
@@ -40,13 +42,13 @@ def resolve_model_path(spec: str, home: Path) -> str:
     return spec
 
 
-def load_model(path: str) -> LoadedModel:
+def load_model(path: str, threads: int | None = None) -> LoadedModel:
     """The loaded model at `path`, loading it on first use in this process."""
     from etsq.models.local import load_causal_lm
 
     with _lock:  # a second thread asking for the same model waits instead of loading a copy
         if path not in _loaded:
-            _loaded[path] = load_causal_lm(path)
+            _loaded[path] = load_causal_lm(path, threads)
         return _loaded[path]
 
 
@@ -56,12 +58,18 @@ def clear_cache() -> None:
         _loaded.clear()
 
 
+def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
+    """The backend loader (see etsq.models.backends): in-process models, each loaded once per process."""
+    assert cfg.policy and cfg.prm, "ModelConfig.create names both models"
+    return load_local_models(cfg.policy, cfg.prm, settings.home, cfg.prm_family, settings.torch_threads)
+
+
 def load_local_models(
-    policy_spec: str, prm_spec: str, home: Path, prm_family: str = "judge"
+    policy_spec: str, prm_spec: str, home: Path, prm_family: str = "judge", threads: int | None = None
 ) -> tuple[Policy, PRM]:
     """An in-process policy and PRM; the same resolved path gives one shared model object."""
     from etsq.models.local import LocalPolicy, LocalPRM
 
-    policy_model = load_model(resolve_model_path(policy_spec, home))
-    prm_model = load_model(resolve_model_path(prm_spec, home))
+    policy_model = load_model(resolve_model_path(policy_spec, home), threads)
+    prm_model = load_model(resolve_model_path(prm_spec, home), threads)
     return LocalPolicy(policy_model, name=policy_spec), LocalPRM(prm_model, prm_family, name=prm_spec)

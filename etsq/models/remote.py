@@ -1,8 +1,10 @@
-"""What the HTTP backends share: a served model's identity, step parsing and label scoring.
+"""What the HTTP backends share: a served model's identity, the policy and PRM bases, step parsing.
 
 `ServedModel` is one model behind one server URL as the backends see it: the pooled client, the KV
-monitor, the served model's id and the tokenizer whose chat template formats prompts.  The SGLang
-and OpenAI-compatible policies and PRMs build on it.
+monitor, the served model's id and the tokenizer whose chat template formats prompts.
+`RemotePolicy` and `RemotePRM` hold what the SGLang and OpenAI-compatible clients do alike (prompt
+formatting, token counting through `/tokenize`, the per-depth fan-out, label token ids); each backend
+module adds only its own request and response shapes.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from etsq.errors import ModelError, PermanentError, TransientError
-from etsq.models.base import ModelInfo, StepSample
-from etsq.models.http import ServerClient
+from etsq.errors import ConfigError, ModelError, PermanentError, TransientError
+from etsq.models.base import PRM, ExpandRequest, ModelInfo, Policy, SamplingParams, StepSample
+from etsq.models.http import ServerClient, gather_all
 from etsq.models.metrics import KVMonitor
 from etsq.models.prm_families import PRMFamily
 from etsq.models.prompts import format_question, has_chat_template
@@ -73,6 +75,62 @@ class RemoteRole:
             return await self.monitor.watch(work())
 
         return self.client.call(watched())
+
+
+class RemotePolicy(RemoteRole):
+    """The `Policy` protocol over HTTP: every child of a depth is requested at once."""
+
+    add_special_tokens = True  # whether the server adds the tokenizer's BOS to a raw text prompt
+
+    def __init__(self, served: ServedModel, flavour: str) -> None:
+        super().__init__(served, flavour)
+        self.info = served.info("policy")
+
+    def format_prompt(self, question: str) -> str:
+        return self.served.format_prompt(question)
+
+    def count_tokens(self, text: str) -> int:
+        # Count what the server will prefill for this text.
+        return len(self.client.call(tokenize(self.served, text, self.add_special_tokens)))
+
+    def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
+        if params.max_step_tokens < 1:
+            raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
+
+        async def fan_out() -> list[list[StepSample]]:
+            return await gather_all(*(self._expand_one(req, params) for req in requests if req.n > 0))
+
+        samples = iter(self._run(fan_out))
+        return [next(samples) if req.n > 0 else [] for req in requests]
+
+    async def _expand_one(self, req: ExpandRequest, params: SamplingParams) -> list[StepSample]:
+        """The `req.n` children of one node, in one request."""
+        raise NotImplementedError
+
+
+class RemotePRM(RemoteRole):
+    """Base of the HTTP PRMs: label token ids come from the server's own tokenizer."""
+
+    def _tokenize_label(self, label: str) -> list[int]:
+        return self.client.call(tokenize(self.served, label, False))
+
+
+def ready(policy: Policy, prm: PRM) -> tuple[Policy, PRM]:
+    """The models, once both servers answer their health check (TransientError otherwise)."""
+    for model in (policy, prm):
+        if isinstance(model, RemoteRole):
+            model.ensure_reachable()
+    return policy, prm
+
+
+async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids from the server's `/tokenize` (SGLang and vLLM take the same body)."""
+    body = {"model": served.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
+    try:
+        out = await served.client.post_json("/tokenize", body)
+    except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
+        return local_tokens(served, text, add_special_tokens, exc)
+    return [int(t) for t in out["tokens"]]
 
 
 def local_tokens(served: ServedModel, text: str, add_special_tokens: bool, exc: PermanentError) -> list[int]:

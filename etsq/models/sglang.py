@@ -22,31 +22,47 @@ and returns `scores` (one per step tag); `prm_api="fork"` speaks that.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from etsq.errors import ConfigError, ModelError, PermanentError
-from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample, child_seed
-from etsq.models.http import client_for, gather_all
+from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample, child_seed
+from etsq.models.config import PRM_APIS, ModelConfig
+from etsq.models.http import RetryConfig, client_for, gather_all
 from etsq.models.prm_families import PRMFamily, get_family
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
-    RemoteRole,
+    RemotePolicy,
+    RemotePRM,
     ServedModel,
     abort,
     batches,
     delimited_step,
     label_token_ids,
-    local_tokens,
+    ready,
     two_way,
 )
-from etsq.models.servers import PRM_APIS
+from etsq.settings import Settings
 
 BACKEND = "sglang"
 
 
-def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
+def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
+    """The backend loader (see etsq.models.backends): the run's models, once both servers answer."""
+    return ready(*_connect_pair(cfg, RetryConfig.from_settings(settings)))
+
+
+@lru_cache(maxsize=8)
+def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[SGLangPolicy, SGLangPRM]:
+    # Cached per process: a long-lived worker keeps one pooled client per server across jobs.
+    assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
+    policy = SGLangPolicy(connect(cfg.policy_url, cfg.policy, retry))
+    return policy, SGLangPRM(connect(cfg.prm_url, cfg.prm, retry), cfg.prm_family, cfg.prm_api)
+
+
+def connect(url: str, tokenizer_spec: str | None = None, retry: RetryConfig | None = None) -> ServedModel:
     """The model an SGLang server serves; ModelError if the URL is not an SGLang generation server."""
-    client = client_for(url)
+    client = client_for(url, retry)
     try:
         info = client.call(client.get_json("/get_model_info"))
     except PermanentError as exc:
@@ -60,24 +76,14 @@ def connect(url: str, tokenizer_spec: str | None = None) -> ServedModel:
     return ServedModel(BACKEND, client, str(info["model_path"]), source, template_tokenizer(source), details)
 
 
-async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
-    body = {"model": served.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
-    try:
-        out = await served.client.post_json("/tokenize", body)
-    except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
-        return local_tokens(served, text, add_special_tokens, exc)
-    return [int(t) for t in out["tokens"]]
-
-
 def finish_reason(reason: Any, where: str) -> str:
     """SGLang's finish_reason as a StepSample reason: a matched stop string, EOS (a token id) or length."""
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind == "length" or kind is None:
         return "length"
     if kind == "stop":
-        return (
-            "stop" if isinstance(reason.get("matched") if isinstance(reason, dict) else None, str) else "eos"
-        )
+        matched = reason.get("matched") if isinstance(reason, dict) else None
+        return "stop" if isinstance(matched, str) else "eos"
     if kind == "abort":
         raise abort(where, reason)
     raise ModelError(f"{where}: unknown finish_reason {reason!r}")
@@ -90,32 +96,13 @@ def _items(out: Any, expected: int, where: str) -> list[dict[str, Any]]:
     return items
 
 
-class SGLangPolicy(RemoteRole):
+class SGLangPolicy(RemotePolicy):
     """The `Policy` protocol on an SGLang server."""
 
     def __init__(self, served: ServedModel) -> None:
         super().__init__(served, "sglang")
-        self.info = served.info("policy")
-
-    def format_prompt(self, question: str) -> str:
-        return self.served.format_prompt(question)
-
-    def count_tokens(self, text: str) -> int:
-        # /generate tokenizes text with the tokenizer's special tokens; count what it will prefill.
-        return len(self.client.call(tokenize(self.served, text, True)))
-
-    def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
-        if params.max_step_tokens < 1:
-            raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
-
-        async def fan_out() -> list[list[StepSample]]:
-            return await gather_all(*(self._expand_one(req, params) for req in requests))
-
-        return self._run(fan_out)  # type: ignore[no-any-return]
 
     async def _expand_one(self, req: ExpandRequest, params: SamplingParams) -> list[StepSample]:
-        if req.n <= 0:
-            return []
         body = {
             "text": [req.text] * req.n,
             "sampling_params": [self._sampling(params, child_seed(req.seed, i)) for i in range(req.n)],
@@ -141,7 +128,7 @@ class SGLangPolicy(RemoteRole):
         return delimited_step(str(item.get("text", "")), reason, delimiter, int(meta["completion_tokens"]))
 
 
-class SGLangPRM(RemoteRole):
+class SGLangPRM(RemotePRM):
     """The `PRM` protocol on an SGLang server, prompted as one of the PRM families."""
 
     def __init__(self, served: ServedModel, family: str | PRMFamily = "judge", api: str = "logprob") -> None:
@@ -153,9 +140,6 @@ class SGLangPRM(RemoteRole):
             self.family, self._tokenize_label, served.url, step_tag=api == "fork"
         )
         self.info = served.info("prm", family=self.family.name, prm_api=api)
-
-    def _tokenize_label(self, label: str) -> list[int]:
-        return self.client.call(tokenize(self.served, label, False))
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.served.template, req) for req in requests]

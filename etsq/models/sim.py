@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import numpy as np
 
-from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequest, StepSample
+from etsq.models.base import PRM, ExpandRequest, ModelInfo, Policy, SamplingParams, ScoreRequest, StepSample
+from etsq.models.config import ModelConfig
+from etsq.settings import Settings
 
 _PHRASES = (
     "Let x be the unknown quantity",
@@ -37,6 +40,11 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
+    """The backend loader (see etsq.models.backends)."""
+    return SimPolicy(cfg.sim_latency_s, cfg.sim_answer_every), SimPRM(cfg.sim_latency_s)
+
+
 class SimPolicy:
     """Instant (or `latency_s`-slow) synthetic steps; about one in `answer_every` steps ends."""
 
@@ -49,6 +57,9 @@ class SimPolicy:
 
     def count_tokens(self, text: str) -> int:
         return max(1, len(text.split()))
+
+    def server_stats(self) -> dict[str, Any]:
+        return {}  # no server
 
     def expand(self, requests: list[ExpandRequest], params: SamplingParams) -> list[list[StepSample]]:
         if self.latency_s:
@@ -76,6 +87,9 @@ class SimPRM:
     def __init__(self, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
         self.info = ModelInfo("sim", "sim", {"synthetic": "true"})
+
+    def server_stats(self) -> dict[str, Any]:
+        return {}
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         if self.latency_s:

@@ -20,8 +20,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.linalg.blas import dsyrk
 
 from etsq.errors import ConfigError
 
@@ -62,6 +60,8 @@ def cosine_condensed(embeddings: np.ndarray) -> np.ndarray:
     # syrk computes one triangle of unit @ unit.T (half a full product's flops); its Fortran
     # lower triangle read transposed is a C-order upper triangle, gathered contiguously.
     with _single_blas_thread():
+        from scipy.linalg.blas import dsyrk  # scipy is imported on first use: the CLI never needs it
+
         gram = dsyrk(1.0, unit.T, trans=1, lower=1).T
     dist: np.ndarray = 1.0 - gram[_upper_mask(len(emb))]
     np.clip(dist, 0.0, 2.0, out=dist)
@@ -73,6 +73,8 @@ def cluster_embeddings(embeddings: np.ndarray, threshold: float) -> np.ndarray:
     n = len(embeddings)
     if n <= 1:
         return np.zeros(n, dtype=np.int64)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
     tree = linkage(cosine_condensed(embeddings), method="average")
     labels: np.ndarray = fcluster(tree, t=threshold, criterion="distance").astype(np.int64)
     return labels - 1

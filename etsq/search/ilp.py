@@ -456,7 +456,7 @@ def solve_highs(model: MatrixModel) -> list[float]:
     """Column values from HiGHS in-process; PermanentError unless it proves an optimum."""
     import highspy
 
-    h = highspy.Highs()  # type: ignore[no-untyped-call]
+    h = highspy.Highs()
     for name, value in _HIGHS_OPTIONS.items():
         h.setOptionValue(name, value)
     h.passModel(_highs_lp(model))

@@ -70,6 +70,24 @@ def terminal_reason(node: Node, sample: StepSample, cfg: SearchConfig, prompt_to
     return None
 
 
+def select_step(
+    select_fn: SelectFn,
+    tree: Tree,
+    frontier: list[int],
+    remaining: int,
+    depth: int,
+    cfg: SearchConfig,
+    ctx: SelectContext,
+) -> Selection:
+    """One depth's selection: the root gets every child, a spent width or an empty frontier none,
+    and any other depth is the method's to decide."""
+    if remaining <= 0 or not frontier:
+        return Selection(counts={i: 0 for i in frontier})
+    if depth == 0:
+        return Selection(counts={frontier[0]: remaining})
+    return select_fn(tree, frontier, remaining, cfg, ctx)
+
+
 def _server_stats(model: object) -> dict[str, Any]:
     # Optional in the protocols: a third-party model without it simply has no server figures.
     stats = getattr(model, "server_stats", None)
@@ -133,13 +151,9 @@ class Searcher:
         return record
 
     def _select(self, tree: Tree, frontier: list[int], remaining: int, depth: int) -> Selection:
-        if remaining <= 0 or not frontier:
-            return Selection(counts={i: 0 for i in frontier})
-        if depth == 0:
-            return Selection(counts={0: remaining})
         rng = np.random.default_rng(stable_seed(self.cfg.seed, self.key, "select", depth))
         ctx = SelectContext(embedder=self.embedder, rng=rng)
-        return self.select_fn(tree, frontier, remaining, self.cfg, ctx)
+        return select_step(self.select_fn, tree, frontier, remaining, depth, self.cfg, ctx)
 
     @staticmethod
     def _mark(tree: Tree, selection: Selection) -> None:

@@ -1,29 +1,39 @@
-"""Registry of select methods: one module per method, each a function over the frontier."""
+"""Registry of search methods: one module per method, each a select function over the frontier.
+
+Adding a method: its module (a `select` function, see `SelectFn`), one line in `METHODS`, its tests.
+"""
 
 from __future__ import annotations
 
-from etsq.errors import ConfigError
-from etsq.search.methods.base import SelectContext, SelectFn, Selection
-from etsq.search.methods.beam import select as beam_select
-from etsq.search.methods.bon import select as bon_select
-from etsq.search.methods.dvts import select as dvts_select
-from etsq.search.methods.ets import select as ets_select
-from etsq.search.methods.rebase import select as rebase_select
+from dataclasses import dataclass
 
-METHODS: dict[str, SelectFn] = {
-    "rebase": rebase_select,
-    "bon": bon_select,
-    "beam": beam_select,
-    "dvts": dvts_select,
-    "ets": ets_select,
+from etsq.errors import ConfigError
+from etsq.search.methods import beam, bon, dvts, ets, rebase
+from etsq.search.methods.base import SelectContext, SelectFn, Selection
+
+
+@dataclass(frozen=True)
+class Method:
+    """A search method: its select step, and whether that step needs sentence embeddings."""
+
+    select: SelectFn
+    needs_embedder: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "rebase": Method(rebase.select),
+    "bon": Method(bon.select),
+    "beam": Method(beam.select),
+    "dvts": Method(dvts.select),
+    "ets": Method(ets.select, needs_embedder=True),
 }
 
 
-def get_method(name: str) -> SelectFn:
+def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "SelectContext", "SelectFn", "Selection", "get_method"]
+__all__ = ["METHODS", "Method", "SelectContext", "SelectFn", "Selection", "get_method"]

@@ -43,6 +43,9 @@ class Selection:
 
 
 class SelectFn(Protocol):
+    """A method's select step.  The loop calls it only from depth 1 on, with a non-empty frontier
+    and `remaining > 0` (the root's expansion and the end of the search are the loop's own)."""
+
     def __call__(
         self, tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
     ) -> Selection: ...

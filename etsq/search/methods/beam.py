@@ -13,7 +13,7 @@ import math
 from etsq.errors import ConfigError
 from etsq.search.config import SearchConfig
 from etsq.search.methods.base import SelectContext, Selection
-from etsq.search.methods.rebase import frontier_scores, root_selection, score_order
+from etsq.search.methods.rebase import frontier_scores, score_order
 from etsq.search.tree import Tree
 
 
@@ -30,12 +30,7 @@ def select(
     tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
 ) -> Selection:
     """Top-k by score, each with ceil(remaining / k) children."""
-    root = root_selection(tree, frontier, remaining)
-    if root is not None:
-        return root
     counts = {idx: 0 for idx in frontier}
-    if remaining <= 0:
-        return Selection(counts=counts)
     k = beam_count(remaining, cfg.beam_k)
     per_node = math.ceil(remaining / k)
     for pos in score_order(frontier_scores(tree, frontier))[:k]:

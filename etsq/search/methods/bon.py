@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from etsq.search.config import SearchConfig
 from etsq.search.methods.base import SelectContext, Selection
-from etsq.search.methods.rebase import root_selection
 from etsq.search.tree import Tree
 
 
 def select(
     tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
 ) -> Selection:
-    """One child per frontier node (the root, at the first expansion, gets all W)."""
-    root = root_selection(tree, frontier, remaining)
-    if root is not None:
-        return root
+    """One child per frontier node (the loop gives the root all W at the first expansion)."""
     return Selection(counts={idx: 1 for idx in frontier})

@@ -28,7 +28,7 @@ from collections import defaultdict
 from etsq.errors import ConfigError
 from etsq.search.config import SearchConfig
 from etsq.search.methods.base import SelectContext, Selection
-from etsq.search.methods.rebase import frontier_scores, root_selection, score_order
+from etsq.search.methods.rebase import frontier_scores, score_order
 from etsq.search.tree import Tree
 
 
@@ -94,9 +94,6 @@ def select(
     tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
 ) -> Selection:
     """Greedy one-per-parent selection inside each of S independent subtrees."""
-    root = root_selection(tree, frontier, remaining)
-    if root is not None:
-        return root
     n_first = len(tree.at_depth(1))
     n_subtrees = subtree_count(cfg.width, cfg.dvts_subtrees, n_first)
     groups = subtree_groups(tree, n_subtrees)

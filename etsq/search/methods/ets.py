@@ -32,7 +32,7 @@ from etsq.search import ilp
 from etsq.search.clusters import cluster_texts
 from etsq.search.config import SearchConfig
 from etsq.search.methods.base import SelectContext, Selection
-from etsq.search.methods.rebase import frontier_scores, rebase_allocate, root_selection, score_order
+from etsq.search.methods.rebase import frontier_scores, rebase_allocate, score_order
 from etsq.search.tree import Tree
 
 
@@ -103,11 +103,6 @@ def select(
     tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
 ) -> Selection:
     """Prune with the ETS program, then REBASE over the kept nodes."""
-    root = root_selection(tree, frontier, remaining)
-    if root is not None:
-        return root
-    if remaining <= 0:
-        return Selection(counts={i: 0 for i in frontier})
     scores = frontier_scores(tree, frontier)
     t0 = time.perf_counter()
     cluster_ids, clusters = frontier_clusters(tree, frontier, cfg, ctx)

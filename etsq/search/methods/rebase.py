@@ -10,7 +10,7 @@ weight overflows; the common factor cancels in every ratio below. Walking the so
 equal in exact arithmetic, but the suffix sums cannot drift below the last weight, so the last
 node always receives exactly what is left and the walk hands out exactly `remaining` children.
 
-The helpers at the top (scores, score order, root expansion) are shared by every method module.
+The helpers at the top (scores, score order) are shared by the other method modules.
 """
 
 from __future__ import annotations
@@ -42,13 +42,6 @@ def frontier_scores(tree: Tree, frontier: Sequence[int]) -> list[float]:
 def score_order(scores: Sequence[float]) -> list[int]:
     """Positions sorted by score, best first; equal scores keep their original order."""
     return sorted(range(len(scores)), key=lambda i: -scores[i])
-
-
-def root_selection(tree: Tree, frontier: Sequence[int], remaining: int) -> Selection | None:
-    """The first expansion (frontier = the root) gives the root every child; else None."""
-    if len(frontier) == 1 and tree.nodes[frontier[0]].parent is None:
-        return Selection(counts={frontier[0]: max(remaining, 0)})
-    return None
 
 
 def _ceil(ratio: float) -> int:
@@ -91,8 +84,5 @@ def select(
     tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
 ) -> Selection:
     """REBASE over the whole frontier."""
-    root = root_selection(tree, frontier, remaining)
-    if root is not None:
-        return root
     counts = rebase_allocate(frontier_scores(tree, frontier), remaining, cfg.softmax_temp)
     return Selection(counts=dict(zip(frontier, counts, strict=True)))

@@ -1,0 +1,32 @@
+"""Exporting a run: one JSON object per problem with its whole tree, to stdout or a file.
+
+A file is written beside its target and renamed into place, so a failed export never leaves a
+half-written file, and the run is checked to exist before anything is created.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from etsq.runs import export_jobs, statuses
+
+FORMATS = ("jsonl",)
+
+
+def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
+    """The export of a run, line by line (UserError for an unknown run, raised before the first line)."""
+    statuses(url, [run_id])
+    return (json.dumps(obj, ensure_ascii=False) + "\n" for obj in export_jobs(url, run_id))
+
+
+def write_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Write `lines` to `path` through a temporary sibling; on any error the sibling is removed."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

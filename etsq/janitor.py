@@ -1,0 +1,43 @@
+"""The janitor: a thread in every worker that queues again the jobs of workers that died.
+
+A running job's worker refreshes its heartbeat; a job whose heartbeat is older than
+ETSQ_STALE_AFTER_S goes back to 'queued' and is enqueued again, so a worker killed with -9
+loses nothing and needs no command to recover.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from etsq.jobs import requeue_stale
+from etsq.queue import enqueue
+from etsq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Janitor(threading.Thread):
+    """Sweeps every ETSQ_JANITOR_S seconds until stopped."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        super().__init__(name="etsq-janitor", daemon=True)
+        self.app, self.settings = app, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.sweep()
+            if self.stopped.wait(self.settings.janitor_s):
+                return
+
+    def sweep(self) -> None:
+        try:
+            stale = requeue_stale(self.settings.database_url, self.settings.stale_after_s)
+            if stale:
+                log.warning("re-enqueueing %d jobs of dead workers: %s", len(stale), [j for j, _ in stale])
+                default = self.app.conf.task_default_queue
+                enqueue(self.app, [(job_id, queue or default) for job_id, queue in stale])
+        except Exception:  # the next sweep tries again
+            log.warning("janitor sweep failed", exc_info=True)

@@ -1,0 +1,116 @@
+"""Model configuration: which backend runs a run's policy and PRM, and how to reach them.
+
+A `ModelConfig` is frozen and validates itself when built, so a run never stores a configuration
+that a worker would refuse.  `to_dict()` is the `models` part of a run's stored config (and of its
+hash): each backend keeps only the fields it uses, so that an irrelevant option cannot split one
+configuration into two runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from etsq.errors import ConfigError
+from etsq.models.prm_families import get_family
+
+BACKEND_NAMES = ("local", "sglang", "openai", "sim")  # sim: synthetic, for load and fault tests
+REMOTE_BACKENDS = ("sglang", "openai")
+PRM_APIS = ("logprob", "fork")  # SGLang: stock /generate logprobs, or the reference fork's forward_only
+DEFAULT_POLICY = "smollm2"
+
+# The stored fields of each backend, in the order they are written.
+_STORED: dict[str, tuple[str, ...]] = {
+    "sim": ("backend", "synthetic", "policy", "prm", "sim_latency_s", "sim_answer_every", "embedding"),
+    "local": ("backend", "policy", "prm", "prm_family", "embedding"),
+    "sglang": ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding"),
+    "openai": ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The models of a run.  Build with `ModelConfig.create` to get each backend's defaults."""
+
+    backend: str = "local"
+    policy: str | None = None  # local: model spec; servers: where the chat template comes from
+    prm: str | None = None
+    prm_family: str = "judge"
+    embedding: str | None = None  # ETS clusters' sentence-embedding model (None: the default)
+    policy_url: str | None = None
+    prm_url: str | None = None
+    prm_api: str = "logprob"
+    sim_latency_s: float = 0.0
+    sim_answer_every: int = 4
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKEND_NAMES)}")
+        get_family(self.prm_family)  # raises ConfigError for an unknown family
+        if self.prm_api not in PRM_APIS:
+            raise ConfigError(f"unknown PRM api {self.prm_api!r}; choose from {', '.join(PRM_APIS)}")
+        if self.is_remote:
+            self._check_remote()
+        elif self.policy_url or self.prm_url:
+            raise ConfigError("--policy-url/--prm-url need --backend sglang or --backend openai")
+        if not math.isfinite(self.sim_latency_s) or self.sim_latency_s < 0:
+            raise ConfigError(f"sim_latency_s must be a finite number >= 0, got {self.sim_latency_s}")
+        if self.sim_answer_every < 1:
+            raise ConfigError(f"sim_answer_every must be >= 1, got {self.sim_answer_every}")
+
+    def _check_remote(self) -> None:
+        if self.backend == "openai" and self.prm_api != "logprob":
+            raise ConfigError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
+
+    @classmethod
+    def create(cls, backend: str = "local", **options: Any) -> ModelConfig:
+        """A configuration with the backend's defaults filled in (what submit and sweeps store)."""
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown model options {', '.join(sorted(unknown))}")
+        cfg = cls(backend=backend, **{k: v for k, v in options.items() if v is not None})
+        if backend == "sim":
+            return replace(cfg, policy="sim", prm="sim")
+        if backend == "local":
+            policy = cfg.policy or DEFAULT_POLICY
+            return replace(cfg, policy=policy, prm=cfg.prm or policy)
+        return replace(cfg, prm=cfg.prm or cfg.policy, prm_url=cfg.prm_url or cfg.policy_url)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The configuration a run stored (unknown keys, e.g. `synthetic`, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known and v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {**{f.name: getattr(self, f.name) for f in fields(self)}, "synthetic": True}
+        return {key: values[key] for key in _STORED[self.backend]}
+
+    @property
+    def is_remote(self) -> bool:
+        return self.backend in REMOTE_BACKENDS
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.backend == "sim"
+
+    def with_servers(self, backend: str | None, policy_url: str | None, prm_url: str | None) -> ModelConfig:
+        """Fill a run's unset server URLs from a worker's defaults (`etsq worker --policy-url ...`)."""
+        if not self.is_remote:
+            return self
+        policy = self.policy_url or policy_url
+        if not policy:
+            raise ConfigError(
+                f"backend {self.backend!r} needs a policy server URL (--policy-url on submit or worker)"
+            )
+        return replace(self, policy_url=policy, prm_url=self.prm_url or prm_url or policy)
+
+    def label(self, role: str) -> str:
+        """What a run records as its policy/PRM model: the model spec, or for servers backend + URL."""
+        if not self.is_remote:
+            return str(getattr(self, role))
+        return f"{self.backend}:{getattr(self, f'{role}_url') or '(worker default)'}"
+
+    def describe_servers(self) -> str:
+        return f"{self.backend} policy {self.policy_url}, PRM {self.prm_url}"
