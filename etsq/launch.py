@@ -365,6 +365,8 @@ def _port_free(host: str, port: int) -> bool:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0" if host in ("", "::") else host, port))
+        except socket.gaierror as exc:
+            raise ServerError(f"--host {host}: {exc.strerror}") from None
         except OSError:
             return False
     return True
@@ -453,8 +455,11 @@ def read_record(folder: Path) -> Record | None:
 def _write_record(folder: Path, record: Record) -> None:
     path = _record_path(folder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def records(settings: Settings) -> list[Record]:

@@ -251,6 +251,9 @@ def test_bad_options_are_one_error_line(tmp_path: Path) -> None:
     assert "No closing quotation" in one_error_line(cli(*base, "--policy-args", '"x'))
     assert "--port-base" in one_error_line(cli(*base, "--port-base", "65535"))
     assert "'tpu'" in one_error_line(cli(*base, "--engine", "tpu"))
+    assert one_error_line(cli(*base, "--host", "no-such-host.invalid")).startswith(
+        "etsq: error: --host no-such-host.invalid: "
+    )
     line = one_error_line(cli(*base, "--engine-command", "/nonexistent/python -m sglang.launch_server"))
     assert line == "etsq: error: policy server: cannot run '/nonexistent/python': no such program"
     assert one_error_line(cli("servers", "down", "--gpu", "4")) == (
