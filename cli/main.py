@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from cli.app import EtsqGroup, pass_settings, print_json, table
+from cli.servers import servers
 from etsq.aggregate import AGGS, VOTES
 from etsq.models.config import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
@@ -432,6 +433,9 @@ def db_upgrade(settings: Settings, revision: str) -> None:
 
     upgrade(settings.database_url, revision)
     click.echo(f"database at revision {current_revision(settings.database_url)}")
+
+
+cli.add_command(servers)
 
 
 def main() -> None:
