@@ -12,7 +12,7 @@ import click
 from cli.app import pass_settings, print_json, table
 from etsq.aggregate import AGGS, VOTES
 from etsq.export import FORMATS
-from etsq.results.table import TABLE_COLUMNS, ProblemFilter, RunFilter
+from etsq.results.table import ProblemFilter, RunFilter
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
 
@@ -72,7 +72,7 @@ def aggregate(
       etsq aggregate --method ets --method rebase --width 16
     """
     from etsq.evaluate import evaluate
-    from etsq.results.table import partial_notes, to_csv
+    from etsq.results.table import partial_notes, short_rows, to_csv
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -91,7 +91,8 @@ def aggregate(
     elif as_csv:
         click.echo(to_csv(rows), nl=False)
     else:
-        table(rows, list(TABLE_COLUMNS))
+        headers, cells = short_rows(rows)
+        table(cells, headers)
 
 
 @click.command()

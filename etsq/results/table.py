@@ -13,11 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Columns of the printed table (JSON and CSV carry every key of a row).
+# Columns of the printed table and the report (JSON and CSV carry every key of a row).
 TABLE_COLUMNS = (
     "run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_total", "accuracy", "coverage",
     "n_failed", "kv_before", "kv_after", "kv_peak", "server_kv_peak", "tokens", "policy_calls", "prm_calls",
     "seconds", "nodes_per_s",
+)  # fmt: skip
+# The terminal's narrower headers: (header, key, digits after the point; None for text).
+SHORT_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("run", "run_id", None), ("dataset", "dataset", None), ("method", "method", None), ("W", "width", None),
+    ("agg", "agg", None), ("vote", "vote", None), ("done", "n_problems", None), ("of", "n_total", None),
+    ("acc", "accuracy", 3), ("cover", "coverage", 3), ("failed", "n_failed", None),
+    ("kv_before", "kv_before", 0), ("kv_after", "kv_after", 0), ("kv_peak", "kv_peak", 0),
+    ("srv_kv", "server_kv_peak", 0), ("tokens", "tokens", 0), ("policy", "policy_calls", 1),
+    ("prm", "prm_calls", 1), ("s/prob", "seconds", 2), ("nodes/s", "nodes_per_s", 1),
 )  # fmt: skip
 MEAN_FIGURES = ("kv_before", "kv_after", "kv_peak", "tokens", "policy_calls", "prm_calls", "seconds")
 
@@ -157,6 +166,22 @@ def partial_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"({row['n_failed']} failed); its figures cover the done problems only"
             )
     return list(seen.values())
+
+
+def short_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+    """The rows as the terminal table shows them: short headers, rounded figures, '-' for none."""
+    headers = [header for header, _, _ in SHORT_COLUMNS]
+    out = []
+    for row in rows:
+        cells = {}
+        for header, key, digits in SHORT_COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells[header] = "-"
+            else:
+                cells[header] = str(value) if digits is None else f"{value:,.{digits}f}"
+        out.append(cells)
+    return headers, out
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
