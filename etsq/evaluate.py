@@ -1,7 +1,7 @@
 """Offline evaluation: stream a run's stored nodes, one problem at a time, into graded records.
 
 Nothing here touches a model.  A run's nodes are read in one query ordered by job, through a
-server-side cursor (`yield_per`), so memory holds one problem's nodes at a time whatever the
+server-side cursor on PostgreSQL, so memory holds one problem's nodes at a time whatever the
 run's size.  Each problem's leaves are grouped by answer once (`etsq.aggregate.Ballot`) and graded
 under every requested agg x vote from that one grouping.
 """

@@ -201,3 +201,27 @@ def test_a_built_in_dataset_label_shares_problems_with_etsq_runs(tmp_path: Path)
     out = tmp_path / "back.json"
     cli("export", str(run_id), "--format", "reference", "-o", str(out), env=env)
     assert json.loads(out.read_text()) == data
+
+
+def test_an_etsq_run_exports_and_imports_back_to_the_same_grades(tmp_path: Path) -> None:
+    from tests.test_results import sim_run
+
+    env = _env(tmp_path)
+    run_id = sim_run(env["ETSQ_DATABASE_URL"], "rebase", width=6, limit=3)
+    out = tmp_path / "answers.json"
+    assert cli("export", str(run_id), "--format", "reference", "-o", str(out), env=env).exit_code == 0
+    exported = json.loads(out.read_text())
+    assert [e["id"] for e in exported] == [0, 1, 2]
+    with session_scope(env["ETSQ_DATABASE_URL"]) as s:
+        leaves = s.scalar(select(func.count()).select_from(m.Node).join(m.Job).where(
+            m.Job.run_id == run_id, m.Node.terminal.is_(True)))  # fmt: skip
+    assert sum(len(e["model_answer"]) for e in exported) == leaves
+    assert all(a["text"].startswith("Question: ") for e in exported for a in e["model_answer"])
+    back = int(cli_json("import", str(out), "--dataset", "gsm8k", "--method", "rebase", "--width", "6",
+                        env=env)["run_id"])  # fmt: skip
+    original = cli_json("aggregate", str(run_id), "--agg", "all", "--vote", "all", env=env)
+    reimported = cli_json("aggregate", str(back), "--agg", "all", "--vote", "all", env=env)
+    assert [(r["n_correct"], r["coverage"]) for r in reimported] == [
+        (r["n_correct"], r["coverage"]) for r in original
+    ]
+    assert reimported[0]["tokens"] == original[0]["tokens"]

@@ -421,48 +421,41 @@ def reference_id(dataset: str, key: str, position: int) -> int:
     return int(key) if re.fullmatch(r"-?\d+", key) else position
 
 
-def _leaf_paths(rows: list[tuple[int, int | None, str, float | None, bool]]) -> list[tuple[str, list[float]]]:
-    """(whole text, step scores) of every leaf, in id order: the reference's model_answer list."""
+ExportRow = tuple[int, int | None, str, float | None, bool, int]  # id, parent, text, score, terminal, tokens
+
+
+def _leaf_paths(rows: list[ExportRow]) -> list[dict[str, Any]]:
+    """{text: the whole path's text, step_scores} of every leaf, in id order: model_answer."""
     by_id = {row[0]: row for row in rows}
     out = []
-    for node_id, _, _, _, terminal in sorted(rows):
+    for node_id, *_, terminal, _ in sorted(rows):
         if not terminal:
             continue
-        texts, scores, current = [], [], by_id.get(node_id)
+        texts: list[str] = []
+        scores: list[float] = []
+        current: ExportRow | None = by_id[node_id]
         while current is not None:
             texts.append(current[2])
             if current[1] is not None and current[3] is not None:
                 scores.append(current[3])
-            current = by_id.get(current[1]) if current[1] is not None else None
-        out.append(("".join(reversed(texts)), list(reversed(scores))))
+            current = by_id[current[1]] if current[1] is not None else None
+        out.append({"text": "".join(reversed(texts)), "step_scores": scores[::-1]})
     return out
 
 
 def _export_entry(s: Session, run: m.Run, job: m.Job, position: int) -> dict[str, Any]:
     n = m.Node
-    rows = (
-        s.execute(select(n.id, n.parent_id, n.text, n.score, n.terminal).where(n.job_id == job.id))
-        .tuples()
-        .all()
-    )
+    q = select(n.id, n.parent_id, n.text, n.score, n.terminal, n.step_tokens).where(n.job_id == job.id)
+    rows = list(s.execute(q).tuples())
     key, config = job.problem.problem_id, run.config
+    truth, tokens = job.problem.answer, sum(row[5] for row in rows if row[1] is not None)
     if is_imported(config):
-        truth = config["ground_truth"].get(key, job.problem.answer)
+        truth = config["ground_truth"].get(key, truth)
         tokens = int(config["total_tokens"].get(key, 0))
-    else:
-        truth = job.problem.answer
-        tokens = int(
-            sum(
-                t
-                for (t,) in s.execute(
-                    select(n.step_tokens).where(n.job_id == job.id, n.parent_id.is_not(None))
-                )
-            )
-        )
     return {
         "id": reference_id(run.dataset, key, position),
         "question": job.problem.question,
-        "model_answer": [{"text": text, "step_scores": scores} for text, scores in _leaf_paths(list(rows))],
+        "model_answer": _leaf_paths(rows),
         "ground_truth_answer": truth,
         "total_tokens": tokens,
     }

@@ -45,7 +45,8 @@ def _series(rows: Sequence[dict[str, Any]], x: str) -> dict[str, list[dict[str, 
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["n_problems"] and row.get(x) is not None:
-            out[f"{row['method']} ({row['dataset']})"].append(row)
+            source = ", reference" if row.get("source") == "reference" else ""
+            out[f"{row['method']} ({row['dataset']}{source})"].append(row)
     return {label: sorted(points, key=lambda r: r["width"]) for label, points in sorted(out.items())}
 
 

@@ -116,7 +116,10 @@ def summarise(
 ) -> list[dict[str, Any]]:
     """One row per (agg, vote): accuracy of that combination beside the run's shared figures."""
     shared = _figures(records, counts)
-    base = {"run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width}
+    base = {
+        "run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width,
+        "source": run.source,
+    }  # fmt: skip
     rows = []
     for i, (agg, vote) in enumerate(combos):
         n_correct = sum(r.correct[i] for r in records)
