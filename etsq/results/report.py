@@ -58,6 +58,9 @@ def _accuracy_vs_width(plt: Any, rows: Sequence[dict[str, Any]], out: Path) -> F
     for label, points in series.items():
         ax.plot([p["width"] for p in points], [p["accuracy"] for p in points], marker="o", label=label)
     ax.set_xscale("log", base=2)
+    widths = sorted({p["width"] for points in series.values() for p in points})
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.set(xlabel="width W", ylabel="accuracy", title="Accuracy vs width", ylim=(-0.02, 1.02))
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
