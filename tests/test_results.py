@@ -241,3 +241,16 @@ def test_compare_and_report_on_tiny_model_runs(tmp_path: Path, tiny_model: Path)
     assert result["n_common"] == 2 and result["ratios"]["tokens"] is not None
     files = cli_json("report", *map(str, runs), "--out", str(tmp_path / "rep"), env=_env(url))["files"]
     assert len(files) == 5 and all(Path(f).stat().st_size > 0 for f in files)
+
+
+def test_failed_problems_are_counted_not_graded(tmp_path: Path) -> None:
+    from etsq.jobs import fail_job
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    run_id = sim_run(url, limit=3, finish=2)
+    [(job_id, _)] = queued_jobs(url, run_id, "etsq")
+    fail_job(url, job_id, "ModelError: no label tokens")
+    result = cli("aggregate", "--json", env=_env(url))
+    [row] = json.loads(result.stdout)
+    assert (row["n_problems"], row["n_failed"], row["n_total"], row["partial"]) == (2, 1, 3, False)
+    assert result.stderr == ""
