@@ -124,6 +124,7 @@ def _jobs(s: Session, run_id: int, filt: ProblemFilter) -> tuple[dict[int, DoneJ
             continue
         counts.total += 1
         counts.failed += status == JobStatus.FAILED
+        counts.unfinished += not status.finished
         if status == JobStatus.DONE:
             counts.done += 1
             done[job_id] = DoneJob(problem, key, gold, _seconds(started, finished))

@@ -16,7 +16,7 @@ from etsq.db import models as m
 from etsq.db.session import session_scope
 from etsq.models.config import ModelConfig
 from etsq.results.compare import RESAMPLES, paired_bootstrap
-from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.runs import RunSpec, cancel_run, create_run, load_problems, queued_jobs
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
 from etsq.worker import run_job
@@ -144,6 +144,9 @@ def test_a_run_in_progress_counts_its_done_problems_and_says_so(db_url: str) -> 
         f"run {run_id}: 2 of 3 problems done (0 failed); its figures cover the done problems only"
         in result.stderr
     )
+    cancel_run(db_url, run_id)  # nothing left to wait for: no longer partial
+    [row] = cli_json("aggregate", env=_env(db_url))
+    assert (row["n_problems"], row["n_total"], row["partial"]) == (2, 3, False)
 
 
 def test_compare_pairs_the_problems_both_runs_finished(db_url: str) -> None:

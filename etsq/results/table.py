@@ -103,6 +103,7 @@ class RunCounts:
     total: int = 0
     done: int = 0
     failed: int = 0
+    unfinished: int = 0  # queued or running
 
 
 def mean(values: Sequence[float | None]) -> float | None:
@@ -142,7 +143,7 @@ def _figures(records: Sequence[ProblemRecord], counts: RunCounts) -> dict[str, A
     figures: dict[str, Any] = {
         "n_failed": counts.failed,
         "n_total": counts.total,
-        "partial": counts.done + counts.failed < counts.total,
+        "partial": counts.unfinished > 0,
         "coverage": sum(r.covered for r in records) / n if n else 0.0,
     }
     for name in MEAN_FIGURES:
