@@ -44,8 +44,8 @@ def _import(env: dict[str, str], *extra: str, file: Path = FILE) -> int:
     return int(cli_json(*args, env=env)["run_id"])
 
 
-def test_a_reference_file_imports_and_grades_to_the_hand_computed_accuracy(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+def test_a_reference_file_imports_and_grades_to_the_hand_computed_accuracy(db_url: str) -> None:
+    env = {"ETSQ_DATABASE_URL": db_url}
     run_id = _import(env, "--stats", str(STATS))
     rows = cli_json("aggregate", str(run_id), "--agg", "all", "--vote", "all", env=env)
     assert {(r["agg"], r["vote"]): r["n_correct"] for r in rows} == ACCURACY
@@ -62,8 +62,8 @@ def test_a_reference_file_imports_and_grades_to_the_hand_computed_accuracy(tmp_p
     assert row["kv_after"] is None and row["nodes_per_s"] is None
 
 
-def test_export_gives_back_the_same_file(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+def test_export_gives_back_the_same_file(db_url: str, tmp_path: Path) -> None:
+    env = {"ETSQ_DATABASE_URL": db_url}
     run_id = _import(env)
     out = tmp_path / "back.json"
     assert cli("export", str(run_id), "--format", "reference", "-o", str(out), env=env).exit_code == 0
