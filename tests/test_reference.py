@@ -225,3 +225,14 @@ def test_an_etsq_run_exports_and_imports_back_to_the_same_grades(tmp_path: Path)
         (r["n_correct"], r["coverage"]) for r in original
     ]
     assert reimported[0]["tokens"] == original[0]["tokens"]
+
+
+def test_binary_files_are_refused(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\xff\xfe\x00\x81")
+    for args in (["import", str(blob)], ["import", str(FILE), "--stats", str(blob)]):
+        line = one_error_line(
+            cli(*args, "--dataset", "x", "--method", "ets", "--width", "4", env=_env(tmp_path))
+        )
+        assert f"{blob}: not UTF-8 text" in line
+    assert not (tmp_path / "ref.db").exists()

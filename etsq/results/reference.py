@@ -147,7 +147,11 @@ def _check_unique_ids(path: Path, entries: list[Entry]) -> None:
 def read_stats(path: Path) -> dict[str, float]:
     """The four figures of a reference stats.log, by etsq's names."""
     found: dict[str, float] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ReferenceFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         label, sep, value = line.partition(":")
