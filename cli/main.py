@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from cli import results
 from cli.app import EtsqGroup, pass_settings, print_json, table
 from cli.servers import servers
-from etsq.aggregate import AGGS, VOTES
 from etsq.models.config import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
 from etsq.search.config import SearchConfig
@@ -239,76 +239,6 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
 
 
 @cli.command()
-@click.argument("runs", nargs=-1, type=int)
-@click.option(
-    "--agg",
-    "aggs",
-    type=click.Choice(AGGS),
-    multiple=True,
-    help="Step aggregation [default: last]; repeatable.",
-)
-@click.option(
-    "--vote",
-    "votes",
-    type=click.Choice(VOTES),
-    multiple=True,
-    help="Answer selection [default: weighted]; repeatable.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-@pass_settings
-def aggregate(
-    settings: Settings, runs: tuple[int, ...], aggs: tuple[str, ...], votes: tuple[str, ...], as_json: bool
-) -> None:
-    """Grade runs offline from stored nodes: step aggregation x answer selection.
-
-    \b
-    Examples:
-      etsq aggregate                            # every run, last + weighted majority
-      etsq aggregate 3 4 --agg prod --agg min --vote majority --json
-    """
-    from etsq.evaluate import evaluate
-
-    rows = evaluate(
-        settings.database_url, list(runs) or None, list(aggs) or ["last"], list(votes) or ["weighted"]
-    )
-    if as_json:
-        print_json(rows)
-    else:
-        table(
-            rows,
-            ["run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_correct", "accuracy"],
-        )
-
-
-@cli.command()
-@click.argument("run", type=int)
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="File [default: stdout].",
-)
-@pass_settings
-def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
-    """Export a run's trees, one JSON object per problem.
-
-    \b
-    Example:
-      etsq export 3 -o run3.jsonl
-    """
-    from etsq.export import export_lines, write_atomically
-
-    lines = export_lines(settings.database_url, run, fmt)
-    if output is None:
-        for line in lines:
-            click.echo(line, nl=False)
-    else:
-        write_atomically(output, lines)
-
-
-@cli.command()
 @click.option("--gpu", default=None, help="Pin to this GPU: consume queue gpuN and see only that device.")
 @click.option(
     "--queue", default=None, help="Queue to consume [default: gpuN with --gpu, else ETSQ_QUEUE or 'etsq']."
@@ -436,6 +366,12 @@ def db_upgrade(settings: Settings, revision: str) -> None:
 
 
 cli.add_command(servers)
+cli.add_command(results.aggregate)
+cli.add_command(results.compare)
+cli.add_command(results.report)
+cli.add_command(results.tree)
+cli.add_command(results.export)
+cli.add_command(results.import_run)
 
 
 def main() -> None:

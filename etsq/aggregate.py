@@ -4,19 +4,28 @@ Pure functions over stored data (no DB). A trajectory's step scores (root exclud
 `last | mean | prod | min`; a problem's answer is chosen among its finished leaves by best-of-N
 (`bon`), plain `majority` vote or reward-`weighted` vote, with answers grouped by mathematical
 equivalence (see `etsq.grading`), not string equality.
+
+A `Ballot` groups a problem's answered leaves once and then answers every agg x vote: grouping
+is what costs (math-verify), so it is done once per problem, on distinct normal forms only.
 """
 
 from __future__ import annotations
 
+import cmath
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
 
+from etsq.answer_value import AnswerValue, answer_value
 from etsq.errors import ConfigError
-from etsq.grading import is_equivalent
+from etsq.grading import is_equivalent, normalise
 
 AGGS: tuple[str, ...] = ("last", "mean", "prod", "min")
 VOTES: tuple[str, ...] = ("bon", "majority", "weighted")
+COMBOS: tuple[tuple[str, str], ...] = tuple((agg, vote) for agg in AGGS for vote in VOTES)
 
 _REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
     "last": lambda scores: scores[-1],
@@ -24,6 +33,16 @@ _REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
     "prod": math.prod,
     "min": min,
 }
+
+# Plain numbers after `normalise`: 12, -3.5, .5, 3/4, \frac{3}{4}, -\frac{3}{4}.
+_DECIMAL_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+_RATIO_RE = re.compile(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
+# math-verify rounds numbers to about six significant digits: values farther apart than this
+# (relative) are never equivalent, and nearer ones are left to it unless both are exact.
+_FAR_APART = 1e-4
+
+ScoreTuple = tuple[float, float, float, float]  # one value per AGGS entry, in that order
+NO_SCORES: ScoreTuple = (0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -34,21 +53,232 @@ class Leaf:
     scores: tuple[float, ...]
 
 
-@dataclass
-class _Group:
-    """Leaves whose answers are equivalent to `representative` (its first member's answer)."""
-
-    representative: str
-    count: int = 0
-    total: float = 0.0
-
-
 def aggregate_scores(scores: Sequence[float], how: str) -> float:
     """Reduce one trajectory's step scores (root excluded) by `how`; 0.0 for no steps."""
-    _check_choice(how, AGGS, "score aggregation")
+    check_choice(how, AGGS, "score aggregation")
     if len(scores) == 0:
         return 0.0
     return float(_REDUCERS[how](scores))
+
+
+# A path's running reductions: (steps, sum, product, minimum, last score).  A plain tuple, since a
+# million nodes extend one each; extending adds and multiplies left to right, as `sum` and
+# `math.prod` do, so the values equal `aggregate_scores` of the whole path exactly.
+PathScores = tuple[int, float, float, float, float]
+EMPTY_PATH: PathScores = (0, 0.0, 1.0, math.inf, 0.0)
+
+
+def extend_path(path: PathScores, score: float | None) -> PathScores:
+    """The path one step longer; a step without a score leaves the reductions as they are."""
+    if score is None:
+        return path
+    steps, total, product, minimum, _ = path
+    return (steps + 1, total + score, product * score, minimum if minimum <= score else score, score)
+
+
+def path_values(path: PathScores) -> ScoreTuple:
+    """The four aggregates (AGGS order) of a path; 0.0 each for a path without scores."""
+    steps, total, product, minimum, last = path
+    if steps == 0:
+        return NO_SCORES
+    return (last, total / steps, product, minimum)
+
+
+def path_scores(scores: Iterable[float | None]) -> PathScores:
+    path = EMPTY_PATH
+    for score in scores:
+        path = extend_path(path, score)
+    return path
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+@lru_cache(maxsize=1 << 16)
+def answer_key(answer: str) -> Fraction | str:
+    """A cheap normal form: the exact value of a plain number, else the normalised string.
+
+    Equal keys are equivalent answers (`is_equivalent` accepts equal normalised strings, and
+    math-verify equal numbers); an empty normalised string matches nothing, not even itself.
+    """
+    text = normalise(answer)
+    if _DECIMAL_RE.fullmatch(text):
+        return Fraction(text)
+    ratio = _RATIO_RE.fullmatch(text)
+    if ratio:
+        sign, a, b, c, d = ratio.groups()
+        num, den = int(a or c), int(b or d)
+        if den:
+            return Fraction(-num if sign else num, den)
+    return text
+
+
+def equivalent(gold: str, answer: str) -> bool:
+    """`is_equivalent(gold, answer)`, decided without math-verify where values settle it.
+
+    Equal normal forms are equivalent; answers whose values (`etsq.answer_value`) over the same
+    variables differ by more than math-verify's rounding are not; exact constants (no decimal, no
+    variable) of equal value are.  Everything else is math-verify's to decide.
+    """
+    key = answer_key(gold)
+    if key == answer_key(answer) and key != "":
+        return True
+    decided = _decided_by_value(answer_value(gold), answer_value(answer))
+    if decided is not None:
+        return decided
+    return is_equivalent(gold, answer)
+
+
+def _decided_by_value(a: AnswerValue | None, b: AnswerValue | None) -> bool | None:
+    """True / False where the values settle equivalence, None where only math-verify can."""
+    if a is None or b is None or a.symbols != b.symbols or len(a.values) != len(b.values):
+        return None
+    if len(a.values) > 1:
+        # A list may be a set to math-verify: only values that differ in any order settle it,
+        # or exact values equal in the same order and the same brackets.
+        pairs = zip(_ordered(a.values), _ordered(b.values), strict=True)
+        if any(_far(x, y) for x, y in pairs):
+            return False
+        same = all(_same(x, y) for x, y in zip(a.values, b.values, strict=True))
+        return True if same and a.exact and b.exact and a.parenthesised == b.parenthesised else None
+    x, y = a.values[0], b.values[0]
+    if _far(x, y):
+        return False
+    return True if a.exact and b.exact and _same(x, y) else None
+
+
+def _same(x: complex, y: complex) -> bool:
+    return cmath.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def _far(x: complex, y: complex) -> bool:
+    return abs(x - y) > _FAR_APART * max(abs(x), abs(y), 1.0)
+
+
+def _ordered(values: tuple[complex, ...]) -> list[complex]:
+    return sorted(values, key=lambda v: (v.real, v.imag))
+
+
+# --------------------------------------------------------------------------- the ballot
+
+
+@dataclass
+class Ballot:
+    """A problem's answered leaves, grouped by equivalence once, in order of first appearance.
+
+    `answers[i]`/`scores[i]`: leaf i's answer and its four aggregated scores; `group_of[i]`: its
+    group; `reps[g]`: group g's representative (its first member's answer).
+    """
+
+    answers: list[str] = field(default_factory=list)
+    scores: list[ScoreTuple] = field(default_factory=list)
+    group_of: list[int] = field(default_factory=list)
+    reps: list[str] = field(default_factory=list)
+    _by_answer: dict[str, int] = field(default_factory=dict)
+    _by_key: dict[Fraction | str, int] = field(default_factory=dict)
+    _by_key_first: dict[Fraction | str, str] = field(default_factory=dict)
+    _tallies: tuple[list[int], list[list[float]]] | None = None
+
+    def add(self, answer: str | None, scores: ScoreTuple) -> None:
+        """Count one leaf; leaves without a (non-blank) answer take no part in any vote."""
+        if answer is None:
+            return
+        group = self._by_answer.get(answer)
+        if group is None:
+            if not answer.strip():
+                return
+            group = self._group(answer)
+            if answer_key(answer) != "":  # an empty normal form is equivalent to nothing
+                self._by_answer[answer] = group
+        self.answers.append(answer)
+        self.scores.append(scores)
+        self.group_of.append(group)
+        self._tallies = None
+
+    def _group(self, answer: str) -> int:
+        key = answer_key(answer)
+        if key in self._by_key:
+            return self._by_key[key]
+        group = next((g for g, rep in enumerate(self.reps) if equivalent(rep, answer)), None)
+        if group is None:
+            group = len(self.reps)
+            self.reps.append(answer)
+        if key != "":  # an empty normal form is equivalent to nothing: never shared
+            self._by_key[key] = group
+            self._by_key_first[key] = answer
+        return group
+
+    def choose(self, agg: str, vote: str) -> str | None:
+        """The answer `vote` picks with scores reduced by `agg`; ties go to the earliest leaf/group."""
+        check_choice(agg, AGGS, "score aggregation")
+        check_choice(vote, VOTES, "answer vote")
+        if not self.answers:
+            return None
+        column = AGGS.index(agg)
+        if vote == "bon":
+            # max() keeps the first of equal maxima: the earliest leaf wins a tie.
+            best = max(range(len(self.answers)), key=lambda i: self.scores[i][column])
+            return self.answers[best]
+        counts, by_column = self._tally()
+        totals = by_column[column]
+        if vote == "majority":
+            winner = max(range(len(self.reps)), key=lambda g: (counts[g], totals[g]))
+        else:
+            winner = max(range(len(self.reps)), key=lambda g: (totals[g], counts[g]))
+        return self.reps[winner]
+
+    def _tally(self) -> tuple[list[int], list[list[float]]]:
+        """Each group's leaf count and its score totals per aggregation, summed in leaf order."""
+        if self._tallies is None:
+            n = len(self.reps)
+            counts, totals = [0] * n, [[0.0] * n for _ in AGGS]
+            last, mean, prod, low = totals
+            for group, (a, b, c, d) in zip(self.group_of, self.scores, strict=True):
+                counts[group] += 1
+                last[group] += a
+                mean[group] += b
+                prod[group] += c
+                low[group] += d
+            self._tallies = (counts, totals)
+        return self._tallies
+
+    def covers(self, gold: str) -> bool:
+        """Whether any leaf's answer is equivalent to `gold`: one check per distinct normal form.
+
+        Representatives first; the other forms matter only because equivalence need not be
+        transitive (a member may match the gold when its group's representative does not).
+        """
+        reps = set(self.reps)
+        others = [answer for answer in self._by_key_first.values() if answer not in reps]
+        return any(equivalent(gold, answer) for answer in [*self.reps, *others])
+
+
+def ballot_of(leaves: Iterable[Leaf]) -> Ballot:
+    ballot = Ballot()
+    for leaf in leaves:
+        ballot.add(leaf.answer, path_values(path_scores(leaf.scores)))
+    return ballot
+
+
+@dataclass(frozen=True)
+class Grades:
+    """A problem graded under several agg x vote combinations at once."""
+
+    correct: tuple[bool, ...]  # one per requested combination, in order
+    covered: bool  # some leaf's answer is equivalent to the gold
+
+
+def grade_ballot(ballot: Ballot, gold: str, combos: Sequence[tuple[str, str]]) -> Grades:
+    """Grade every combination; each distinct chosen answer is checked against `gold` once."""
+    verdicts: dict[str, bool] = {}
+    correct = []
+    for agg, vote in combos:
+        answer = ballot.choose(agg, vote)
+        if answer is not None and answer not in verdicts:
+            verdicts[answer] = equivalent(gold, answer)
+        correct.append(answer is not None and verdicts[answer])
+    covered = any(verdicts.values()) or ballot.covers(gold)
+    return Grades(tuple(correct), covered)
 
 
 def select_answer(leaves: Sequence[Leaf], agg: str, vote: str) -> str | None:
@@ -57,48 +287,28 @@ def select_answer(leaves: Sequence[Leaf], agg: str, vote: str) -> str | None:
     bon returns the best leaf's own answer; majority and weighted return a group's
     representative. Ties go to the earliest leaf / group, so the result is deterministic.
     """
-    _check_choice(agg, AGGS, "score aggregation")
-    _check_choice(vote, VOTES, "answer vote")
-    scored = _scored(leaves, agg)
-    if not scored:
-        return None
-    if vote == "bon":
-        # max() keeps the first of equal maxima: the earliest leaf wins a tie.
-        return max(scored, key=lambda pair: pair[1])[0]
-    groups = _group(scored)
-    if vote == "majority":
-        return max(groups, key=lambda g: (g.count, g.total)).representative
-    return max(groups, key=lambda g: (g.total, g.count)).representative
+    return ballot_of(leaves).choose(agg, vote)
 
 
 def grade_problem(leaves: Sequence[Leaf], gold: str, agg: str, vote: str) -> tuple[str | None, bool]:
     """The selected answer and whether it is equivalent to the ground truth `gold`."""
     answer = select_answer(leaves, agg, vote)
-    return answer, answer is not None and is_equivalent(gold, answer)
+    return answer, answer is not None and equivalent(gold, answer)
 
 
-def _group(scored: Sequence[tuple[str, float]]) -> list[_Group]:
-    """Group answers by equivalence to each group's first member, in order of first appearance."""
-    groups: list[_Group] = []
-    for answer, score in scored:
-        group = next((g for g in groups if is_equivalent(g.representative, answer)), None)
-        if group is None:
-            group = _Group(answer)
-            groups.append(group)
-        group.count += 1
-        group.total += score
-    return groups
-
-
-def _scored(leaves: Sequence[Leaf], agg: str) -> list[tuple[str, float]]:
-    """(answer, aggregated score) of every leaf that gave a non-blank answer, in order."""
-    return [
-        (leaf.answer, aggregate_scores(leaf.scores, agg))
-        for leaf in leaves
-        if leaf.answer is not None and leaf.answer.strip()
-    ]
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def expand_choices(values: Sequence[str], allowed: tuple[str, ...], default: str) -> list[str]:
+    """Option values with `all` standing for every allowed one; [default] when none was given."""
+    if not values:
+        return [default]
+    out: list[str] = []
+    for value in values:
+        for item in allowed if value == "all" else (value,):
+            check_choice(item, allowed, "choice")
+            if item not in out:
+                out.append(item)
+    return out

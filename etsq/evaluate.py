@@ -1,82 +1,348 @@
-"""Offline evaluation: re-aggregate stored step scores and vote over stored leaves, per run."""
+"""Offline evaluation: stream a run's stored nodes, one problem at a time, into graded records.
+
+Nothing here touches a model.  A run's nodes are read in one query ordered by job, through a
+server-side cursor on PostgreSQL, so memory holds one problem's nodes at a time whatever the
+run's size.  Each problem's leaves are grouped by answer once (`etsq.aggregate.Ballot`) and graded
+under every requested agg x vote from that one grouping.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ClauseElement, Connection, func, select
 from sqlalchemy.orm import Session
 
-from etsq.aggregate import Leaf, grade_problem
+from etsq.aggregate import (
+    AGGS,
+    EMPTY_PATH,
+    VOTES,
+    Ballot,
+    PathScores,
+    expand_choices,
+    extend_path,
+    grade_ballot,
+    path_values,
+)
 from etsq.db import models as m
 from etsq.db.session import ensure_schema, session_scope
+from etsq.errors import UserError
+from etsq.results.reference import is_imported, problem_figures
+from etsq.results.table import (
+    ProblemFilter,
+    ProblemRecord,
+    RunCounts,
+    RunFilter,
+    RunInfo,
+    summarise,
+)
 from etsq.runs import run_ids
 from etsq.statuses import JobStatus
 
-NodeTuple = tuple[int, int | None, float | None, bool, str | None]  # id, parent, score, terminal, answer
+STREAM_ROWS = 10_000  # rows per fetch from the (server-side) cursor
+Combo = tuple[str, str]
+NodeRow = tuple[int, int, int, int | None, float | None, bool, str | None, int]
 
 
-def leaves_of(nodes: list[NodeTuple]) -> list[Leaf]:
-    """Each terminal node's answer and its path's step scores (root excluded), root first."""
-    by_id = {n[0]: n for n in nodes}
-    out: list[Leaf] = []
-    for node_id, _, _, terminal, answer in nodes:
-        if terminal:
-            out.append(Leaf(answer=answer, scores=tuple(reversed(_path_scores(by_id, node_id)))))
-    return out
+@dataclass(frozen=True)
+class DoneJob:
+    """What grading needs of one finished job besides its nodes."""
+
+    problem: int
+    key: str
+    gold: str
+    seconds: float | None
 
 
-def _path_scores(by_id: dict[int, NodeTuple], node_id: int | None) -> list[float]:
-    scores: list[float] = []
-    while node_id is not None:
-        _, parent, score, _, _ = by_id[node_id]
-        if parent is not None and score is not None:
-            scores.append(score)
-        node_id = parent
-    return scores
+@dataclass(frozen=True)
+class KVFigures:
+    """A job's selection steps, summed or maxed over depths."""
+
+    before: float
+    after: float
+    peak: float
+    server_peak: float | None
 
 
-def _run_nodes(s: Session, run_id: int) -> dict[int, list[NodeTuple]]:
+@dataclass
+class RunRecords:
+    """A run's graded finished problems and its job counts (both after the problem filter)."""
+
+    run: RunInfo
+    records: list[ProblemRecord]
+    counts: RunCounts
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def select_runs(s: Session, filt: RunFilter) -> list[RunInfo]:
+    """The runs a filter admits, oldest first (named runs are checked to exist)."""
+    ids = run_ids(s, list(filt.runs) or None)
+    q = select(m.Run).where(m.Run.id.in_(ids)).order_by(m.Run.id)
+    if filt.datasets:
+        q = q.where(m.Run.dataset.in_(filt.datasets))
+    if filt.methods:
+        q = q.where(m.Run.method.in_(filt.methods))
+    if filt.widths:
+        q = q.where(m.Run.width.in_(filt.widths))
+    return [_info(run) for run in s.scalars(q)]
+
+
+def _info(run: m.Run) -> RunInfo:
+    source = "reference" if is_imported(run.config) else "etsq"
+    return RunInfo(run.id, run.dataset, run.method, run.width, source)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _seconds(started: datetime | None, finished: datetime | None) -> float | None:
+    if started is None or finished is None:
+        return None
+    return (finished - started).total_seconds()
+
+
+def _jobs(s: Session, run_id: int, filt: ProblemFilter) -> tuple[dict[int, DoneJob], RunCounts]:
     q = (
-        select(m.Node.job_id, m.Node.id, m.Node.parent_id, m.Node.score, m.Node.terminal, m.Node.answer)
-        .join(m.Job, m.Job.id == m.Node.job_id)
+        select(
+            m.Job.id, m.Job.status, m.Job.started_at, m.Job.finished_at,
+            m.Problem.id, m.Problem.problem_id, m.Problem.answer, m.Problem.meta,
+        )
+        .join(m.Problem, m.Problem.id == m.Job.problem_id)
+        .where(m.Job.run_id == run_id)
+    )  # fmt: skip
+    done: dict[int, DoneJob] = {}
+    counts = RunCounts()
+    for job_id, status, started, finished, problem, key, gold, meta in s.execute(q):
+        if not filt.admits(meta or {}):
+            continue
+        counts.total += 1
+        counts.failed += status == JobStatus.FAILED
+        counts.unfinished += not status.finished
+        if status == JobStatus.DONE:
+            counts.done += 1
+            done[job_id] = DoneJob(problem, key, gold, _seconds(started, finished))
+    return done, counts
+
+
+def _kv(s: Session, run_id: int) -> dict[int, KVFigures]:
+    step = m.SelectionStep
+    q = (
+        select(
+            step.job_id, func.sum(step.kv_before), func.sum(step.kv_after), func.max(step.kv_before),
+            func.max(step.server_kv_tokens),
+        )
+        .join(m.Job, m.Job.id == step.job_id)
         .where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)
-    )
-    grouped: dict[int, list[NodeTuple]] = defaultdict(list)
-    for job_id, *rest in s.execute(q):
-        grouped[job_id].append(tuple(rest))  # type: ignore[arg-type]
-    return grouped
-
-
-def evaluate_run(s: Session, run_id: int, aggs: list[str], votes: list[str]) -> list[dict[str, Any]]:
-    """One row per (agg, vote); the run's nodes are read and its leaves built once for all of them."""
-    run = s.get_one(m.Run, run_id)
-    jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)).all()
-    nodes = _run_nodes(s, run_id)
-    leaves = [(leaves_of(nodes[j.id]), j.problem.answer) for j in jobs]
-    failed = s.scalars(select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status == JobStatus.FAILED)).all()
-    base = {"run_id": run.id, "dataset": run.dataset, "method": run.method, "width": run.width}
-    return [_grade(base, leaves, agg, vote, len(failed)) for agg in aggs for vote in votes]
-
-
-def _grade(
-    base: dict[str, Any], leaves: list[tuple[list[Leaf], str]], agg: str, vote: str, failed: int
-) -> dict[str, Any]:
-    correct = sum(grade_problem(problem_leaves, gold, agg, vote)[1] for problem_leaves, gold in leaves)
-    n = len(leaves)
+        .group_by(step.job_id)
+    )  # fmt: skip
     return {
-        **base,
-        "agg": agg,
-        "vote": vote,
-        "n_problems": n,
-        "n_correct": int(correct),
-        "accuracy": correct / n if n else 0.0,
-        "n_failed": failed,
+        job_id: KVFigures(float(before), float(after), float(peak), None if server is None else float(server))
+        for job_id, before, after, peak, server in s.execute(q)
     }
 
 
-def evaluate(url: str, wanted: list[int] | None, aggs: list[str], votes: list[str]) -> list[dict[str, Any]]:
+# --------------------------------------------------------------------------- nodes
+
+
+def _stream_nodes(s: Session, run_id: int) -> Iterator[tuple[int, list[NodeRow]]]:
+    """(job id, its nodes) for every finished job of the run, one job at a time."""
+    done = select(m.Job.id).where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)
+    n = m.Node
+    q = (
+        select(n.job_id, n.depth, n.id, n.parent_id, n.score, n.terminal, n.answer, n.step_tokens)
+        .where(n.job_id.in_(done.scalar_subquery()))
+        .order_by(n.job_id)
+    )
+    rows = _dbapi_rows(s.connection(), q)
+    for job_id, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+        yield job_id, list(group)
+
+
+def _dbapi_rows(conn: Connection, q: ClauseElement) -> Iterator[Any]:
+    """The rows of `q` as the driver's plain tuples, fetched in chunks.
+
+    A server-side (named) cursor on PostgreSQL streams the result; SQLite's cursor steps through
+    it anyway.  Bypassing SQLAlchemy's Row objects halves the cost per node, and the statement's
+    only parameters are a run id and a status, rendered inline.
+    """
+    sql = str(q.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None, "a connection in use has its DBAPI connection"
+    server_side = conn.dialect.name == "postgresql"
+    cursor = dbapi.cursor(name="etsq_nodes") if server_side else dbapi.cursor()
+    try:
+        cursor.execute(sql)
+        while chunk := cursor.fetchmany(STREAM_ROWS):
+            yield from chunk
+    finally:
+        cursor.close()
+
+
+@dataclass
+class TreeTally:
+    """One problem's tree reduced: its ballot and its node counts."""
+
+    ballot: Ballot
+    nodes: int = 0
+    tokens: int = 0
+    scored: int = 0
+
+
+def tally_tree(rows: list[NodeRow]) -> TreeTally:
+    """Build the ballot of a problem's nodes: every leaf's four aggregates in one pass, root first.
+
+    Rows are (job, depth, id, parent, score, terminal, answer, step tokens); parents are at a
+    smaller depth than their children, so in (depth, id) order each path extends its parent's.
+    Leaves vote in id order, as they were stored.
+    """
+    rows.sort()
+    paths: dict[int, PathScores] = {}
+    leaves: list[tuple[int, str | None, PathScores]] = []
+    tokens = scored = 0
+    for _job, _depth, node_id, parent, score, terminal, answer, step_tokens in rows:
+        if parent is None:
+            paths[node_id] = EMPTY_PATH
+            continue
+        path = paths[node_id] = extend_path(paths[parent], score)
+        tokens += step_tokens
+        scored += score is not None
+        if terminal:
+            leaves.append((node_id, answer, path))
+    leaves.sort(key=operator.itemgetter(0))
+    ballot = Ballot()
+    for _, answer, path in leaves:
+        ballot.add(answer, path_values(path))
+    return TreeTally(ballot, len(rows), tokens, scored)
+
+
+def _record(
+    job_id: int, job: DoneJob, tally: TreeTally, kv: KVFigures | None, combos: Sequence[Combo]
+) -> ProblemRecord:
+    grades = grade_ballot(tally.ballot, job.gold, combos)
+    return ProblemRecord(
+        job_id=job_id,
+        problem=job.problem,
+        key=job.key,
+        correct=grades.correct,
+        covered=grades.covered,
+        nodes=tally.nodes,
+        tokens=float(tally.tokens),
+        policy_calls=float(tally.nodes - 1),  # every non-root node is one sampled step
+        prm_calls=float(tally.scored),
+        kv_before=kv.before if kv else None,
+        kv_after=kv.after if kv else None,
+        kv_peak=kv.peak if kv else None,
+        server_kv_peak=kv.server_peak if kv else None,
+        seconds=job.seconds,
+    )
+
+
+def _imported(record: ProblemRecord, config: dict[str, Any]) -> ProblemRecord:
+    """An imported run's figures come from its file and stats.log, not from its partial tree."""
+    for name, value in problem_figures(config, record.key).items():
+        setattr(record, name, value)
+    return record
+
+
+def run_records(
+    s: Session, run: RunInfo, combos: Sequence[Combo], filt: ProblemFilter | None = None
+) -> RunRecords:
+    """Every finished problem of `run` the filter admits, graded under `combos`."""
+    jobs, counts = _jobs(s, run.run_id, filt or ProblemFilter())
+    kv = _kv(s, run.run_id)
+    config = s.get_one(m.Run, run.run_id).config
+    records = []
+    for job_id, rows in _stream_nodes(s, run.run_id):
+        if job_id in jobs:
+            record = _record(job_id, jobs[job_id], tally_tree(rows), kv.get(job_id), combos)
+            records.append(_imported(record, config) if run.source == "reference" else record)
+    return RunRecords(run, records, counts)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def combos_of(aggs: Sequence[str], votes: Sequence[str]) -> list[Combo]:
+    """(agg, vote) pairs; `all` stands for every choice, and no choice for last / weighted."""
+    return [
+        (agg, vote)
+        for agg in expand_choices(aggs, AGGS, "last")
+        for vote in expand_choices(votes, VOTES, "weighted")
+    ]
+
+
+def evaluate(
+    url: str,
+    wanted: list[int] | None,
+    aggs: Sequence[str],
+    votes: Sequence[str],
+    runs: RunFilter | None = None,
+    problems: ProblemFilter | None = None,
+) -> list[dict[str, Any]]:
+    """The results table: one row per run and (agg, vote), `wanted` runs or every run.
+
+    With a --level / --subject filter, runs none of whose problems match are left out.
+    """
     ensure_schema(url)
+    combos = combos_of(aggs, votes)
+    run_filter = replace(runs or RunFilter(), runs=tuple(wanted or ()))
+    problem_filter = problems or ProblemFilter()
     with session_scope(url) as s:
-        return [row for rid in run_ids(s, wanted) for row in evaluate_run(s, rid, aggs, votes)]
+        results = [run_records(s, run, combos, problem_filter) for run in select_runs(s, run_filter)]
+    if problem_filter.active:
+        if results and not any(r.counts.total for r in results):
+            raise UserError("no problem of the selected runs has the --level / --subject asked for")
+        results = [r for r in results if r.counts.total]
+    return [row for r in results for row in summarise(r.run, r.records, r.counts, combos)]
+
+
+# --------------------------------------------------------------------------- per depth
+
+
+@dataclass(frozen=True)
+class DepthFigures:
+    """One depth of a run's selection steps, averaged over its finished problems."""
+
+    depth: int
+    problems: int
+    kv_before: float
+    kv_after: float
+    kept_fraction: float | None
+    clusters: float | None
+    select_ms: float | None
+    expand_ms: float | None
+    score_ms: float | None
+
+
+def depth_profile(s: Session, run_id: int) -> list[DepthFigures]:
+    """What a run's selection steps did at each depth (finished problems only), depth 0 first."""
+    step = m.SelectionStep
+    q = (
+        select(
+            step.depth, func.count(), func.avg(step.kv_before), func.avg(step.kv_after),
+            func.sum(step.kept_size), func.sum(step.frontier_size), func.avg(step.n_clusters),
+            func.avg(step.select_ms), func.avg(step.expand_ms), func.avg(step.score_ms),
+        )
+        .join(m.Job, m.Job.id == step.job_id)
+        .where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)
+        .group_by(step.depth)
+        .order_by(step.depth)
+    )  # fmt: skip
+    return [
+        DepthFigures(
+            depth, n, float(before), float(after), kept / frontier if frontier else None,
+            _float(clusters), _float(sel), _float(exp), _float(score),
+        )
+        for depth, n, before, after, kept, frontier, clusters, sel, exp, score in s.execute(q)
+    ]  # fmt: skip
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

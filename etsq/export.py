@@ -1,4 +1,5 @@
-"""Exporting a run: one JSON object per problem with its whole tree, to stdout or a file.
+"""Exporting a run, to stdout or a file: `jsonl`, one JSON object per problem with its whole tree, or
+`reference`, the reference implementation's JSON list of answers (see `etsq.results.reference`).
 
 A file is written beside its target and renamed into place, so a failed export never leaves a
 half-written file, and the run is checked to exist before anything is created.
@@ -10,14 +11,22 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from etsq.runs import export_jobs, statuses
+from etsq.errors import UserError
 
-FORMATS = ("jsonl",)
+FORMATS = ("jsonl", "reference")
 
 
 def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
     """The export of a run, line by line (UserError for an unknown run, raised before the first line)."""
+    # Imported here: the CLI reads FORMATS at start-up, and the database layer costs ~0.5 s to import.
+    from etsq.results.reference import reference_chunks, reference_entries
+    from etsq.runs import export_jobs, statuses
+
     statuses(url, [run_id])
+    if fmt == "reference":
+        return reference_chunks(reference_entries(url, run_id))
+    if fmt != "jsonl":
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return (json.dumps(obj, ensure_ascii=False) + "\n" for obj in export_jobs(url, run_id))
 
 

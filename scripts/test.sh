@@ -2,7 +2,7 @@
 # Set up (scripts/setup.sh), run the lint and type gate, check the migrations match the models, and run
 # the whole test suite.
 # The tests start their own Redis, PostgreSQL and model servers (the SGLang stand-in, vLLM's CPU build);
-# PostgreSQL's binaries come from the OS.
+# PostgreSQL's binaries and Chromium (for the browser tests) come from the OS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,6 +12,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! python -c "import 
     apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
   else
     python -m pip install -q pgserver
+  fi
+fi
+# The report and tree-view tests drive Debian's chromium through Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/test.sh: /usr/bin/chromium is missing; install Debian's chromium (apt-get install chromium)" >&2
+    exit 1
   fi
 fi
 # The vLLM CPU server the OpenAI-backend tests start lives in its own environment (~2 min to create once).

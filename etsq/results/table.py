@@ -1,0 +1,198 @@
+"""The results table: per run and agg x vote, accuracy beside the KV, token, call and time figures.
+
+Pure functions over `ProblemRecord`s (one graded problem of a run, see `etsq.evaluate`): every
+figure is a mean per finished problem unless its name says otherwise; README "Results" defines
+each one.  Runs still in progress are summarised over their done problems and say so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Columns of the printed table and the report (JSON and CSV carry every key of a row).
+TABLE_COLUMNS = (
+    "run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_total", "accuracy", "coverage",
+    "n_failed", "kv_before", "kv_after", "kv_peak", "server_kv_peak", "tokens", "policy_calls", "prm_calls",
+    "seconds", "nodes_per_s",
+)  # fmt: skip
+# The terminal's narrower headers: (header, key, digits after the point; None for text).
+SHORT_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("run", "run_id", None), ("dataset", "dataset", None), ("method", "method", None), ("W", "width", None),
+    ("agg", "agg", None), ("vote", "vote", None), ("done", "n_problems", None), ("of", "n_total", None),
+    ("acc", "accuracy", 3), ("cover", "coverage", 3), ("failed", "n_failed", None),
+    ("kv_before", "kv_before", 0), ("kv_after", "kv_after", 0), ("kv_peak", "kv_peak", 0),
+    ("srv_kv", "server_kv_peak", 0), ("tokens", "tokens", 0), ("policy", "policy_calls", 1),
+    ("prm", "prm_calls", 1), ("s/prob", "seconds", 2), ("nodes/s", "nodes_per_s", 1),
+)  # fmt: skip
+MEAN_FIGURES = ("kv_before", "kv_after", "kv_peak", "tokens", "policy_calls", "prm_calls", "seconds")
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a table covers: empty tuples admit everything."""
+
+    runs: tuple[int, ...] = ()
+    datasets: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    widths: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProblemFilter:
+    """Which problems count, by their dataset row's `level` / `subject` (MATH500 has both)."""
+
+    levels: tuple[str, ...] = ()
+    subjects: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.levels or self.subjects)
+
+    def admits(self, meta: dict[str, Any]) -> bool:
+        return _matches(meta, "level", self.levels) and _matches(meta, "subject", self.subjects)
+
+
+def _matches(meta: dict[str, Any], key: str, wanted: tuple[str, ...]) -> bool:
+    if not wanted:
+        return True
+    value = meta.get(key)
+    return value is not None and str(value).lower() in {w.lower() for w in wanted}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: int
+    dataset: str
+    method: str
+    width: int
+    source: str  # "etsq", or "reference" for an imported run
+
+
+@dataclass
+class ProblemRecord:
+    """One finished problem of a run, graded under the requested combinations, with its figures.
+
+    A figure the run did not record is None (server KV on in-process models; kept-set KV and
+    nodes on imported runs).
+    """
+
+    job_id: int
+    problem: int  # problems.id: what two runs' records are matched on
+    key: str  # the dataset's problem id
+    correct: tuple[bool, ...]
+    covered: bool
+    nodes: int | None
+    tokens: float | None
+    policy_calls: float | None
+    prm_calls: float | None
+    kv_before: float | None
+    kv_after: float | None
+    kv_peak: float | None
+    server_kv_peak: float | None
+    seconds: float | None
+
+
+@dataclass
+class RunCounts:
+    """The run's jobs that pass the problem filter, by outcome."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    unfinished: int = 0  # queued or running
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the recorded values; None when none was recorded."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summarise(
+    run: RunInfo, records: Sequence[ProblemRecord], counts: RunCounts, combos: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """One row per (agg, vote): accuracy of that combination beside the run's shared figures."""
+    shared = _figures(records, counts)
+    base = {
+        "run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width,
+        "source": run.source,
+    }  # fmt: skip
+    rows = []
+    for i, (agg, vote) in enumerate(combos):
+        n_correct = sum(r.correct[i] for r in records)
+        rows.append(
+            {
+                **base,
+                "agg": agg,
+                "vote": vote,
+                "n_problems": len(records),
+                "n_correct": n_correct,
+                "accuracy": n_correct / len(records) if records else 0.0,
+                **shared,
+            }
+        )
+    return rows
+
+
+def _figures(records: Sequence[ProblemRecord], counts: RunCounts) -> dict[str, Any]:
+    n = len(records)
+    figures: dict[str, Any] = {
+        "n_failed": counts.failed,
+        "n_total": counts.total,
+        "partial": counts.unfinished > 0,
+        "coverage": sum(r.covered for r in records) / n if n else 0.0,
+    }
+    for name in MEAN_FIGURES:
+        figures[name] = mean([getattr(r, name) for r in records])
+    peaks = [r.server_kv_peak for r in records if r.server_kv_peak is not None]
+    figures["server_kv_peak"] = max(peaks) if peaks else None
+    figures["nodes_per_s"] = _rate([r.nodes for r in records], [r.seconds for r in records])
+    return figures
+
+
+def _rate(nodes: Sequence[int | None], seconds: Sequence[float | None]) -> float | None:
+    pairs = [(n, s) for n, s in zip(nodes, seconds, strict=True) if n is not None and s is not None]
+    total_s = sum(s for _, s in pairs)
+    return sum(n for n, _ in pairs) / total_s if total_s > 0 else None
+
+
+def partial_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per run still in progress, saying which problems its figures cover."""
+    seen: dict[int, str] = {}
+    for row in rows:
+        if row.get("partial") and row["run_id"] not in seen:
+            seen[row["run_id"]] = (
+                f"run {row['run_id']}: {row['n_problems']} of {row['n_total']} problems done "
+                f"({row['n_failed']} failed); its figures cover the done problems only"
+            )
+    return list(seen.values())
+
+
+def short_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+    """The rows as the terminal table shows them: short headers, rounded figures, '-' for none."""
+    headers = [header for header, _, _ in SHORT_COLUMNS]
+    out = []
+    for row in rows:
+        cells = {}
+        for header, key, digits in SHORT_COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells[header] = "-"
+            else:
+                cells[header] = str(value) if digits is None else f"{value:,.{digits}f}"
+        out.append(cells)
+    return headers, out
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Every key of the rows, one header line, floats as Python prints them."""
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()

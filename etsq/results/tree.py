@@ -1,0 +1,107 @@
+"""The tree view: one problem's search tree as a single offline HTML page (no CDN, all inline).
+
+Nodes show their score, kept / pruned, cluster colour and child count; leaves are marked by
+whether their answer is equivalent to the ground truth; a click shows a node's step text.  The
+page stays usable at W=256 (thousands of nodes): only expanded nodes are laid out, only those in
+the viewport are in the DOM, and the view pans by dragging and zooms with the wheel.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from etsq.aggregate import equivalent
+from etsq.db import models as m
+from etsq.db.session import ensure_schema, session_scope
+from etsq.errors import UserError
+from etsq.runs import run_ids
+
+_TEMPLATE = Path(__file__).with_name("tree.html")
+
+
+def _job(s: Session, run_id: int, problem: str) -> m.Job:
+    run_ids(s, [run_id])
+    q = (
+        select(m.Job)
+        .join(m.Problem, m.Problem.id == m.Job.problem_id)
+        .where(m.Job.run_id == run_id, m.Problem.problem_id == problem)
+    )
+    job = s.scalar(q)
+    if job is None:
+        known = s.scalars(
+            select(m.Problem.problem_id)
+            .join(m.Job, m.Job.problem_id == m.Problem.id)
+            .where(m.Job.run_id == run_id)
+            .order_by(m.Job.id)
+            .limit(5)
+        ).all()
+        raise UserError(f"run {run_id} has no problem {problem!r}; its problems include {', '.join(known)}")
+    return job
+
+
+def _nodes(s: Session, job: m.Job) -> list[dict[str, Any]]:
+    n = m.Node
+    rows = s.execute(
+        select(
+            n.id, n.parent_id, n.depth, n.path, n.text, n.step_tokens, n.score, n.terminal,
+            n.terminal_reason, n.answer, n.kept, n.n_children, n.cluster,
+        )
+        .where(n.job_id == job.id)
+        .order_by(n.depth, n.id)
+    ).all()  # fmt: skip
+    if not rows:
+        raise UserError(f"problem {job.problem.problem_id} of run {job.run_id} has no stored nodes yet")
+    index = {row.id: i for i, row in enumerate(rows)}
+    verdicts: dict[str, bool] = {}
+    gold = job.problem.answer
+    out = []
+    for row in rows:
+        correct = None
+        if row.terminal and row.answer:
+            if row.answer not in verdicts:
+                verdicts[row.answer] = equivalent(gold, row.answer)
+            correct = verdicts[row.answer]
+        out.append(
+            {
+                "p": -1 if row.parent_id is None else index[row.parent_id],
+                "d": row.depth, "path": row.path, "x": row.text, "tk": row.step_tokens, "s": row.score,
+                "t": bool(row.terminal), "r": row.terminal_reason, "a": row.answer, "ok": correct,
+                "k": row.kept, "n": row.n_children, "c": row.cluster,
+            }
+        )  # fmt: skip
+    return out
+
+
+def tree_page(url: str, run_id: int, problem: str) -> str:
+    """The HTML page of `problem`'s tree in run `run_id`."""
+    ensure_schema(url)
+    with session_scope(url) as s:
+        job = _job(s, run_id, problem)
+        run = job.run
+        title = f"run {run.id}: {run.method} W={run.width}, {run.dataset} / {job.problem.problem_id}"
+        data = {
+            "title": title,
+            "gold": job.problem.answer,
+            "status": str(job.status),
+            "nodes": _nodes(s, job),
+        }
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+    template = _TEMPLATE.read_text(encoding="utf-8")
+    return template.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+
+
+def write_tree(url: str, run_id: int, problem: str, out: Path) -> None:
+    """Write the page to `out` through a temporary sibling: no half-written file on failure."""
+    page = tree_page(url, run_id, problem)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
