@@ -37,9 +37,10 @@ def _check_sqlite_file(database: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(
-            f"database {path}: cannot create the directory {path.parent}: {exc.strerror}"
-        ) from None
+        why = (
+            "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        )
+        raise UserError(f"database {path}: cannot create the directory {path.parent}: {why}") from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"database {path}: the directory {path.parent} is not writable")
     if path.exists() and (not path.is_file() or not os.access(path, os.R_OK | os.W_OK)):
@@ -147,6 +148,8 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
 
+    if not revision.strip():
+        raise UserError("the revision to upgrade to is empty; give one, or head")
     if revision == "head" and is_up_to_date(url):
         return
     _check_current_known(url)
