@@ -94,7 +94,7 @@ def test_data_dir_overrides_the_shipped_copy_and_changed_content_gets_its_own_na
     assert problems.namespace == f"gsm8k@{problems.content_hash[:12]}"
     # A data dir without the file falls back to the shipped copy.
     assert len(load_dataset("math500", data_dir)) == 500
-    with pytest.raises(DatasetError, match="ETSQ_DATA_DIR=.*not a directory"):
+    with pytest.raises(DatasetError, match=r"ETSQ_DATA_DIR=.*not a directory"):
         load_dataset("gsm8k", tmp_path / "nowhere")
 
 
