@@ -396,7 +396,7 @@ def sweep(
 
     specs = sweep_specs(file)
     if dry_run:
-        _print_plan(settings, specs, not no_check, as_json)
+        _print_plan(settings, specs, queue, not no_check, as_json)
         return
     from etsq.submit import submit as submit_runs
 
@@ -419,10 +419,10 @@ def sweep(
     )
 
 
-def _print_plan(settings: Settings, specs: list[Any], check: bool, as_json: bool) -> None:
+def _print_plan(settings: Settings, specs: list[Any], queue: str | None, check: bool, as_json: bool) -> None:
     from etsq.submit import plan
 
-    planned = plan(settings, specs, check)
+    planned = plan(settings, specs, queue, check)
     rows = [
         {"run_id": p.run_id, "dataset": p.spec.dataset, "method": p.spec.search.method,
          "width": p.spec.search.width, "problems": p.problems, "new": p.run_id is None}

@@ -152,8 +152,11 @@ class Planned:
     run_id: int | None
 
 
-def plan(settings: Settings, specs: list[RunSpec], check_servers: bool = True) -> list[Planned]:
+def plan(
+    settings: Settings, specs: list[RunSpec], queue: str | None = None, check_servers: bool = True
+) -> list[Planned]:
     """What `submit` would do, without touching the broker or writing a run (`sweep --dry-run`)."""
+    validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
     url = settings.database_url
     return [Planned(spec, len(d), find_run(url, spec, d)) for spec, d in zip(specs, data, strict=True)]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import Result
+from sqlalchemy import select
 
 from etsq.broker import stop_local_redis
 from etsq.queue import message_job_id
@@ -433,3 +434,51 @@ def test_submit_wait_exits_1_with_the_count_of_failed_problems(tmp_path: Path) -
         assert "2 of 2 problems failed" in proc.stderr
     finally:
         stop_local_redis(tmp_path / "home")
+
+
+# --------------------------------------------------------------------------- one validation for all
+
+
+def test_float_parameters_typed_as_integers_are_one_configuration() -> None:
+    from etsq.search.config import SearchConfig
+
+    assert (
+        SearchConfig(lambda_b=2, temperature=1).to_dict()
+        == SearchConfig(lambda_b=2.0, temperature=1.0).to_dict()
+    )
+    assert isinstance(SearchConfig(lambda_b=2).lambda_b, float)
+
+
+def test_the_worker_refuses_a_stored_value_as_submit_would(tmp_path: Path) -> None:
+    """A run stored before validation (or under a wider ETSQ_MAX_WIDTH) fails with the reason."""
+    from etsq.db import models as m
+    from etsq.db.session import session_scope, upgrade
+    from etsq.models.config import ModelConfig
+    from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
+    from etsq.search.config import SearchConfig
+    from etsq.settings import Settings
+    from etsq.worker import run_job
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    settings = Settings.from_env().with_(database_url=url)
+    spec = RunSpec("gsm8k", SearchConfig(method="ets", width=4), ModelConfig.create("sim"), limit=2)
+    run_id, _ = create_run(url, spec, load_problems(settings, spec), ["etsq"])
+    first, second = (job_id for job_id, _ in queued_jobs(url, run_id, "etsq"))
+    assert run_job(first, settings.with_(max_width=2)) == "failed"
+    with session_scope(url) as s:
+        run = s.get_one(m.Run, run_id)
+        run.config = {**run.config, "search": {**run.config["search"], "lambda_b": float("nan")}}
+    assert run_job(second, settings) == "failed"
+    with session_scope(url) as s:
+        errors = [
+            j.error or "" for j in s.scalars(select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id))
+        ]
+    assert "above ETSQ_MAX_WIDTH=2" in errors[0]
+    assert "lambda_b must be a finite number" in errors[1]
+
+
+def test_the_readme_limits_table_is_the_one_validation_uses() -> None:
+    from etsq.validation import markdown_table
+
+    assert markdown_table() in (Path(__file__).resolve().parent.parent / "README.md").read_text()
