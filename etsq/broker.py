@@ -245,7 +245,8 @@ def queue_lengths(url: str) -> dict[str, int]:
         out: dict[str, int] = {}
         for key in client.scan_iter(_type="list", count=1000):
             name = key.decode(errors="replace").split("\x06\x16")[0]
-            out[name] = out.get(name, 0) + int(client.llen(key))
+            if not name.endswith(".pidbox"):  # control replies, not work
+                out[name] = out.get(name, 0) + int(client.llen(key))
         return dict(sorted(out.items()))
     finally:
         client.close()

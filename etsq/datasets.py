@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, overload
@@ -84,7 +85,7 @@ class Dataset:
     def __getitem__(self, index: int | slice) -> Problem | tuple[Problem, ...]:
         return self.problems[index]
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         return content_hash(self.problems)
 

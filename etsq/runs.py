@@ -84,11 +84,17 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def load_problems(settings: Settings, spec: RunSpec) -> Dataset:
-    """The problems the run covers; raises a UserError before anything is written."""
+def load_problems(settings: Settings, spec: RunSpec, loaded: dict[str, Dataset] | None = None) -> Dataset:
+    """The problems the run covers; raises a UserError before anything is written.
+
+    `loaded` caches datasets by name across the specs of one sweep.
+    """
     get_method(spec.search.method)
     validation.check_width(spec.search.width, settings.max_width)
-    return load_dataset(spec.dataset, settings.data_dir).head(spec.limit)
+    cache = {} if loaded is None else loaded
+    if spec.dataset not in cache:
+        cache[spec.dataset] = load_dataset(spec.dataset, settings.data_dir)
+    return cache[spec.dataset].head(spec.limit)
 
 
 def _problem_row(s: Session, namespace: str, p: Problem) -> m.Problem:

@@ -86,7 +86,8 @@ def prepare(settings: Settings, specs: list[RunSpec], check: bool = True) -> lis
 
     Raises a UserError before anything is written or the broker is started.
     """
-    data = [load_problems(settings, spec) for spec in specs]
+    loaded: dict[str, Dataset] = {}
+    data = [load_problems(settings, spec, loaded) for spec in specs]
     if check:
         for models in _distinct(spec.models for spec in specs):
             check_model_servers(models, settings)
