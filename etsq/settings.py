@@ -218,7 +218,7 @@ class Settings:
     policy_url: str | None = None
     prm_url: str | None = None
     gpu: str | None = None
-    max_width: int = 65_536
+    max_width: int = validation.DEFAULT_MAX_WIDTH
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -32,6 +32,7 @@ from etsq.errors import ConfigError, UserError
 from etsq.models.config import ModelConfig
 from etsq.runs import RunSpec
 from etsq.search.config import SearchConfig
+from etsq.search.methods import get_method
 
 _TOP_KEYS = {"datasets", "methods", "widths", "limit", "seeds", "params", "models"}
 _SEARCH_FIELDS = set(SearchConfig.__dataclass_fields__) - {"method", "width", "seed", "extra"}
@@ -112,6 +113,7 @@ def sweep_specs(path: Path) -> list[RunSpec]:
     for ds, method, width, seed, params in itertools.product(*_axes(data, path)):
         try:
             search = SearchConfig(method=method, width=width, seed=seed, **params)
+            get_method(search.method)
             specs.append(RunSpec(dataset=ds, models=models, limit=data.get("limit"), search=search))
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None

@@ -138,7 +138,7 @@ CASES = [
     Case("sweep {sweep}", "limit must be", sweep=_sweep(limit="true")),
     Case("sweep {sweep}", "dataset must be a non-empty string, got 3", sweep=_sweep(datasets="[3]")),
     Case("sweep {sweep}", "method must be a non-empty string", sweep=_sweep(methods="[null]")),
-    Case("sweep {sweep}", "unknown method 'magic'", sweep=_sweep(methods="[magic]")),
+    Case("sweep {sweep}", "s.yaml: unknown method 'magic'", sweep=_sweep(methods="[magic]")),
     Case("sweep {tmp}/absent.yaml", "does not exist"),
     # The worker's options (checked before it connects anywhere).
     Case("worker --loglevel bogus", "unknown --loglevel 'BOGUS'"),
