@@ -58,6 +58,9 @@ class EtsqGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `etsq` alone: the help, not an error
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
         except Exception as exc:
             if not _user_error(exc) or _debug(argv):
                 raise

@@ -15,6 +15,7 @@ import click
 
 from cli import results
 from cli.app import EtsqGroup, pass_settings, print_json, table
+from cli.broker import broker
 from cli.servers import servers
 from etsq.models.config import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
@@ -148,7 +149,17 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
 @click.option(
     "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
 )
-@click.option("--wait", is_flag=True, help="Wait for the run, starting a local worker if none listens.")
+@click.option(
+    "--no-check-servers",
+    "no_check",
+    is_flag=True,
+    help="Store the run without checking its model servers answer (they are not up yet).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the run, starting a local worker if none listens; exit 1 if problems failed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @pass_settings
 def submit(
@@ -158,11 +169,14 @@ def submit(
     as_json: bool,
     limit: int | None,
     queue: str | None,
+    no_check: bool,
     **opts: Any,
-) -> None:
+) -> int:
     """Enqueue one search job per problem of DATASET (math500, gsm8k or a .jsonl file).
 
-    A run is its configuration: submitting the same configuration again resumes that run.
+    A run is its problems (by content) and its configuration: submitting the same again, under
+    any spelling of the dataset, resumes that run; changed data makes a new run.  Model servers are
+    checked to answer first, as a worker checks them.
 
     \b
     Examples:
@@ -170,10 +184,11 @@ def submit(
       etsq submit gsm8k --method rebase --width 4 --limit 3 --wait
       etsq submit my_problems.jsonl --method bon --width 16 --queue gpu1
       etsq submit gsm8k --method ets --width 8 --backend openai --policy-url http://gpu0:8000
+      etsq submit gsm8k --backend sglang --no-check-servers   # URLs from the workers' --policy-url
     """
     from etsq.submit import submit as submit_runs
 
-    submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue)
+    submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue, check_servers=not no_check)
     run = submission.runs[0]
     if not run.created:
         click.echo(
@@ -184,11 +199,11 @@ def submit(
         print_json({"run_id": run.run_id, "created": run.created, "jobs": run.jobs_enqueued})
     else:
         click.echo(run.run_id)
-    if wait:
-        _wait(submission.connection, run.run_id)
+    return _wait(submission.connection, run.run_id) if wait else 0
 
 
-def _wait(conn: Any, run_id: int) -> None:
+def _wait(conn: Any, run_id: int) -> int:
+    """Follow the run to its end; 1 when problems failed (counted on stderr), else 0."""
     from etsq.submit import RunWaiter
 
     with RunWaiter(conn, run_id) as waiter:
@@ -209,6 +224,8 @@ def _wait(conn: Any, run_id: int) -> None:
             f"run {run_id}: {last.failed} of {last.total} problems failed (see `etsq status {run_id}`)",
             err=True,
         )
+        return 1
+    return 0
 
 
 @cli.command()
@@ -286,9 +303,15 @@ def worker(settings: Settings, **options: Any) -> None:
 @click.option(
     "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
 )
+@click.option("--dry-run", is_flag=True, help="Check the file and print the runs; write nothing.")
+@click.option(
+    "--no-check-servers", "no_check", is_flag=True, help="Do not check the runs' model servers answer."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @pass_settings
-def sweep(settings: Settings, file: Path, queue: str | None, as_json: bool) -> None:
+def sweep(
+    settings: Settings, file: Path, queue: str | None, dry_run: bool, no_check: bool, as_json: bool
+) -> None:
     """Submit every run of a sweep FILE (YAML grid); existing runs resume instead of repeating.
 
     \b
@@ -298,40 +321,95 @@ def sweep(settings: Settings, file: Path, queue: str | None, as_json: bool) -> N
       widths: [16, 64]
       limit: 50
       params: {lambda_b: [1.0, 2.0]}
-    Then: etsq sweep sweep.yaml && etsq status --watch
+    Then: etsq sweep sweep.yaml --dry-run && etsq sweep sweep.yaml && etsq status --watch
     """
-    from etsq.submit import submit as submit_runs
     from etsq.sweep import sweep_specs
 
-    runs = submit_runs(settings, sweep_specs(file), queue).runs
+    specs = sweep_specs(file)
+    if dry_run:
+        _print_plan(settings, specs, queue, not no_check, as_json)
+        return
+    from etsq.submit import submit as submit_runs
+
+    runs = submit_runs(settings, specs, queue, check_servers=not no_check).runs
     rows = [
         {"run_id": r.run_id, "dataset": r.spec.dataset, "method": r.spec.search.method,
-         "width": r.spec.search.width, "created": r.created, "jobs_enqueued": r.jobs_enqueued}
+         "width": r.spec.search.width, "problems": r.problems, "created": r.created,
+         "jobs_enqueued": r.jobs_enqueued}
         for r in runs
     ]  # fmt: skip
     if as_json:
         print_json(rows)
     else:
-        table(rows, ["run_id", "dataset", "method", "width", "created", "jobs_enqueued"])
+        table(rows, ["run_id", "dataset", "method", "width", "problems", "created", "jobs_enqueued"])
+    created = [r for r in runs if r.created]
+    click.echo(
+        f"sweep: {len(runs)} runs ({len(created)} created, {len(runs) - len(created)} existing), "
+        f"{sum(r.problems for r in created)} new jobs, {sum(r.jobs_enqueued for r in runs)} enqueued",
+        err=True,
+    )
+
+
+def _print_plan(settings: Settings, specs: list[Any], queue: str | None, check: bool, as_json: bool) -> None:
+    from etsq.submit import plan
+
+    planned = plan(settings, specs, queue, check)
+    rows = [
+        {"run_id": p.run_id, "dataset": p.spec.dataset, "method": p.spec.search.method,
+         "width": p.spec.search.width, "problems": p.problems, "new": p.run_id is None}
+        for p in planned
+    ]  # fmt: skip
+    if as_json:
+        print_json(rows)
+    else:
+        table(rows, ["run_id", "dataset", "method", "width", "problems", "new"])
+    new = [p for p in planned if p.run_id is None]
+    click.echo(
+        f"dry run: {len(planned)} runs ({len(new)} new, {len(planned) - len(new)} existing), "
+        f"{sum(p.problems for p in new)} new jobs; nothing was written",
+        err=True,
+    )
 
 
 @cli.command("resume")
 @click.argument("run", type=int)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the run, starting a local worker if none listens; exit 1 if problems failed.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_settings
-def resume_cmd(settings: Settings, run: int, as_json: bool) -> None:
+def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
     """Enqueue a run's unfinished jobs again (after a crash, a reboot, or a flushed Redis).
 
-    Jobs resume from their last committed depth; jobs a live worker holds are left alone.
+    Jobs resume from their last committed depth; jobs a live worker holds are left alone, and a
+    job whose message still waits in the queue gets no second one.
 
     \b
-    Example:
+    Examples:
       etsq resume 3
+      etsq resume 3 --wait      # and follow it, with a local worker if none listens
     """
     from etsq.submit import resume_run
 
-    n = resume_run(settings, run)
-    print_json({"run_id": run, "enqueued": n}) if as_json else click.echo(f"run {run}: {n} jobs enqueued")
+    done = resume_run(settings, run)
+    counts = {"enqueued": done.resumed.enqueued, "already_queued": done.resumed.already_waiting}
+    if as_json:
+        print_json({"run_id": run, **counts, "workers_listening": done.listening})
+    else:
+        click.echo(
+            f"run {run}: {counts['enqueued']} jobs enqueued, {counts['already_queued']} already queued"
+        )
+    if wait:
+        return _wait(done.connection, run)
+    if not done.listening and done.resumed.enqueued + done.resumed.already_waiting:
+        click.echo(
+            f"no worker is listening on {done.connection.describe()}: start `etsq worker` "
+            f"or run `etsq resume {run} --wait`",
+            err=True,
+        )
+    return 0
 
 
 @cli.command()
@@ -365,6 +443,7 @@ def db_upgrade(settings: Settings, revision: str) -> None:
     click.echo(f"database at revision {current_revision(settings.database_url)}")
 
 
+cli.add_command(broker)
 cli.add_command(servers)
 cli.add_command(results.aggregate)
 cli.add_command(results.compare)

@@ -6,6 +6,12 @@ bound to 127.0.0.1, with its state under ``ETSQ_HOME/redis``.  That server is
 started once and shared by every later CLI invocation (its address is recorded
 in ``redis.json``), and it keeps an append-only file so submitted jobs survive
 a crash or restart of the server.
+
+One ``ETSQ_HOME`` keeps one port: a server started again (after a crash, a
+reboot or ``etsq broker stop``) listens where the last one did, so running
+workers, which retry their broker connection, find it again without a restart.
+Only when another program holds that port does the server move to a new one.
+``etsq broker status`` and ``etsq broker stop`` show and stop it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from etsq.errors import BrokerUnavailable
+from etsq.errors import BrokerUnavailable, UserError
 from etsq.settings import Settings
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
@@ -164,10 +170,19 @@ def is_embedded(url: str, home: Path) -> bool:
     return local_redis_url(home) == url
 
 
+def _make_dir(rdir: Path) -> None:
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"ETSQ_HOME: cannot create {rdir} for the embedded Redis: {exc.strerror}") from None
+    if not os.access(rdir, os.W_OK | os.X_OK):
+        raise UserError(f"ETSQ_HOME: {rdir} is not writable (the embedded Redis keeps its state there)")
+
+
 def ensure_local_redis(home: Path) -> str:
     """URL of the embedded Redis for ``home``, starting it (once, across processes) if needed."""
     rdir = local_redis_dir(home)
-    rdir.mkdir(parents=True, exist_ok=True)
+    _make_dir(rdir)
     with _locked(rdir / "redis.lock"):
         running = _running_record(rdir)
         if running is not None:
@@ -192,6 +207,59 @@ def stop_local_redis(home: Path) -> bool:
         stopped = _stop_orphan(rdir) or stopped
         (rdir / "redis.json").unlink(missing_ok=True)
         return stopped
+
+
+def broker_status(settings: Settings) -> dict[str, Any]:
+    """Where the broker is and whether it answers; starts nothing.
+
+    The embedded one also reports its pid, port and state directory; a running one the messages
+    waiting in each queue.
+    """
+    if settings.broker_url:
+        url = settings.broker_url
+        status: dict[str, Any] = {"embedded": False, "url": redact_url(url)}
+    else:
+        rdir = local_redis_dir(settings.home)
+        record = _running_record(rdir) if rdir.is_dir() else None
+        port = int(record["port"]) if record else _previous_port(rdir)
+        url = f"redis://127.0.0.1:{port}/0" if port else ""
+        status = {"embedded": True, "url": url or None, "port": port, "dir": str(rdir)}
+        status["pid"] = int(record["pid"]) if record else None
+        if record is None:
+            return {
+                **status,
+                "running": False,
+                "error": "not running (any etsq command that needs it starts it)",
+            }
+    try:
+        check_broker(url)
+    except BrokerUnavailable as exc:
+        return {**status, "running": False, "error": str(exc)}
+    return {**status, "running": True, "queued": queue_lengths(url)}
+
+
+def queue_lengths(url: str) -> dict[str, int]:
+    """Messages waiting per queue (kombu's lists; a queue's priority lists are added to it)."""
+    client = _client(url, 5.0)
+    try:
+        out: dict[str, int] = {}
+        for key in client.scan_iter(_type="list", count=1000):
+            name = key.decode(errors="replace").split("\x06\x16")[0]
+            if not name.endswith(".pidbox"):  # control replies, not work
+                out[name] = out.get(name, 0) + int(client.llen(key))
+        return dict(sorted(out.items()))
+    finally:
+        client.close()
+
+
+def stop_broker(settings: Settings) -> bool:
+    """Stop the embedded Redis (its queue is kept on disk); a UserError for an external broker."""
+    if settings.broker_url:
+        raise UserError(
+            f"ETSQ_BROKER_URL names an external broker ({redact_url(settings.broker_url)}); "
+            "etsq stops only its embedded one"
+        )
+    return stop_local_redis(settings.home)
 
 
 def _running_record(rdir: Path) -> dict[str, Any] | None:
@@ -221,7 +289,8 @@ def _server_pid(port: int, conf: Path) -> int | None:
 
 
 def _start_daemon(rdir: Path) -> dict[str, Any]:
-    port = free_local_port()
+    previous = _previous_port(rdir)
+    port = previous if previous is not None and _port_free(previous) else free_local_port()
     conf = _write_config(rdir, port)
     started = time.monotonic()
     result = subprocess.run(
@@ -245,6 +314,30 @@ def _start_daemon(rdir: Path) -> dict[str, Any]:
         "started_at": time.time(),
         "startup_s": round(time.monotonic() - started, 3),
     }
+
+
+def _previous_port(rdir: Path) -> int | None:
+    """The port the last server of ``rdir`` listened on (redis.json, else redis.conf)."""
+    record = _read_record(rdir)
+    if record is not None:
+        return int(record["port"])
+    try:
+        text = (rdir / "redis.conf").read_text()
+    except OSError:
+        return None
+    match = re.search(r'^port "?(\d+)"?$', text, re.MULTILINE)
+    return int(match.group(1)) if match and 0 < int(match.group(1)) < 65536 else None
+
+
+def _port_free(port: int) -> bool:
+    # SO_REUSEADDR as Redis binds: a port whose old connections linger in TIME_WAIT is free to it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _write_config(rdir: Path, port: int) -> Path:

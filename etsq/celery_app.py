@@ -51,6 +51,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": limit + 60,
         "task_soft_time_limit": limit,
         "broker_connection_retry_on_startup": True,
+        # A lost broker is retried for ever (a restarted embedded Redis comes back on its port):
+        # kombu waits 2 s, then 2 s longer each time, at most 30 s, and checks for a shutdown each
+        # second meanwhile (`etsq worker` also turns off heartbeat events, whose retries do not).
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
         # Redis redelivers unacked messages after this many seconds, so it must exceed the job
         # time limit or a running job would be handed out twice.
         "broker_transport_options": {"visibility_timeout": limit + 300},

@@ -1,32 +1,40 @@
 """Datasets: benchmark problems (question + ground-truth answer) loaded from JSON-lines files.
 
-Built-in names: `math500` (the MATH test split of PRM800K) and `gsm8k` (GSM8K test). Their file
-is looked up in the data directory, then in the cache directory, and only then downloaded from
-its public source into the cache. Any existing `*.jsonl` path is loaded as a generic dataset.
+Built-in names: `math500` (the MATH test split of PRM800K) and `gsm8k` (GSM8K test), in any case.
+Both ship inside the package (`etsq/data/`, sources and MIT licences in `etsq/data/NOTICE`);
+a file of the same name in `ETSQ_DATA_DIR` is read instead.  Any existing `*.jsonl` path is loaded
+as a generic dataset.
+
+A dataset is identified by its content: `content_hash` covers every problem's id, question and
+answer, in order, so the same data under any spelling (`GSM8K`, `./x.jsonl`, its absolute path)
+hashes the same and changed data hashes differently.  Problems are stored under a namespace
+(`problems.dataset`): the built-in name for the shipped content, else `name@<hash prefix>`, so an
+edited file never collides with the rows stored from its earlier version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from etsq.errors import DatasetError
 from etsq.grading import gold_answer
 
-# Public sources of the built-in datasets; a module-level dict so tests and mirrors can redirect.
-_GITHUB = "https://raw.githubusercontent.com/openai"
-DOWNLOAD_URLS: dict[str, str] = {
-    "math500": f"{_GITHUB}/prm800k/main/prm800k/math_splits/test.jsonl",
-    "gsm8k": f"{_GITHUB}/grade-school-math/master/grade_school_math/data/test.jsonl",
-}
 FILENAMES: dict[str, str] = {"math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl"}
-DOWNLOAD_TIMEOUT_S = 30.0
+# content_hash of the shipped files (tests/test_datasets.py checks them): that content is stored
+# under the plain built-in name, as every run before content hashes stored it.
+SHIPPED_HASHES: dict[str, str] = {
+    "gsm8k": "48cc54a36d1ae478bd113a61d1ba9256ef62b4eed119364e74251771899373e5",
+    "math500": "8383219ce43d70a9e4e3d4cc6684ed50b1e2e1860c9ead7305c780bbb6764464",
+}
+NAMESPACE_HASH_CHARS = 12
+MAX_ID_CHARS = 150  # problems.problem_id holds 200; the file's stem goes into positional ids
 
 _QUESTION_FIELDS = ("problem", "question")
 _ID_FIELDS = ("unique_id", "id")
@@ -42,74 +50,98 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def content_hash(problems: Iterable[Problem]) -> str:
+    """SHA-256 over each problem's [id, question, answer] as one JSON line, in order.
+
+    Migration 0005 computes the same hash from stored rows; keep the two in step.
+    """
+    digest = hashlib.sha256()
+    for p in problems:
+        line = json.dumps([p.problem_id, p.question, p.answer], ensure_ascii=False, separators=(",", ":"))
+        digest.update(line.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Problems with where they came from: what a run searches (a sequence of `Problem`)."""
+
+    name: str  # the built-in name, or a file's stem: what `etsq status` shows
+    source: str  # canonical: the built-in name, or the file's resolved absolute path
+    path: Path  # the file read
+    namespace: str  # `problems.dataset` of its stored rows
+    problems: tuple[Problem, ...]
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self.problems)
+
+    @overload
+    def __getitem__(self, index: int) -> Problem: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Problem, ...]: ...
+    def __getitem__(self, index: int | slice) -> Problem | tuple[Problem, ...]:
+        return self.problems[index]
+
+    @cached_property
+    def content_hash(self) -> str:
+        return content_hash(self.problems)
+
+    def head(self, limit: int | None) -> Dataset:
+        """The first `limit` problems (all with None); the namespace stays the whole file's."""
+        return self if limit is None else replace(self, problems=self.problems[:limit])
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.lower() in FILENAMES
+
+
 def dataset_name(name_or_path: str) -> str:
-    """The name a dataset is recorded under: the built-in name, or a file's stem."""
-    if name_or_path.lower() in FILENAMES:
+    """The name a dataset is shown under: the built-in name, or a file's stem."""
+    if is_builtin(name_or_path):
         return name_or_path.lower()
     return Path(name_or_path).stem
 
 
-def load_dataset(name_or_path: str, data_dir: Path | None, cache_dir: Path) -> list[Problem]:
+def load_dataset(name_or_path: str, data_dir: Path | None) -> Dataset:
     """All problems of a built-in dataset (`math500`, `gsm8k`) or of an existing `.jsonl` file."""
-    name = dataset_name(name_or_path)
-    if name_or_path.lower() in FILENAMES:
-        return _load_builtin(name, data_dir, cache_dir)
-    if name_or_path.endswith(".jsonl"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise DatasetError(f"dataset file {path} does not exist")
-        return _load_file(path, name)
-    known = ", ".join(sorted(FILENAMES))
-    raise DatasetError(f"unknown dataset {name_or_path!r}; known: {known}, or a .jsonl path")
+    if is_builtin(name_or_path):
+        name = name_or_path.lower()
+        return _dataset(name, name, builtin_path(name, data_dir))
+    if not name_or_path.endswith(".jsonl"):
+        known = ", ".join(sorted(FILENAMES))
+        raise DatasetError(f"unknown dataset {name_or_path!r}; known: {known}, or a .jsonl path")
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise DatasetError(f"dataset file {path} {what}")
+    if len(path.stem) > MAX_ID_CHARS - 20:
+        raise DatasetError(f"dataset file {path}: its name is longer than {MAX_ID_CHARS - 20} characters")
+    resolved = path.resolve()
+    return _dataset(path.stem, str(resolved), resolved)
 
 
-def _load_builtin(name: str, data_dir: Path | None, cache_dir: Path) -> list[Problem]:
+def builtin_path(name: str, data_dir: Path | None) -> Path:
+    """The file of a built-in dataset: `ETSQ_DATA_DIR`'s copy when it has one, else the shipped one."""
     filename = FILENAMES[name]
-    for directory in (data_dir, cache_dir):
-        if directory is not None and (directory / filename).is_file():
-            return _load_file(directory / filename, name)
-    return _download_and_load(name, cache_dir / filename)
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise DatasetError(f"ETSQ_DATA_DIR={data_dir}: not a directory")
+        if (data_dir / filename).is_file():
+            return (data_dir / filename).resolve()
+    return Path(str(resources.files("etsq") / "data" / filename))
 
 
-# --------------------------------------------------------------------------- download
-
-
-def _download_and_load(name: str, dest: Path) -> list[Problem]:
-    """Download `name` into `dest` atomically, keeping it only if every row is well formed."""
-    url = DOWNLOAD_URLS[name]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(_fetch(name, url, dest))
-        problems = _load_downloaded(tmp, name, url)
-        os.replace(tmp, dest)  # atomic: concurrent loaders see no file or a whole one
-    finally:
-        tmp.unlink(missing_ok=True)
-    return problems
-
-
-def _load_downloaded(tmp: Path, name: str, url: str) -> list[Problem]:
-    try:
-        return _load_file(tmp, name)
-    except DatasetError as exc:
-        raise DatasetError(
-            f"dataset {name} downloaded from {url} is malformed ({exc}); place "
-            f"{FILENAMES[name]} in a directory and point ETSQ_DATA_DIR at it"
-        ) from None
-
-
-def _fetch(name: str, url: str, dest: Path) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            return bytes(response.read())
-    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts are OSErrors
-        reason = " ".join(str(exc).split())
-        raise DatasetError(
-            f"cannot download dataset {name} from {url} ({reason}); place {dest.name} in a "
-            f"directory and point ETSQ_DATA_DIR at it"
-        ) from exc
+def _dataset(name: str, source: str, path: Path) -> Dataset:
+    problems = tuple(_load_file(path, name))
+    if not problems:
+        raise DatasetError(f"dataset {source} has no rows")
+    digest = content_hash(problems)
+    shipped = SHIPPED_HASHES.get(name) == digest and source == name
+    namespace = name if shipped else f"{name}@{digest[:NAMESPACE_HASH_CHARS]}"
+    return Dataset(name, source, path, namespace, problems)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -134,8 +166,10 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, JSON object) for every non-blank line of `path`."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"cannot read dataset file {path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}") from None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -143,6 +177,8 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise DatasetError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         yield lineno, row
@@ -169,13 +205,15 @@ def _text_field(row: dict[str, Any], key: str) -> str:
         raise DatasetError(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DatasetError(f"field {key!r} is empty")
+    if "\x00" in value:
+        raise DatasetError(f"field {key!r} contains a NUL character")
     return value
 
 
 def _problem_id(row: dict[str, Any], name: str, index: int) -> str:
     if name in FILENAMES:
-        # Built-in datasets: positional ids, because the shared copy of MATH500 lacks the
-        # `unique_id` the downloaded one has, and a problem must keep one id wherever it came from.
+        # Built-in datasets: positional ids, because the shipped MATH500 lacks the `unique_id` the
+        # PRM800K file has, and a problem must keep one id wherever it came from.
         return f"{name}-{index}"
     for key in _ID_FIELDS:
         if key in row:
@@ -183,5 +221,13 @@ def _problem_id(row: dict[str, Any], name: str, index: int) -> str:
             # Integer ids are common in hand-made files; bools are ints but never ids.
             if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
                 raise DatasetError(f"field {key!r} must be a non-empty string or integer")
-            return str(value)
+            return _checked_id(key, str(value))
     return f"{name}-{index}"
+
+
+def _checked_id(key: str, value: str) -> str:
+    if len(value) > MAX_ID_CHARS:
+        raise DatasetError(f"field {key!r} is longer than {MAX_ID_CHARS} characters")
+    if "\x00" in value:
+        raise DatasetError(f"field {key!r} contains a NUL character")
+    return value

@@ -2,12 +2,15 @@
 `reference`, the reference implementation's JSON list of answers (see `etsq.results.reference`).
 
 A file is written beside its target and renamed into place, so a failed export never leaves a
-half-written file, and the run is checked to exist before anything is created.
+half-written file, and the run is checked to exist before anything is created.  A target that exists
+and is not a regular file (`/dev/stdout`, a named pipe) is written in place: renaming over it would
+replace a device node with a file.
 """
 
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,11 +34,34 @@ def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
 
 
 def write_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Write `lines` to `path` through a temporary sibling; on any error the sibling is removed."""
-    tmp = path.with_name(path.name + ".part")
+    """Write `lines` to `path` through a temporary sibling; on any error the sibling is removed.
+
+    Raises UserError naming the path when it cannot be written (no such directory, no permission,
+    a full device).
+    """
+    if str(path) in ("", "."):
+        raise UserError("the output file name is empty")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if _is_special(path):
+            _write(path, lines)
+            return
+        tmp = path.with_name(path.name + ".part")
+        try:
+            _write(tmp, lines)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _is_special(path: Path) -> bool:
+    try:
+        return not stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _write(path: Path, lines: Iterable[str]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(lines)

@@ -1,8 +1,21 @@
-"""The job queue from the client side: enqueue jobs, find live workers and their queues, resume."""
+"""The job queue from the client side: enqueue jobs, find live workers and their queues, resume.
+
+Resume sends a message only for the jobs that have none waiting: it reads the queues' Redis lists
+(kombu keeps each queue as a list of JSON messages, one list per priority step) and skips the jobs
+found there.  After a flushed Redis the lists are empty and every unfinished job is sent again; a
+restarted Redis that kept its append-only file still holds its messages and gets no duplicates.
+A duplicate that slips through a race is harmless anyway: a claim takes a job once.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from etsq.errors import BrokerUnavailable
 from etsq.jobs import requeue_stale
@@ -10,6 +23,8 @@ from etsq.runs import queued_jobs
 from etsq.settings import Settings
 
 TASK_NAME = "etsq.search_job"
+_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority names a priority list
+_CHUNK = 1000
 
 
 def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
@@ -19,17 +34,23 @@ def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
             for job_id, queue in jobs:
                 app.send_task(TASK_NAME, args=[job_id], queue=queue, producer=producer)
     except Exception as exc:  # kombu raises many connection error types
-        raise BrokerUnavailable(f"cannot enqueue jobs: {exc}") from exc
+        raise BrokerUnavailable(f"cannot enqueue jobs: {_one_line(exc)}") from exc
 
 
 def live_workers(app: Any, timeout: float = 1.5) -> list[str]:
-    replies = app.control.ping(timeout=timeout) or []
+    try:
+        replies = app.control.ping(timeout=timeout) or []
+    except Exception as exc:  # a broker that answers PING may still refuse the broadcast
+        raise BrokerUnavailable(f"cannot ask the broker for live workers: {_one_line(exc)}") from exc
     return sorted(name for reply in replies for name in reply)
 
 
 def live_queues(app: Any, timeout: float = 1.5) -> list[str]:
     """Queues that live workers consume, sorted: where submit spreads a run's jobs."""
-    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    except Exception as exc:
+        raise BrokerUnavailable(f"cannot ask the broker for live workers: {_one_line(exc)}") from exc
     names = {q["name"] for queues in replies.values() for q in queues}
     return sorted(name for name in names if not name.endswith("pidbox"))
 
@@ -41,10 +62,62 @@ def target_queues(app: Any, requested: str | None, default: str) -> list[str]:
     return live_queues(app) or [default]
 
 
-def resume(app: Any, settings: Settings, run_id: int) -> int:
-    """Enqueue every job of the run that is waiting or whose worker died; returns the count."""
+@dataclass(frozen=True)
+class Resumed:
+    """What a resume did: jobs sent now, and jobs skipped because a message already waits."""
+
+    enqueued: int
+    already_waiting: int
+
+
+def resume(app: Any, settings: Settings, run_id: int) -> Resumed:
+    """Enqueue every job of the run that is waiting or whose worker died, unless its message waits."""
     url = settings.database_url
     requeue_stale(url, settings.stale_after_s, run_id)
     jobs = queued_jobs(url, run_id, settings.queue)
-    enqueue(app, jobs)
-    return len(jobs)
+    waiting = waiting_job_ids(str(app.conf.broker_url), {queue for _, queue in jobs})
+    missing = [(job_id, queue) for job_id, queue in jobs if job_id not in waiting]
+    enqueue(app, missing)
+    return Resumed(len(missing), len(jobs) - len(missing))
+
+
+def waiting_job_ids(broker_url: str, queues: Iterable[str]) -> set[int]:
+    """Ids of the jobs whose search message waits (not yet delivered) in one of `queues`."""
+    try:
+        client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
+        try:
+            return {job_id for queue in queues for job_id in _queued_ids(client, queue)}
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise BrokerUnavailable(f"cannot read the queue: {_one_line(exc)}") from exc
+
+
+def _queued_ids(client: redis.Redis, queue: str) -> Iterator[int]:
+    for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in range(1, 10))]:
+        start = 0
+        while chunk := client.lrange(key, start, start + _CHUNK - 1):
+            for raw in chunk:
+                job_id = message_job_id(raw)
+                if job_id is not None:
+                    yield job_id
+            start += _CHUNK
+
+
+def message_job_id(raw: bytes | str) -> int | None:
+    """The job id of one kombu message of the search task (Celery protocol 2), else None."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != TASK_NAME:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return int(args[0]) if args and not isinstance(args[0], bool) else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None  # another producer's message: not ours to count
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

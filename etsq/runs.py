@@ -13,10 +13,11 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from etsq.datasets import Problem, dataset_name, load_dataset
+from etsq import validation
+from etsq.datasets import Dataset, Problem, load_dataset
 from etsq.db import models as m
 from etsq.db.session import ensure_schema, rows_affected, session_scope
-from etsq.errors import ConfigError, UserError
+from etsq.errors import UserError
 from etsq.models.config import ModelConfig
 from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
@@ -38,24 +39,39 @@ RECORDED_PACKAGES = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything `etsq submit` was asked for; hashed to identify the run's configuration."""
+    """Everything `etsq submit` was asked for; with its problems, what identifies the run."""
 
     dataset: str
     search: SearchConfig
     models: ModelConfig
     limit: int | None = None
 
-    def config(self) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        validation.text("dataset", self.dataset, max_chars=4096)
+        validation.number("limit", self.limit)
+
+    def config(self, data: Dataset) -> dict[str, Any]:
+        """What the run stores: the dataset's canonical name, its problems' hash, both configs."""
         return {
-            "dataset": self.dataset,
+            "dataset": data.source,
+            "data_hash": data.content_hash,
+            "problems": len(data),
             "limit": self.limit,
             "search": self.search.to_dict(),
             "models": self.models.to_dict(),
         }
 
 
+# A run is its problems (by content: ids, questions, answers after --limit) searched with one
+# configuration: how the dataset was spelled and the limit that selected the problems are not part
+# of it.  Migration 0005 computes the same identity for runs stored before; keep the two in step.
+IDENTITY_KEYS = ("data_hash", "search", "models")
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The run's identity (`runs.config_hash`, unique) from its stored config."""
+    identity = {key: config[key] for key in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:
@@ -68,32 +84,38 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def load_problems(settings: Settings, spec: RunSpec) -> list[Problem]:
-    """The dataset rows the run covers; raises a UserError before anything is written."""
+def load_problems(settings: Settings, spec: RunSpec, loaded: dict[str, Dataset] | None = None) -> Dataset:
+    """The problems the run covers; raises a UserError before anything is written.
+
+    `loaded` caches datasets by name across the specs of one sweep.
+    """
     get_method(spec.search.method)
-    if spec.limit is not None and spec.limit <= 0:
-        raise ConfigError(f"limit must be positive, got {spec.limit}")
-    problems = load_dataset(spec.dataset, settings.data_dir, settings.cache_dir)
-    if not problems:
-        raise UserError(f"dataset {spec.dataset!r} has no rows")
-    return problems[: spec.limit] if spec.limit else problems
+    validation.check_width(spec.search.width, settings.max_width)
+    cache = {} if loaded is None else loaded
+    if spec.dataset not in cache:
+        cache[spec.dataset] = load_dataset(spec.dataset, settings.data_dir)
+    return cache[spec.dataset].head(spec.limit)
 
 
-def _problem_row(s: Session, name: str, p: Problem) -> m.Problem:
-    row = s.scalar(select(m.Problem).where(m.Problem.dataset == name, m.Problem.problem_id == p.problem_id))
+def _problem_row(s: Session, namespace: str, p: Problem) -> m.Problem:
+    row = s.scalar(
+        select(m.Problem).where(m.Problem.dataset == namespace, m.Problem.problem_id == p.problem_id)
+    )
     if row is None:
         row = m.Problem(
-            dataset=name, problem_id=p.problem_id, question=p.question, answer=p.answer, meta=p.meta
+            dataset=namespace, problem_id=p.problem_id, question=p.question, answer=p.answer, meta=p.meta
         )
         s.add(row)
     elif (row.question, row.answer) != (p.question, p.answer):
         raise UserError(
-            f"{name}/{p.problem_id} differs from the stored row of that id; give the file another name"
+            f"{namespace}/{p.problem_id} differs from the row of that id stored by an earlier run "
+            "(the data changed under the same name); keep the earlier data in ETSQ_DATA_DIR or submit "
+            "the new data as a .jsonl file"
         )
     return row
 
 
-def create_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> tuple[int, bool]:
+def create_run(url: str, spec: RunSpec, data: Dataset, queues: list[str]) -> tuple[int, bool]:
     """The run of this configuration: (id, True) when stored now, (id, False) when it existed.
 
     The config hash is unique, so concurrent submissions of one configuration make one run;
@@ -101,27 +123,29 @@ def create_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[st
     """
     ensure_schema(url)
     for _ in range(3):
-        existing = find_run(url, spec)
+        existing = find_run(url, spec, data)
         if existing is not None:
             return existing, False
         try:
-            return _insert_run(url, spec, problems, queues), True
+            return _insert_run(url, spec, data, queues), True
         except IntegrityError:
             continue  # a concurrent submit inserted the same run or problems first
     raise UserError(f"could not store the run of {spec.dataset!r}: conflicting concurrent submissions")
 
 
-def find_run(url: str, spec: RunSpec) -> int | None:
+def find_run(url: str, spec: RunSpec, data: Dataset) -> int | None:
+    """The stored run of these problems and this configuration, if any."""
+    ensure_schema(url)
     with session_scope(url) as s:
-        return s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(spec.config())))
+        return s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(spec.config(data))))
 
 
-def _insert_run(url: str, spec: RunSpec, problems: list[Problem], queues: list[str]) -> int:
-    name, config = dataset_name(spec.dataset), spec.config()
+def _insert_run(url: str, spec: RunSpec, data: Dataset, queues: list[str]) -> int:
+    config = spec.config(data)
     with session_scope(url) as s:
-        rows = [_problem_row(s, name, p) for p in problems]
+        rows = [_problem_row(s, data.namespace, p) for p in data]
         run = m.Run(
-            dataset=name,
+            dataset=data.name,
             method=spec.search.method,
             width=spec.search.width,
             seed=spec.search.seed,
@@ -156,14 +180,20 @@ def cancel_run(url: str, run_id: int) -> int:
             .where(m.Job.run_id == run_id, m.Job.status.in_(UNFINISHED))
             .values(status=JobStatus.CANCELLED, lease=None, finished_at=m.utcnow()),
         )
-        s.get_one(m.Run, run_id).finished_at = m.utcnow()
+        run = s.get_one(m.Run, run_id)
+        if run.finished_at is None:  # a finished run keeps the time it finished
+            run.finished_at = m.utcnow()
         return n
 
 
 def delete_run(url: str, run_id: int) -> None:
+    """Remove a run that was never enqueued: its jobs, and the problem rows no other run uses."""
     with session_scope(url) as s:
+        problem_ids = list(s.scalars(select(m.Job.problem_id).where(m.Job.run_id == run_id)))
         s.execute(delete(m.Job).where(m.Job.run_id == run_id))
         s.execute(delete(m.Run).where(m.Run.id == run_id))
+        still_used = select(m.Job.problem_id).where(m.Job.problem_id.in_(problem_ids))
+        s.execute(delete(m.Problem).where(m.Problem.id.in_(problem_ids), m.Problem.id.not_in(still_used)))
 
 
 def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:

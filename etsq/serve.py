@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from etsq import validation
 from etsq.db.session import ensure_schema
 from etsq.errors import ConfigError
 from etsq.models.backends import check_servers
@@ -22,6 +23,7 @@ from etsq.submit import connect
 # Problems searched at once: servers need many requests in flight to batch well, while in-process
 # models already use every core (and the GPU) for one.
 SERVER_CONCURRENCY = 8
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,15 @@ class WorkerOptions:
     prm_url: str | None = None
     prm_family: str = "judge"
 
+    def __post_init__(self) -> None:
+        validation.queue_name("--queue", self.queue)
+        validation.number("concurrency", self.concurrency)
+        if self.gpu is not None and not (self.gpu.isascii() and self.gpu.isdigit()):
+            raise ConfigError(f"--gpu must be one GPU index (0, 1, ...), got {self.gpu!r}")
+        if self.gpu is not None:
+            validation.number("gpu", int(self.gpu))
+        validation.choice("--loglevel", self.loglevel.upper(), LOG_LEVELS)
+
     @property
     def queue_name(self) -> str | None:
         return self.queue or (f"gpu{self.gpu}" if self.gpu is not None else None)
@@ -51,6 +62,8 @@ def worker_settings(settings: Settings, opts: WorkerOptions, report: Callable[[s
         return bound
     if opts.backend not in REMOTE_BACKENDS:
         raise ConfigError("--policy-url needs --backend sglang or --backend openai")
+    validation.server_url("--policy-url", opts.policy_url)
+    validation.server_url("--prm-url", opts.prm_url)
     bound = bound.with_(
         backend=opts.backend, policy_url=opts.policy_url, prm_url=opts.prm_url or opts.policy_url
     )
@@ -75,6 +88,9 @@ def celery_worker_argv(settings: Settings, opts: WorkerOptions) -> list[str]:
         f"--loglevel={opts.loglevel}",
         "--without-gossip",
         "--without-mingle",
+        # Heartbeat events are published with unbounded retries from the main loop: with the broker
+        # down, that loop never returns to notice a SIGTERM.  Liveness here is `control.ping`.
+        "--without-heartbeat",
     ]
 
 

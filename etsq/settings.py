@@ -17,7 +17,8 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
-from etsq.errors import UserError
+from etsq import validation
+from etsq.errors import ConfigError, UserError
 
 
 class SettingsError(UserError):
@@ -27,31 +28,43 @@ class SettingsError(UserError):
 Parser = Callable[[str], Any]
 
 
+# Upper bounds keep every value usable where it ends up (timers, timedeltas, 32-bit columns).
+MAX_COUNT = 2**31 - 1
+MAX_SECONDS = 10**7  # about 116 days
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
+    if not 0 < value <= MAX_COUNT:
+        raise ValueError(f"must be a positive integer (at most {MAX_COUNT})")
     return value
 
 
 def _count(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise ValueError("must be an integer >= 0")
+    if not 0 <= value <= 1000:
+        raise ValueError("must be an integer >= 0 (at most 1000)")
     return value
 
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a positive number of seconds")
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be a positive number of seconds (at most {MAX_SECONDS})")
     return value
 
 
 def _pause(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a number of seconds >= 0")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds >= 0 (at most {MAX_SECONDS})")
+    return value
+
+
+def _time_limit(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be a positive integer (at most {MAX_SECONDS} seconds)")
     return value
 
 
@@ -61,6 +74,13 @@ def _path(text: str) -> Path:
 
 def _text(text: str) -> str:
     return text
+
+
+def _queue(text: str) -> str:
+    try:
+        return str(validation.queue_name("ETSQ_QUEUE", text))
+    except ConfigError:
+        raise ValueError("must be 1 to 200 of A-Z a-z 0-9 _ . : @ -") from None
 
 
 @dataclass(frozen=True)
@@ -101,10 +121,10 @@ VARIABLES: tuple[Variable, ...] = (
         "data_dir",
         _path,
         "unset",
-        "where `math500.jsonl` and `gsm8k_test.jsonl` are looked for first",
+        "a directory whose `math500.jsonl` / `gsm8k_test.jsonl` replace the shipped copies",
     ),
-    Variable("ETSQ_QUEUE", "queue", _text, "`etsq`", "queue submit sends to and workers read"),
-    Variable("ETSQ_JOB_TIME_LIMIT", "job_time_limit_s", _positive_int, "`7200`", "seconds one job may run"),
+    Variable("ETSQ_QUEUE", "queue", _queue, "`etsq`", "queue submit sends to and workers read"),
+    Variable("ETSQ_JOB_TIME_LIMIT", "job_time_limit_s", _time_limit, "`7200`", "seconds one job may run"),
     Variable(
         "ETSQ_JOB_RETRIES",
         "job_retries",
@@ -165,6 +185,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "ETSQ_GPU", "gpu", _text, "unset", "the GPU a worker is pinned to (`etsq worker --gpu` sets it)"
     ),
+    Variable(
+        "ETSQ_MAX_WIDTH",
+        "max_width",
+        _positive_int,
+        "`65536`",
+        "the widest search submit accepts and a worker runs (memory grows with the width)",
+    ),
 )
 
 
@@ -191,6 +218,7 @@ class Settings:
     policy_url: str | None = None
     prm_url: str | None = None
     gpu: str | None = None
+    max_width: int = validation.DEFAULT_MAX_WIDTH
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -249,6 +277,7 @@ def _kind(var: Variable) -> str:
     kinds: dict[Parser, str] = {
         _positive_int: "integer",
         _count: "integer",
+        _time_limit: "integer",
         _seconds: "number",
         _pause: "number",
     }

@@ -1,9 +1,11 @@
 """Submitting runs: validate, store each run and its jobs, enqueue them; and waiting for a run.
 
 `submit` serves both `etsq submit` (one spec) and `etsq sweep` (many): every spec's problems are
-loaded and checked before anything is written, a run is found by its configuration hash (so
-submitting it again enqueues only its unfinished jobs), and a new run whose jobs cannot be enqueued
-is deleted again, so a refused submission leaves nothing behind.
+loaded and checked, and the model servers each spec names are checked to answer (as a worker checks
+them at start), before the broker is touched or anything is written.  A run is found by its
+identity (its problems' content hash and its configuration), so submitting it again enqueues only
+its unfinished jobs; a new run whose jobs cannot be enqueued is deleted again, so a refused
+submission leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,14 +17,30 @@ from pathlib import Path
 from subprocess import Popen
 from types import TracebackType
 
-from etsq.broker import reachable_broker_url
+from etsq import validation
+from etsq.broker import reachable_broker_url, redact_url
 from etsq.celery_app import EtsqCelery, create_app
-from etsq.datasets import Problem
-from etsq.errors import EtsqError, UserError
+from etsq.datasets import Dataset
+from etsq.errors import EtsqError, PermanentError, TransientError, UserError
 from etsq.localworker import start_local_worker, stop_local_worker
-from etsq.queue import enqueue, live_workers, resume, target_queues
-from etsq.runs import RunSpec, create_run, delete_run, load_problems, progress, queued_jobs, statuses
+from etsq.models.backends import check_servers
+from etsq.models.config import ModelConfig
+from etsq.queue import Resumed, enqueue, live_workers, resume, target_queues
+from etsq.runs import (
+    RunSpec,
+    create_run,
+    delete_run,
+    find_run,
+    load_problems,
+    progress,
+    queued_jobs,
+    statuses,
+)
 from etsq.settings import Settings
+
+# A submit-time server check fails fast: two attempts, and no request may take minutes.
+CHECK_ATTEMPTS = 2
+CHECK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,10 @@ class Connection:
     broker_url: str
     settings: Settings  # with broker_url set to the broker found
     embedded: bool  # the broker is etsq's embedded Redis
+
+    def describe(self) -> str:
+        where = redact_url(self.broker_url)
+        return f"the embedded broker ({where})" if self.embedded else f"the broker {where}"
 
 
 def connect(settings: Settings, queue: str | None = None) -> Connection:
@@ -50,6 +72,7 @@ class Submitted:
     run_id: int
     created: bool
     jobs_enqueued: int
+    problems: int
 
 
 @dataclass(frozen=True)
@@ -58,38 +81,101 @@ class Submission:
     connection: Connection
 
 
-def submit(settings: Settings, specs: list[RunSpec], queue: str | None = None) -> Submission:
+def prepare(settings: Settings, specs: list[RunSpec], check: bool = True) -> list[Dataset]:
+    """Every spec's problems, with its model servers checked (unless `check` is False).
+
+    Raises a UserError before anything is written or the broker is started.
+    """
+    loaded: dict[str, Dataset] = {}
+    data = [load_problems(settings, spec, loaded) for spec in specs]
+    if check:
+        for models in _distinct(spec.models for spec in specs):
+            check_model_servers(models, settings)
+    return data
+
+
+def _distinct(models: Iterator[ModelConfig]) -> list[ModelConfig]:
+    seen: list[ModelConfig] = []
+    for cfg in models:
+        if cfg not in seen:
+            seen.append(cfg)
+    return seen
+
+
+def check_model_servers(models: ModelConfig, settings: Settings) -> None:
+    """The check a worker runs at start, for a run's own servers; a UserError if one fails."""
+    if not models.is_remote:
+        return
+    timeout = min(settings.http_timeout_s, CHECK_TIMEOUT_S)
+    quick = settings.with_(http_retries=CHECK_ATTEMPTS, http_timeout_s=timeout)
+    hint = "submit with --no-check-servers to store the run before its servers are up"
+    try:
+        check_servers(models, quick)
+    except UserError as exc:
+        raise UserError(f"{exc}; or {hint}") from exc
+    except (TransientError, PermanentError) as exc:
+        raise UserError(f"{exc}; {hint}") from exc
+
+
+def submit(
+    settings: Settings, specs: list[RunSpec], queue: str | None = None, check_servers: bool = True
+) -> Submission:
     """Store and enqueue every spec's run; nothing is written unless every spec is valid."""
-    problems = [load_problems(settings, spec) for spec in specs]
+    validation.queue_name("--queue", queue)
+    data = prepare(settings, specs, check_servers)
     conn = connect(settings)
     queues = target_queues(conn.app, queue, settings.queue)
-    runs = [
-        _store_and_enqueue(conn, spec, probs, queues) for spec, probs in zip(specs, problems, strict=True)
-    ]
+    runs = [_store_and_enqueue(conn, spec, d, queues) for spec, d in zip(specs, data, strict=True)]
     return Submission(runs, conn)
 
 
-def _store_and_enqueue(
-    conn: Connection, spec: RunSpec, problems: list[Problem], queues: list[str]
-) -> Submitted:
+def _store_and_enqueue(conn: Connection, spec: RunSpec, data: Dataset, queues: list[str]) -> Submitted:
     """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
     url = conn.settings.database_url
-    run_id, created = create_run(url, spec, problems, queues)
+    run_id, created = create_run(url, spec, data, queues)
     if not created:
-        return Submitted(spec, run_id, False, resume(conn.app, conn.settings, run_id))
+        return Submitted(spec, run_id, False, resume(conn.app, conn.settings, run_id).enqueued, len(data))
     jobs = queued_jobs(url, run_id, conn.settings.queue)
     try:
         enqueue(conn.app, jobs)
     except EtsqError:
         delete_run(url, run_id)
         raise
-    return Submitted(spec, run_id, True, len(jobs))
+    return Submitted(spec, run_id, True, len(jobs), len(data))
 
 
-def resume_run(settings: Settings, run_id: int) -> int:
-    """Enqueue a run's unfinished jobs again; returns how many (UserError for an unknown run)."""
-    statuses(settings.database_url, [run_id])  # a clear error for an unknown run
-    return resume(connect(settings).app, settings, run_id)
+@dataclass(frozen=True)
+class Planned:
+    """A run a sweep would submit: its spec, how many problems, and the stored run if it exists."""
+
+    spec: RunSpec
+    problems: int
+    run_id: int | None
+
+
+def plan(
+    settings: Settings, specs: list[RunSpec], queue: str | None = None, check_servers: bool = True
+) -> list[Planned]:
+    """What `submit` would do, without touching the broker or writing a run (`sweep --dry-run`)."""
+    validation.queue_name("--queue", queue)
+    data = prepare(settings, specs, check_servers)
+    url = settings.database_url
+    return [Planned(spec, len(d), find_run(url, spec, d)) for spec, d in zip(specs, data, strict=True)]
+
+
+@dataclass(frozen=True)
+class ResumedRun:
+    resumed: Resumed
+    connection: Connection
+    listening: bool  # a worker answered on the broker
+
+
+def resume_run(settings: Settings, run_id: int) -> ResumedRun:
+    """Enqueue a run's unfinished jobs that have no message waiting (UserError for an unknown run)."""
+    statuses(settings.database_url, [run_id])  # a clear error for an unknown run, before the broker
+    conn = connect(settings)
+    resumed = resume(conn.app, conn.settings, run_id)
+    return ResumedRun(resumed, conn, bool(live_workers(conn.app)))
 
 
 @dataclass(frozen=True)

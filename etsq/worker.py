@@ -27,6 +27,7 @@ from etsq.search.loop import Searcher
 from etsq.search.methods import get_method
 from etsq.search.methods.base import Embedder
 from etsq.settings import Settings
+from etsq.validation import check_width
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def build_searcher(claim: Claim, settings: Settings) -> Searcher:
 
     A server that went down makes the job retry (TransientError) instead of failing it.
     """
-    cfg = search_config(claim)
+    cfg = search_config(claim)  # validated as at submit (etsq.validation): a bad stored value fails the job
+    check_width(cfg.width, settings.max_width)
     models = ModelConfig.from_dict(claim.config["models"])
     policy, prm = load_models(models, settings)
     _record_model_info(settings.database_url, claim.run_id, policy, prm)

@@ -7,14 +7,16 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from etsq.broker import (
     check_broker,
@@ -26,7 +28,10 @@ from etsq.broker import (
     redis_server_binary,
     stop_local_redis,
 )
-from etsq.errors import BrokerUnavailable
+from etsq.db import models as m
+from etsq.db.session import session_scope
+from etsq.errors import BrokerUnavailable, UserError
+from tests.helpers import cli, cli_json, etsq, etsq_json, one_error_line
 from tests.services import RedisHandle, start_redis
 
 
@@ -231,3 +236,172 @@ def test_check_broker_after_server_killed(tmp_path: Path) -> None:
             check_broker(server.url, timeout=1.0)
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------
+# One port per ETSQ_HOME
+
+
+def test_a_restarted_server_comes_back_on_its_port(home: Path) -> None:
+    url = ensure_local_redis(home)
+    _client(url).rpush("etsq", "job")
+    _kill_and_wait(int(_record(home)["pid"]), url)
+    assert ensure_local_redis(home) == url  # killed: the next start listens where it did
+    assert stop_local_redis(home) is True
+    assert ensure_local_redis(home) == url  # stopped (redis.json gone): redis.conf still knows the port
+    assert _client(url).lrange("etsq", 0, -1) == [b"job"]
+
+
+def test_a_port_taken_by_another_program_moves_the_server(home: Path) -> None:
+    url = ensure_local_redis(home)
+    port = int(_record(home)["port"])
+    stop_local_redis(home)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past our clients' TIME_WAIT
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        moved = ensure_local_redis(home)
+    assert moved != url and _client(moved).ping() is True
+
+
+def test_an_unwritable_home_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"ETSQ_HOME: cannot create .*file/redis"):
+        ensure_local_redis(tmp_path / "file")
+
+
+# --------------------------------------------------------------------------
+# `etsq broker status|stop`
+
+
+def test_broker_status_and_stop_of_the_embedded_server(home: Path) -> None:
+    env = {"ETSQ_HOME": str(home), "ETSQ_DATABASE_URL": f"sqlite:///{home.parent / 'e.db'}"}
+    never = cli_json("broker", "status", env=env)
+    assert (never["embedded"], never["running"], never["url"]) == (True, False, None)
+    assert not (home / "redis").exists()  # status starts nothing
+    url = ensure_local_redis(home)
+    _client(url).rpush("etsq", "a", "b")
+    _client(url).rpush("gpu0\x06\x163", "c")  # a priority list counts for its queue
+    status = cli_json("broker", "status", env=env)
+    assert status["running"] and status["url"] == url and status["pid"] == _record(home)["pid"]
+    assert status["queued"] == {"etsq": 2, "gpu0": 1}
+    assert "running, pid" in cli("broker", "status", env=env).stdout
+    assert cli_json("broker", "stop", env=env) == {"stopped": True}
+    assert cli("broker", "stop", env=env).stdout.strip() == "embedded Redis was not running"
+    after = cli_json("broker", "status", env=env)
+    assert (after["running"], after["url"], after["port"]) == (False, url, status["port"])
+
+
+def test_broker_status_of_an_external_broker(tmp_path: Path) -> None:
+    with start_redis(tmp_path) as server:
+        env = {"ETSQ_BROKER_URL": server.url, "ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
+        status = cli_json("broker", "status", env=env)
+        assert (status["embedded"], status["running"], status["url"]) == (False, True, server.url)
+        assert "etsq stops only its embedded one" in one_error_line(cli("broker", "stop", env=env))
+    down = cli_json("broker", "status", env=env)
+    assert not down["running"] and "cannot reach broker" in down["error"]
+
+
+# --------------------------------------------------------------------------
+# A worker and the embedded server's faults (real worker process, sim backend)
+
+FAST_FAULTS = {"ETSQ_HEARTBEAT_S": "0.3", "ETSQ_STALE_AFTER_S": "3", "ETSQ_JANITOR_S": "1"}
+
+
+def _wait_for(what: Callable[[], Any], timeout: float, message: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s: {message()}")
+
+
+class EmbeddedRun:
+    """A run on the embedded broker of `home`, with one worker process serving it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.url = home, f"sqlite:///{home / 'etsq.db'}"
+        self.env = {"ETSQ_HOME": str(home), **FAST_FAULTS}
+        self.log = home.parent / "worker.log"
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def submit(self, *args: str) -> int:
+        proc = etsq("submit", "gsm8k", "--backend", "sim", *args, env=self.env)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.strip().splitlines()[-1])
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "wb") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self.worker
+
+    def statuses(self, run_id: int) -> list[str]:
+        with session_scope(self.url) as s:
+            return [str(x) for x in s.scalars(select(m.Job.status).where(m.Job.run_id == run_id))]
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def close(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.kill()
+            self.worker.wait()
+
+
+@pytest.fixture
+def embedded(home: Path) -> Iterator[EmbeddedRun]:
+    run = EmbeddedRun(home)
+    yield run
+    run.close()
+
+
+def _no_duplicate_nodes(url: str, run_id: int) -> None:
+    with session_scope(url) as s:
+        nodes = s.execute(
+            select(m.Node.job_id, m.Node.path)
+            .join(m.Job, m.Job.id == m.Node.job_id)
+            .where(m.Job.run_id == run_id)
+        ).all()
+        steps = s.execute(
+            select(m.SelectionStep.job_id, m.SelectionStep.depth)
+            .join(m.Job, m.Job.id == m.SelectionStep.job_id)
+            .where(m.Job.run_id == run_id)
+        ).all()
+    assert nodes and len(nodes) == len(set(nodes)) and len(steps) == len(set(steps))
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_embedded_redis_then_resume_finishes_without_a_worker_restart(
+    embedded: EmbeddedRun,
+) -> None:
+    run_id = embedded.submit("--method", "rebase", "--width", "4", "--limit", "5", "--sim-latency", "0.05")
+    port = _record(embedded.home)["port"]
+    worker = embedded.start_worker()
+    _wait_for(lambda: "done" in embedded.statuses(run_id), 40, embedded.tail)
+    assert "queued" in embedded.statuses(run_id), "the run must still have work when Redis dies"
+    os.kill(int(_record(embedded.home)["pid"]), signal.SIGKILL)
+    time.sleep(0.5)
+    resumed = etsq_json("resume", str(run_id), env=embedded.env)
+    assert _record(embedded.home)["port"] == port  # back where the worker looks for it
+    assert resumed["enqueued"] + resumed["already_queued"] >= 1
+    _wait_for(lambda: set(embedded.statuses(run_id)) == {"done"}, 45, embedded.tail)
+    assert worker.poll() is None  # the same worker process carried on
+    _no_duplicate_nodes(embedded.url, run_id)
+
+
+@pytest.mark.slow
+def test_a_worker_stops_on_sigterm_while_its_broker_is_down(embedded: EmbeddedRun) -> None:
+    run_id = embedded.submit("--method", "rebase", "--width", "8", "--limit", "4", "--sim-latency", "0.2")
+    worker = embedded.start_worker()
+    _wait_for(lambda: "running" in embedded.statuses(run_id), 40, embedded.tail)
+    os.kill(int(_record(embedded.home)["pid"]), signal.SIGKILL)
+    time.sleep(5)  # the job in hand finishes (its ack fails); the worker retries its broker connection
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0, embedded.tail()

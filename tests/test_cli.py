@@ -108,3 +108,32 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("etsq.runs.statuses", broken)
     with pytest.raises(KeyError, match="a bug"):
         cli("status", env={"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"})
+
+
+def _imported_run(tmp_path: Path) -> dict[str, str]:
+    env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    data = Path(__file__).parent / "data" / "reference_small.json"
+    assert (
+        cli_json("import", str(data), "--dataset", "mine", "--method", "ets", "--width", "4", env=env)[
+            "run_id"
+        ]
+        == 1
+    )
+    return env
+
+
+def test_export_to_a_device_writes_in_place_and_a_full_one_is_one_line(tmp_path: Path) -> None:
+    env = _imported_run(tmp_path)
+    line = one_error_line(cli("export", "1", "-o", "/dev/full", env=env))
+    assert "cannot write /dev/full" in line and "No space left on device" in line
+    assert Path("/dev/full").is_char_device()  # never replaced by a regular file
+    assert cli("export", "1", "-o", "/dev/null", env=env).exit_code == 0
+    assert Path("/dev/null").is_char_device()
+
+
+def test_export_to_an_empty_or_missing_path_is_one_line(tmp_path: Path) -> None:
+    env = _imported_run(tmp_path)
+    assert "output file name is empty" in one_error_line(cli("export", "1", "-o", "", env=env))
+    line = one_error_line(cli("export", "1", "-o", str(tmp_path / "no" / "such" / "f.jsonl"), env=env))
+    assert "No such file or directory" in line
+    assert not (tmp_path / "no").exists()

@@ -1,21 +1,22 @@
-"""Tests for etsq.datasets: the shared benchmark files, generic files, errors and downloads."""
+"""Tests for etsq.datasets: the shipped benchmark files, overrides, generic files, content hashes."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import threading
-from collections.abc import Iterator
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from etsq import datasets
-from etsq.datasets import Problem, dataset_name, load_dataset
+from etsq.datasets import SHIPPED_HASHES, Problem, content_hash, dataset_name, load_dataset
 from etsq.errors import DatasetError
 
-SHARED_DATA = Path("/work/shared/data")
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
 GSM8K_ROW = {
     "question": "Janet has 3 ducks. How many?",
     "answer": "She has <<3=3>>3 ducks.\n#### 1,003",
@@ -27,39 +28,20 @@ def _write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A local HTTP server on 127.0.0.1 serving a temporary folder: (base URL, folder)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def test_shared_math500_loads(tmp_path: Path) -> None:
-    problems = load_dataset("math500", SHARED_DATA, tmp_path)
+def test_shipped_math500_loads_without_a_data_dir() -> None:
+    problems = load_dataset("math500", None)
     assert len(problems) == 500
+    assert problems.path.parent == REPO / "etsq" / "data"
     first = problems[0]
     assert first.question.startswith("Convert the point $(0,3)$ in rectangular coordinates")
     assert first.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
     assert first.meta["subject"] == "Precalculus" and first.meta["level"] == 2
     assert len({p.problem_id for p in problems}) == 500
+    assert (problems.name, problems.source, problems.namespace) == ("math500", "math500", "math500")
 
 
-def test_shared_gsm8k_loads(tmp_path: Path) -> None:
-    problems = load_dataset("GSM8K", SHARED_DATA, tmp_path)
+def test_shipped_gsm8k_loads_in_any_case() -> None:
+    problems = load_dataset("GSM8K", None)
     assert len(problems) == 1319
     first = problems[0]
     assert first.problem_id == "gsm8k-0"
@@ -67,6 +49,53 @@ def test_shared_gsm8k_loads(tmp_path: Path) -> None:
     assert first.answer == "18"
     assert first.meta["solution"].endswith("#### 18")
     assert all("," not in p.answer and p.answer for p in problems)
+    assert problems.content_hash == load_dataset("gsm8k", None).content_hash
+
+
+def test_shipped_files_are_the_shared_benchmark_files_and_their_hashes_are_recorded() -> None:
+    for name, filename in (("gsm8k", "gsm8k_test.jsonl"), ("math500", "math500.jsonl")):
+        shipped = load_dataset(name, None)
+        assert (REPO / "etsq" / "data" / filename).read_bytes() == (SHARED_DATA / filename).read_bytes()
+        assert shipped.content_hash == SHIPPED_HASHES[name]
+        # ETSQ_DATA_DIR holding the same content: the same problems, stored under the plain name.
+        from_dir = load_dataset(name, SHARED_DATA)
+        assert from_dir.path == SHARED_DATA / filename
+        assert (from_dir.content_hash, from_dir.namespace) == (shipped.content_hash, name)
+    notice = (REPO / "etsq" / "data" / "NOTICE").read_text()
+    assert "MIT License" in notice and "openai/grade-school-math" in notice and "openai/prm800k" in notice
+
+
+def test_a_built_wheel_ships_the_data(tmp_path: Path) -> None:
+    """What `pip install etsq` installs: the package data, not only the repository checkout."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    src = tmp_path / "src"
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."]
+    subprocess.run(cmd, cwd=src, check=True, capture_output=True, env={**os.environ, "PIP_NO_INDEX": "1"})
+    [wheel] = (src / "dist").glob("etsq-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"etsq/data/gsm8k_test.jsonl", "etsq/data/math500.jsonl", "etsq/data/NOTICE"} <= names
+
+
+def test_data_dir_overrides_the_shipped_copy_and_changed_content_gets_its_own_namespace(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_jsonl(data_dir / "gsm8k_test.jsonl", [json.dumps(GSM8K_ROW)])
+    problems = load_dataset("gsm8k", data_dir)
+    assert [(p.problem_id, p.answer) for p in problems] == [("gsm8k-0", "1003")]
+    assert problems.namespace == f"gsm8k@{problems.content_hash[:12]}"
+    # A data dir without the file falls back to the shipped copy.
+    assert len(load_dataset("math500", data_dir)) == 500
+    with pytest.raises(DatasetError, match=r"ETSQ_DATA_DIR=.*not a directory"):
+        load_dataset("gsm8k", tmp_path / "nowhere")
 
 
 def test_generic_jsonl_with_ids_and_question_field(tmp_path: Path) -> None:
@@ -79,13 +108,33 @@ def test_generic_jsonl_with_ids_and_question_field(tmp_path: Path) -> None:
             json.dumps({"question": "3+3?", "answer": "6"}),
         ],
     )
-    problems = load_dataset(str(path), None, tmp_path)
+    problems = load_dataset(str(path), None)
     assert dataset_name(str(path)) == "mine"
-    assert problems == [
+    assert list(problems) == [
         Problem("7", "1+1?", "2", {"id": 7, "source": "hand"}),
         Problem("u-4", "2+2?", "4", {"unique_id": "u-4"}),
         Problem("mine-3", "3+3?", "6", {}),
     ]
+    assert (problems.name, problems.source) == ("mine", str(path.resolve()))
+
+
+def test_content_hash_follows_the_data_not_the_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "id": i}) for i in range(3)]
+    path = _write_jsonl(tmp_path / "x.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = load_dataset("./x.jsonl", None), load_dataset(str(path), None)
+    assert relative.content_hash == absolute.content_hash and relative.source == absolute.source
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    shutil.copy(path, copy / "x.jsonl")
+    assert load_dataset(str(copy / "x.jsonl"), None).content_hash == absolute.content_hash
+    _write_jsonl(path, [*rows[:2], json.dumps({"question": "2+1?", "answer": "4", "id": 2})])
+    changed = load_dataset(str(path), None)
+    assert changed.content_hash != absolute.content_hash and changed.namespace != absolute.namespace
+    assert absolute.head(2).content_hash == changed.head(2).content_hash  # the first two rows agree
+    assert content_hash([]) != content_hash(absolute.head(1))
 
 
 @pytest.mark.parametrize(
@@ -99,13 +148,16 @@ def test_generic_jsonl_with_ids_and_question_field(tmp_path: Path) -> None:
         ('{"problem": "x", "answer": " "}', "'answer' is empty"),
         ('{"problem": "x", "answer": "1", "id": null}', "'id' must be"),
         ('{"problem": "x", "answer": "1", "id": "a"}', "duplicate problem id 'a'"),
+        ('{"problem": "x\\u0000", "answer": "1"}', "NUL"),
+        ('{"problem": "x", "answer": "1", "id": "' + "i" * 151 + '"}', "longer than 150"),
+        ("[" * 100_000, "invalid JSON"),
     ],
 )
 def test_malformed_row_names_file_and_line(tmp_path: Path, line: str, reason: str) -> None:
     good = json.dumps({"problem": "ok", "answer": "1", "id": "a"})
     path = _write_jsonl(tmp_path / "bad.jsonl", [good, line])
     with pytest.raises(DatasetError) as info:
-        load_dataset(str(path), None, tmp_path)
+        load_dataset(str(path), None)
     assert str(info.value).startswith(f"{path}:2: ")
     assert reason in str(info.value)
 
@@ -116,58 +168,20 @@ def test_gsm8k_row_without_marker_names_file_and_line(tmp_path: Path) -> None:
     rows = [json.dumps(GSM8K_ROW), json.dumps({"question": "q", "answer": "no marker"})]
     _write_jsonl(data_dir / "gsm8k_test.jsonl", rows)
     with pytest.raises(DatasetError, match=r"gsm8k_test\.jsonl:2: .*####"):
-        load_dataset("gsm8k", data_dir, tmp_path / "cache")
+        load_dataset("gsm8k", data_dir)
 
 
-def test_unknown_name_and_missing_file(tmp_path: Path) -> None:
+def test_unknown_name_missing_file_directory_empty_file_and_bad_bytes(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="known: gsm8k, math500"):
-        load_dataset("aime", None, tmp_path)
+        load_dataset("aime", None)
     with pytest.raises(DatasetError, match="does not exist"):
-        load_dataset(str(tmp_path / "absent.jsonl"), None, tmp_path)
-
-
-def test_cache_dir_is_used_when_data_dir_lacks_the_file(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    _write_jsonl(cache / "gsm8k_test.jsonl", [json.dumps(GSM8K_ROW)])
-    problems = load_dataset("gsm8k", tmp_path / "empty", cache)
-    assert [(p.problem_id, p.answer) for p in problems] == [("gsm8k-0", "1003")]
-
-
-def test_download_into_cache(
-    tmp_path: Path, http_root: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, root = http_root
-    _write_jsonl(root / "test.jsonl", [json.dumps(GSM8K_ROW)])
-    monkeypatch.setitem(datasets.DOWNLOAD_URLS, "gsm8k", f"{base}/test.jsonl")
-    cache = tmp_path / "cache"
-    problems = load_dataset("gsm8k", None, cache)
-    assert [p.answer for p in problems] == ["1003"]
-    assert sorted(f.name for f in cache.iterdir()) == ["gsm8k_test.jsonl"]  # no temp left
-    (root / "test.jsonl").unlink()  # the second load must come from the cache
-    assert load_dataset("gsm8k", None, cache) == problems
-
-
-def test_download_failure_is_one_line_naming_etsq_data_dir(
-    tmp_path: Path, http_root: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, _ = http_root
-    monkeypatch.setitem(datasets.DOWNLOAD_URLS, "math500", f"{base}/missing.jsonl")
-    cache = tmp_path / "cache"
-    with pytest.raises(DatasetError) as info:
-        load_dataset("math500", None, cache)
-    message = str(info.value)
-    assert "ETSQ_DATA_DIR" in message and "404" in message and "\n" not in message
-    assert list(cache.iterdir()) == []
-
-
-def test_malformed_download_is_not_cached(
-    tmp_path: Path, http_root: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, root = http_root
-    (root / "page.html").write_text("<html>rate limited</html>\n", encoding="utf-8")
-    monkeypatch.setitem(datasets.DOWNLOAD_URLS, "math500", f"{base}/page.html")
-    cache = tmp_path / "cache"
-    with pytest.raises(DatasetError, match=r"malformed.*ETSQ_DATA_DIR"):
-        load_dataset("math500", None, cache)
-    assert list(cache.iterdir()) == []
+        load_dataset(str(tmp_path / "absent.jsonl"), None)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(DatasetError, match="is not a file"):
+        load_dataset(str(tmp_path / "dir.jsonl"), None)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DatasetError, match="has no rows"):
+        load_dataset(str(tmp_path / "empty.jsonl"), None)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_dataset(str(tmp_path / "latin1.jsonl"), None)

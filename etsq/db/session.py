@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,10 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+from etsq.errors import UserError
 
 # Postgres advisory-lock key so concurrent `etsq` processes migrate one at a time.
 _MIGRATION_LOCK_KEY = 0x657473710001
@@ -27,12 +31,31 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _check_sqlite_file(database: str) -> None:
+    """A UserError naming the file unless the SQLite database can be created and written there."""
+    path = Path(database).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = (
+            "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        )
+        raise UserError(f"database {path}: cannot create the directory {path.parent}: {why}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"database {path}: the directory {path.parent} is not writable")
+    if path.exists() and (not path.is_file() or not os.access(path, os.R_OK | os.W_OK)):
+        raise UserError(f"database {path}: not a readable and writable file")
+
+
 @cache
 def get_engine(url: str) -> Engine:
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"ETSQ_DATABASE_URL={url!r}: not a database URL") from None
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            _check_sqlite_file(parsed.database)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -117,13 +140,36 @@ def _migration_lock(url: str) -> Iterator[None]:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision`; a no-op when the schema is current."""
-    from alembic import command
+    """Apply migrations up to `revision`; a no-op when the schema is current.
 
+    A revision this etsq does not know (a typo, or a database a newer etsq migrated) is a UserError.
+    """
+    from alembic import command
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    if not revision.strip():
+        raise UserError("the revision to upgrade to is empty; give one, or head")
     if revision == "head" and is_up_to_date(url):
         return
+    _check_current_known(url)
     with _migration_lock(url):
-        command.upgrade(alembic_config(url), revision)
+        try:
+            command.upgrade(alembic_config(url), revision)
+        except (CommandError, RevisionError) as exc:
+            raise UserError(f"database upgrade to {revision!r}: {' '.join(str(exc).split())}") from None
+
+
+def _check_current_known(url: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    current = current_revision(url)
+    if current is not None and current not in {script.revision for script in scripts.walk_revisions()}:
+        raise UserError(
+            f"the database is at revision {current!r}, which this etsq does not know: a newer etsq "
+            f"migrated it; upgrade etsq (this one knows revisions up to {scripts.get_current_head()})"
+        )
 
 
 def ensure_schema(url: str) -> None:

@@ -8,10 +8,10 @@ configuration into two runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from etsq import validation
 from etsq.errors import ConfigError
 from etsq.models.prm_families import get_family
 
@@ -45,19 +45,23 @@ class ModelConfig:
     sim_answer_every: int = 4
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKEND_NAMES)}")
+        """Check every field (etsq.validation): names, server URLs, the sim backend's numbers."""
+        validation.choice("backend", self.backend, BACKEND_NAMES)
+        validation.text("prm_family", self.prm_family, max_chars=64)
         get_family(self.prm_family)  # raises ConfigError for an unknown family
-        if self.prm_api not in PRM_APIS:
-            raise ConfigError(f"unknown PRM api {self.prm_api!r}; choose from {', '.join(PRM_APIS)}")
+        validation.choice("PRM api", self.prm_api, PRM_APIS)
+        for name in ("policy", "prm", "embedding"):
+            validation.text(name, getattr(self, name), optional=True)
+        for name in ("policy_url", "prm_url"):
+            validation.server_url(name, getattr(self, name))
+        for name in ("sim_latency_s", "sim_answer_every"):
+            object.__setattr__(self, name, validation.number(name, getattr(self, name)))
         if self.is_remote:
             self._check_remote()
         elif self.policy_url or self.prm_url:
-            raise ConfigError("--policy-url/--prm-url need --backend sglang or --backend openai")
-        if not math.isfinite(self.sim_latency_s) or self.sim_latency_s < 0:
-            raise ConfigError(f"sim_latency_s must be a finite number >= 0, got {self.sim_latency_s}")
-        if self.sim_answer_every < 1:
-            raise ConfigError(f"sim_answer_every must be >= 1, got {self.sim_answer_every}")
+            raise ConfigError(
+                f"--policy-url/--prm-url need --backend sglang or --backend openai, not {self.backend}"
+            )
 
     def _check_remote(self) -> None:
         if self.backend == "openai" and self.prm_api != "logprob":

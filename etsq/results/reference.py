@@ -271,6 +271,10 @@ def _config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] | No
         "method": spec.method,
         "width": spec.width,
         "sha256": digest.hexdigest(),
+        # A run's identity (etsq.runs.IDENTITY_KEYS): the file's content and the options it came with.
+        "data_hash": digest.hexdigest(),
+        "search": {"method": spec.method, "width": spec.width},
+        "models": {"backend": SOURCE},
         "file": spec.file.name,
         "stats": stats,
         "n_problems": len(entries),

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from etsq import validation
 from etsq.errors import ConfigError
 
 # Reference lambda_s per width from the paper's hyper-parameter files.
@@ -26,6 +27,14 @@ def default_lambda_s(width: int) -> float:
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     raise AssertionError("unreachable")
+
+
+COSTS = ("uniform", "tokens")
+# The numeric fields, each with its range in etsq.validation.LIMITS.
+_NUMBERS = (
+    "width", "seed", "temperature", "softmax_temp", "max_step_tokens", "max_tokens", "max_depth",
+    "lambda_b", "lambda_s", "cluster_threshold", "beam_k", "dvts_subtrees",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,18 +59,15 @@ class SearchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.width <= 0:
-            raise ConfigError(f"width must be a positive integer, got {self.width}")
-        if self.max_step_tokens <= 0 or self.max_tokens <= 0 or self.max_depth <= 0:
-            raise ConfigError("max_step_tokens, max_tokens and max_depth must be positive")
-        if self.cost not in ("uniform", "tokens"):
-            raise ConfigError(f"cost must be 'uniform' or 'tokens', got {self.cost!r}")
-        if self.softmax_temp <= 0:
-            raise ConfigError("softmax_temp must be positive")
-        if self.temperature < 0 or self.cluster_threshold < 0:
-            raise ConfigError("temperature and cluster_threshold must be >= 0")
-        if self.lambda_b < 0 or (self.lambda_s is not None and self.lambda_s < 0):
-            raise ConfigError("lambda_b and lambda_s must be >= 0")
+        """Check every field (etsq.validation); integer-valued floats are stored as floats."""
+        for name in _NUMBERS:
+            object.__setattr__(self, name, validation.number(name, getattr(self, name)))
+        validation.text("method", self.method, max_chars=32)
+        validation.choice("cost", self.cost, COSTS)
+        if not isinstance(self.step_delimiter, str) or not 0 < len(self.step_delimiter) <= 64:
+            raise ConfigError(f"step_delimiter must be 1 to 64 characters, got {self.step_delimiter!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a mapping, got {self.extra!r}")
 
     @property
     def effective_lambda_s(self) -> float:
