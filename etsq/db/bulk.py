@@ -2,9 +2,9 @@
 
 PostgreSQL: each column travels as one array (psycopg's binary format, `%b`: no text escaping) and
 `unnest` turns the arrays back into rows, so the statement text is the same at every width (psycopg
-prepares it once per connection) and a depth's 256 nodes are one round trip.  `INSERT ... RETURNING id, path` gives the new ids; they are matched
-back by path, since RETURNING promises no order.  The frontier's kept flags are one
-`UPDATE ... FROM unnest(...)`.
+prepares it once per connection) and a depth's 256 nodes are one round trip.
+`INSERT ... RETURNING id, path` gives the new ids, matched back by path since RETURNING promises no
+order.  The frontier's kept flags are one `UPDATE ... FROM unnest(...)`.
 SQLite runs in-process, where executemany costs no round trips; new ids are assigned from the
 table's largest id, which is safe because the caller's transaction already holds SQLite's single
 write lock (see `insert_nodes`).

@@ -30,7 +30,15 @@ from transformers import (
 
 from etsq.errors import ConfigError, ModelError
 from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequest, StepSample
-from etsq.models.prm_families import PRM_FAMILIES, PRMFamily, get_family, judge_text, shepherd_text
+from etsq.models.prm_families import (
+    PRM_FAMILIES,
+    Family,
+    PRMFamily,
+    get_family,
+    judge_text,
+    shepherd_text,
+    token_family,
+)
 from etsq.models.prompts import SYSTEM_PROMPT, format_question
 
 __all__ = [
@@ -303,12 +311,12 @@ class LocalPRM:
     def __init__(
         self,
         loaded: LoadedModel,
-        family: str | PRMFamily = "judge",
+        family: str | Family = "judge",
         name: str | None = None,
         max_rows: int = MAX_SCORE_ROWS,
     ) -> None:
         self.loaded = loaded
-        self.family = get_family(family)
+        self.family = token_family(family, "a causal LM's next-token logits")
         self.max_rows = max_rows
         self.label_ids = [label_token_id(loaded.tokenizer, label, loaded.path) for label in self._labels()]
         self.info = _info(name or loaded.path, loaded, role="prm", family=self.family.name)
