@@ -22,11 +22,11 @@ from etsq.errors import ConfigError, ModelError
 from etsq.models.base import ModelInfo, ScoreRequest
 from etsq.models.local import (
     MAX_SCORE_ROWS,
-    _chunks,
-    _encode,
-    _load_dtype,
-    _prepare_tokenizer,
+    chunks,
     configure_threads,
+    encode_batch,
+    load_dtype,
+    prepare_tokenizer,
 )
 from etsq.models.prm_families import Family, RewardHeadFamily, get_family
 
@@ -83,7 +83,7 @@ def _load(path: str, n_labels: int, threads: int | None) -> LoadedRewardModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
         model, report = ProcessRewardModel.from_pretrained(
-            path, config=config, n_labels=n_labels, dtype=_load_dtype(), output_loading_info=True
+            path, config=config, n_labels=n_labels, dtype=load_dtype(), output_loading_info=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"could not load reward model {path!r}: {exc}") from exc
@@ -92,7 +92,7 @@ def _load(path: str, n_labels: int, threads: int | None) -> LoadedRewardModel:
         raise ModelError(f"{path!r} has no process reward head (missing {', '.join(sorted(missing))})")
     if torch.cuda.is_available():
         model = model.to("cuda")
-    _prepare_tokenizer(tokenizer, path)
+    prepare_tokenizer(tokenizer, path)
     return LoadedRewardModel(path, model.eval(), tokenizer)
 
 
@@ -126,13 +126,13 @@ class LocalRewardPRM:
         texts = [self.family.render(self.loaded.tokenizer, req) for req in requests]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = [0.0] * len(texts)
-        for chunk in _chunks(order, lambda _: 1, self.max_rows):
+        for chunk in chunks(order, lambda _: 1, self.max_rows):
             for i, p in zip(chunk, self._score_texts([texts[i] for i in chunk]), strict=True):
                 scores[i] = p
         return scores
 
     def _score_texts(self, texts: list[str]) -> list[float]:
-        enc = _encode(self.loaded, texts, self.family.add_special_tokens)  # type: ignore[arg-type]
+        enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = self.loaded.model(**enc, position_ids=positions, use_cache=False)[:, -1].float()
