@@ -8,9 +8,9 @@ backend `--gpu-memory-utilization` reserves a fraction of *host* memory and fail
 so the KV pool is sized explicitly (`--kv-cache-memory-bytes`, 1 GiB = 23k tokens of SmolLM2); prefix
 caching is on by default.  The CPU build's default KV block is 128 tokens (GPUs': 16) and the prefix
 cache holds whole blocks only, so the servers here run `--block-size 32` (the CPU attention kernel
-takes multiples of 32): a PRM request that extends the policy's text then re-prefills at most 31
-tokens of it (measured on a W=16 GSM8K ETS problem: PRM prompt tokens from the cache 74.6% with
-128-token blocks, 82.4% with 32).  Start-up takes ~30-45 s.
+takes multiples of 32): a PRM request that extends the policy's text then re-prefills a partial
+last block of under 32 tokens instead of under 128 (measured on a W=16 GSM8K ETS problem: PRM prompt
+tokens from the cache 74.6% with 128-token blocks, 82.4% with 32).  Start-up takes ~30-45 s.
 A reward-head PRM (tests/tinymodel.py `build_tiny_prm`, a `Qwen2ForProcessRewardModel`) runs on vLLM's
 pooling runner (chosen from the architecture); its STEP pooler returns rows at `step_tag_id` only,
 which vLLM presets to Qwen's `<extra_0>` id (151651), so a tokenizer with `<extra_0>` elsewhere names
