@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from etsq.db import models as m
-from etsq.db.session import rows_affected, session_scope
+from etsq.db.bulk import Mark, NodeRow, insert_nodes, mark_nodes
+from etsq.db.session import get_engine, rows_affected, session_scope
 from etsq.errors import EtsqError, PermanentError
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
@@ -173,51 +174,51 @@ def _fill(node: Node, row: m.Node) -> None:
     node.kept, node.n_children, node.cluster = row.kept, row.n_children, row.cluster
 
 
-def _node_row(job_id: int, tree: Tree, node: Node) -> dict[str, Any]:
+def _node_row(job_id: int, tree: Tree, node: Node) -> NodeRow:
     parent = tree.nodes[node.parent].db_id if node.parent is not None else None
+    return (
+        job_id,
+        parent,
+        node.depth,
+        node.path,
+        node.text,
+        node.tokens,
+        node.cum_tokens,
+        node.score,
+        node.terminal,
+        node.terminal_reason,
+        node.finish_reason,
+        node.answer,
+    )
+
+
+def _selection_row(job_id: int, rec: DepthCommit) -> dict[str, Any]:
+    info, server = rec.selection.info, rec.server
     return {
         "job_id": job_id,
-        "parent_id": parent,
-        "depth": node.depth,
-        "path": node.path,
-        "text": node.text,
-        "step_tokens": node.tokens,
-        "cum_tokens": node.cum_tokens,
-        "score": node.score,
-        "terminal": node.terminal,
-        "terminal_reason": node.terminal_reason,
-        "finish_reason": node.finish_reason,
-        "answer": node.answer,
+        "depth": rec.depth,
+        "remaining": rec.remaining,
+        "frontier_size": len(rec.frontier),
+        "kept_size": len(rec.selection.kept),
+        "children": sum(rec.selection.counts.values()),
+        "kv_before": rec.kv_before,
+        "kv_after": rec.kv_after,
+        "select_ms": rec.select_ms,
+        "expand_ms": rec.expand_ms,
+        "score_ms": rec.score_ms,
+        "n_clusters": info.get("n_clusters"),
+        "ilp_vars": info.get("ilp_vars"),
+        "ilp_constraints": info.get("ilp_constraints"),
+        "ilp_objective": info.get("ilp_objective"),
+        "solver": info.get("solver"),
+        "solve_ms": info.get("solve_ms"),
+        "server_kv_tokens": server.get("kv_tokens"),
+        "server_kv_usage": server.get("kv_usage"),
+        "server_cache_hit_rate": server.get("cache_hit_rate"),
+        "cached_prompt_tokens": server.get("cached_prompt_tokens"),
+        "prompt_tokens": server.get("prompt_tokens"),
+        "info": _info(info, rec),
     }
-
-
-def _selection_row(job_id: int, rec: DepthCommit) -> m.SelectionStep:
-    info, server = rec.selection.info, rec.server
-    return m.SelectionStep(
-        job_id=job_id,
-        depth=rec.depth,
-        remaining=rec.remaining,
-        frontier_size=len(rec.frontier),
-        kept_size=len(rec.selection.kept),
-        children=sum(rec.selection.counts.values()),
-        kv_before=rec.kv_before,
-        kv_after=rec.kv_after,
-        select_ms=rec.select_ms,
-        expand_ms=rec.expand_ms,
-        score_ms=rec.score_ms,
-        n_clusters=info.get("n_clusters"),
-        ilp_vars=info.get("ilp_vars"),
-        ilp_constraints=info.get("ilp_constraints"),
-        ilp_objective=info.get("ilp_objective"),
-        solver=info.get("solver"),
-        solve_ms=info.get("solve_ms"),
-        server_kv_tokens=server.get("kv_tokens"),
-        server_kv_usage=server.get("kv_usage"),
-        server_cache_hit_rate=server.get("cache_hit_rate"),
-        cached_prompt_tokens=server.get("cached_prompt_tokens"),
-        prompt_tokens=server.get("prompt_tokens"),
-        info=_info(info, rec),
-    )
 
 
 def _info(info: dict[str, Any], rec: DepthCommit) -> dict[str, Any]:
@@ -230,7 +231,12 @@ def _info(info: dict[str, Any], rec: DepthCommit) -> dict[str, Any]:
 
 
 class DepthWriter:
-    """The commit callback: persists one DepthCommit in one transaction."""
+    """The commit callback: persists one DepthCommit in one transaction.
+
+    Core statements only (no ORM objects): the job row is updated first, which takes its row lock
+    and checks the lease in one statement; then the new nodes are one multi-row insert and the
+    frontier's marks one UPDATE (etsq.db.bulk), the selection row one insert.
+    """
 
     def __init__(self, url: str, job_id: int, lease: str) -> None:
         self.url, self.job_id, self.lease = url, job_id, lease
@@ -241,42 +247,66 @@ class DepthWriter:
             raise ShutdownRequested(f"job {self.job_id}: worker shutting down after depth {rec.depth}")
 
     def _commit(self, tree: Tree, rec: DepthCommit) -> None:
-        with session_scope(self.url) as s:
-            job = s.get_one(m.Job, self.job_id, with_for_update=True)
-            if job.lease != self.lease or job.status != JobStatus.RUNNING:
-                raise LeaseLost(f"job {self.job_id} is no longer ours (status {job.status})")
+        with get_engine(self.url).begin() as conn:
+            run_id = self._advance_job(conn, rec)
             if tree.root.db_id is None:
-                self._insert(s, tree, [tree.root])
-            self._mark_frontier(s, tree, rec)
-            self._insert(s, tree, [tree.nodes[i] for i in rec.new_nodes])
-            s.add(_selection_row(self.job_id, rec))
-            job.depth = rec.depth + (0 if rec.final else 1)
-            job.heartbeat_at = m.utcnow()
+                self._insert(conn, tree, [tree.root])
+            mark_nodes(conn, _marks(tree, rec))
+            self._insert(conn, tree, [tree.nodes[i] for i in rec.new_nodes])
+            conn.execute(insert(_SELECTION_STEPS), _selection_row(self.job_id, rec))
             if rec.final:
-                _finish(s, job, JobStatus.DONE)
+                _close_run_if_done(conn, run_id)
 
-    def _insert(self, s: Session, tree: Tree, nodes: list[Node]) -> None:
-        if not nodes:
-            return
-        # Core INSERT ... RETURNING over plain dicts: ORM objects cost ~0.1 ms each at W=256.
-        stmt = insert(m.Node).returning(m.Node.id, sort_by_parameter_order=True)
-        ids = s.scalars(stmt, [_node_row(self.job_id, tree, n) for n in nodes]).all()
+    def _advance_job(self, conn: Connection, rec: DepthCommit) -> int:
+        """Lock the job row, check the lease and record the depth, in one UPDATE; the run's id."""
+        now = m.utcnow()
+        values: dict[str, Any] = {"depth": rec.depth + (0 if rec.final else 1), "heartbeat_at": now}
+        if rec.final:
+            values.update(status=JobStatus.DONE, error=None, finished_at=now, lease=None)
+        stmt = (
+            update(_JOBS)
+            .where(
+                _JOBS.c.id == self.job_id, _JOBS.c.lease == self.lease, _JOBS.c.status == JobStatus.RUNNING
+            )
+            .values(**values)
+            .returning(_JOBS.c.run_id)
+        )
+        run_id = conn.execute(stmt).scalar_one_or_none()
+        if run_id is None:
+            status = conn.execute(select(_JOBS.c.status).where(_JOBS.c.id == self.job_id)).scalar()
+            raise LeaseLost(f"job {self.job_id} is no longer ours (status {status})")
+        return int(run_id)
+
+    def _insert(self, conn: Connection, tree: Tree, nodes: list[Node]) -> None:
+        ids = insert_nodes(conn, [_node_row(self.job_id, tree, n) for n in nodes])
         for node, db_id in zip(nodes, ids, strict=True):
             node.db_id = db_id
 
-    @staticmethod
-    def _mark_frontier(s: Session, tree: Tree, rec: DepthCommit) -> None:
-        changes = [
-            {
-                "id": tree.nodes[i].db_id,
-                "kept": n > 0,
-                "n_children": n,
-                "cluster": rec.selection.clusters.get(i),
-            }
-            for i, n in rec.selection.counts.items()
-        ]
-        if changes:
-            s.execute(update(m.Node), changes)
+
+_JOBS = m.Base.metadata.tables["jobs"]
+_SELECTION_STEPS = m.Base.metadata.tables["selection_steps"]
+
+
+def _marks(tree: Tree, rec: DepthCommit) -> list[Mark]:
+    """(id, kept, n_children, cluster) of every frontier node the selection decided on."""
+    marks: list[Mark] = []
+    for i, n in rec.selection.counts.items():
+        db_id = tree.nodes[i].db_id
+        assert db_id is not None, "frontier nodes are stored at an earlier depth"
+        marks.append((db_id, n > 0, n, rec.selection.clusters.get(i)))
+    return marks
+
+
+def _close_run_if_done(conn: Connection, run_id: int) -> None:
+    """Stamp the run finished once none of its jobs is open."""
+    open_jobs = conn.execute(
+        select(func.count())
+        .select_from(_JOBS)
+        .where(_JOBS.c.run_id == run_id, _JOBS.c.status.not_in(FINISHED))
+    ).scalar_one()
+    if not open_jobs:
+        runs = m.Base.metadata.tables["runs"]
+        conn.execute(update(runs).where(runs.c.id == run_id).values(finished_at=m.utcnow()))
 
 
 def _finish(s: Session, job: m.Job, status: JobStatus, error: str | None = None) -> None:

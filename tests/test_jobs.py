@@ -8,11 +8,13 @@ import pytest
 from sqlalchemy import func, select
 
 from etsq.db import models as m
-from etsq.db.session import session_scope
+from etsq.db.bulk import insert_nodes, mark_nodes
+from etsq.db.session import get_engine, session_scope
 from etsq.evaluate import evaluate
-from etsq.jobs import DepthWriter, load_tree
+from etsq.jobs import DepthWriter, LeaseLost, claim_job, load_tree
 from etsq.runs import export_jobs, statuses
 from etsq.search.loop import DepthCommit
+from etsq.search.methods import Selection
 from etsq.search.tree import Tree
 from etsq.settings import Settings
 from etsq.worker import run_job
@@ -173,3 +175,60 @@ def test_tree_methods_store_selection_figures(tmp_path: Path, tiny_model: Path, 
             multi = [st for st in steps if st.depth > 0 and st.frontier_size > 1 and st.remaining > 0]
             assert multi and all(st.solver and st.n_clusters and st.solve_ms is not None for st in multi)
             assert all(n.cluster is not None for n in frontier if n.depth > 0)
+
+
+# --------------------------------------------------------------------------- the per-depth commit
+
+AWKWARD_TEXTS = ['say "hi"\n\n', "back\\slash {braces} , commas", "", "ünïcode ∑ 𝛑", "NULL", "a\tb"]
+
+
+def _depth_zero(tree: Tree, texts: list[str]) -> DepthCommit:
+    """The root's expansion into `texts`, as the search loop hands it to the commit callback."""
+    new = [tree.add_child(0, text, 3, finish_reason="stop").idx for text in texts]
+    for i in new:
+        tree.nodes[i].score = i / 10
+    selection = Selection(counts={0: len(texts)})
+    return DepthCommit(0, [0], len(texts), selection, 5, 5, 0.1, new_nodes=new, expand_ms=1.0, score_ms=1.0)
+
+
+def test_a_depth_commits_its_nodes_marks_and_job_row_at_once(db_url: str, tiny_model: Path) -> None:
+    _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
+    claim = claim_job(db_url, job_id, stale_after_s=60)
+    assert claim is not None
+    tree = Tree("prompt", 5)
+    DepthWriter(db_url, job_id, claim.lease)(tree, _depth_zero(tree, AWKWARD_TEXTS))
+    stored = {n.path: n for n in _nodes(db_url, job_id)}
+    assert [stored[n.path].id for n in tree.nodes] == [n.db_id for n in tree.nodes]
+    assert [stored[n.path].text for n in tree.nodes[1:]] == AWKWARD_TEXTS
+    assert [stored[n.path].score for n in tree.nodes[1:]] == [n.score for n in tree.nodes[1:]]
+    assert {stored[n.path].parent_id for n in tree.nodes[1:]} == {tree.root.db_id}
+    assert (stored["0"].kept, stored["0"].n_children) == (True, len(AWKWARD_TEXTS))
+    with session_scope(db_url) as s:
+        job = s.get_one(m.Job, job_id)
+        assert (job.depth, job.status, job.lease) == (1, "running", claim.lease)
+        assert s.scalar(select(func.count()).select_from(m.SelectionStep)) == 1
+
+
+def test_a_commit_under_a_lost_lease_writes_nothing(db_url: str, tiny_model: Path) -> None:
+    _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
+    assert claim_job(db_url, job_id, stale_after_s=60) is not None
+    tree = Tree("prompt", 5)
+    with pytest.raises(LeaseLost, match="no longer ours"):
+        DepthWriter(db_url, job_id, "someone-else")(tree, _depth_zero(tree, ["a\n\n", "b\n\n"]))
+    assert _nodes(db_url, job_id) == []
+    with session_scope(db_url) as s:
+        assert s.get_one(m.Job, job_id).depth == 0
+        assert s.scalar(select(func.count()).select_from(m.SelectionStep)) == 0
+
+
+def test_bulk_node_writes_return_ids_in_row_order(db_url: str, tiny_model: Path) -> None:
+    _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
+    rows = [(job_id, None, 1, f"0.{i}", f"step {i}", 2, 7, None, False, None, None, None) for i in range(300)]
+    with get_engine(db_url).begin() as conn:
+        conn.execute(m.Job.__table__.update().where(m.Job.id == job_id).values(depth=0))  # take the lock
+        ids = insert_nodes(conn, rows[::-1])
+        mark_nodes(conn, [(i, i % 2 == 0, i % 3, None if i % 5 else 7) for i in ids])
+    by_id = {n.id: n for n in _nodes(db_url, job_id)}
+    assert [by_id[i].path for i in ids] == [r[3] for r in rows[::-1]]
+    assert all((n.kept, n.n_children, n.cluster) == (n.id % 2 == 0, n.id % 3, None if n.id % 5 else 7)
+               for n in by_id.values())  # fmt: skip

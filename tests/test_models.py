@@ -25,6 +25,7 @@ from etsq.models.local import (
     load_causal_lm,
     split_step,
 )
+from etsq.models.prompts import format_question
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 GSM8K_QUESTION = (
@@ -154,10 +155,16 @@ def test_prm_batch_scores_equal_one_by_one(tiny: LoadedModel, family: str) -> No
     assert prm.info.details["family"] == family
 
 
-def test_judge_prompt_shows_problem_steps_and_question(tiny: LoadedModel) -> None:
-    text = judge_text(tiny.tokenizer, SCORE_REQUESTS[1])
-    assert QUESTION in text and "Step 1: 3 + 4 = 7." in text and "The answer is: \\boxed{7}" in text
-    assert text.endswith("Is the new step correct? Answer Yes or No.\n<|assistant|>\n")
+def test_judge_prompt_continues_the_policys_conversation(tiny: LoadedModel, policy: LocalPolicy) -> None:
+    # The policy's prompt and steps verbatim first: a server's cached prefix of the policy serves it.
+    req = SCORE_REQUESTS[1]
+    text = judge_text(tiny.tokenizer, req)
+    prefix = policy.format_prompt(req.question) + "".join(req.steps)
+    assert text.startswith(prefix)
+    question = "Is the last step of this solution correct? Answer Yes or No."
+    assert text[len(prefix) :] == f"\n<|user|>\n{question}\n<|assistant|>\n"
+    plain = judge_text(None, req)
+    assert plain == format_question(None, req.question) + "".join(req.steps) + f"\n\n{question}\nAnswer:"
 
 
 def test_prm_rejects_multi_token_labels_and_unknown_families(tiny: LoadedModel) -> None:
@@ -166,6 +173,8 @@ def test_prm_rejects_multi_token_labels_and_unknown_families(tiny: LoadedModel) 
         LocalPRM(tiny, odd)
     with pytest.raises(ConfigError, match="unknown PRM family"):
         LocalPRM(tiny, "oracle")
+    with pytest.raises(ConfigError, match="'qwen-prm' is a reward-head model"):
+        LocalPRM(tiny, "qwen-prm")
 
 
 # --------------------------------------------------------------------------- registry

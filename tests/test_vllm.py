@@ -2,7 +2,9 @@
 
 The server runs from its own environment (tests/model_servers.py).  The end-to-end tests use the
 real CLI, a separately started Celery worker, Redis and PostgreSQL; one of them kills the vLLM
-server mid-run and starts it again, and the jobs must retry and finish.
+server mid-run and starts it again, and the jobs must retry and finish.  A second vLLM serves a
+tiny random `Qwen2ForProcessRewardModel` (tests/tinymodel.py) with its pooling runner, for the
+reward-head PRM family.
 """
 
 from __future__ import annotations
@@ -17,16 +19,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
 from etsq.db import models as m
 from etsq.db.session import session_scope
+from etsq.jobs import load_tree
 from etsq.models import openai_compat as oc
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.local import LocalPRM, load_causal_lm
+from etsq.models.prm_families import QWEN_PRM_SEPARATOR, QWEN_PRM_SYSTEM
+from etsq.models.reward_head import load_reward_prm
 from tests.helpers import cli, etsq, etsq_json, one_error_line
+from tests.model_servers import start_vllm_prm
 from tests.services import HttpServiceHandle, RedisHandle
+from tests.tinymodel import build_tiny_prm
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +46,22 @@ SHORT = ["--max-step-tokens", "32", "--max-tokens", "96", "--max-depth", "4"]
 @pytest.fixture(scope="module")
 def served(vllm_server: HttpServiceHandle) -> oc.ServedModel:
     return oc.connect(vllm_server.url)
+
+
+@pytest.fixture(scope="module")
+def tiny_prm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_prm(tmp_path_factory.mktemp("models") / "tiny-qwen-prm")
+
+
+@pytest.fixture(scope="module")
+def vllm_prm_server(tiny_prm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServiceHandle]:
+    """vLLM's pooling runner on the tiny reward-head PRM, its step rows at the tokenizer's <extra_0>."""
+    from transformers import AutoTokenizer
+
+    [separator] = AutoTokenizer.from_pretrained(tiny_prm).encode(QWEN_PRM_SEPARATOR, add_special_tokens=False)
+    handle = start_vllm_prm(tiny_prm, tmp_path_factory.mktemp("vllm-prm"), separator)
+    yield handle
+    handle.stop()
 
 
 def test_the_served_model_is_the_converted_smollm2(served: oc.ServedModel, smollm2_dir: Path) -> None:
@@ -66,17 +90,99 @@ def test_children_of_a_node_come_from_one_seeded_request(served: oc.ServedModel)
     assert stats["cached_prompt_tokens"] is not None and stats["kv_usage"] is not None
 
 
-def test_prm_prompt_logprobs_match_the_in_process_prm(served: oc.ServedModel, smollm2_dir: Path) -> None:
-    requests = [
-        ScoreRequest(QUESTION, ("3 + 4 = 7.\n\n",)),
-        ScoreRequest(QUESTION, ("3 + 4 = 7.\n\n", "The answer is: \\boxed{7}")),
-        ScoreRequest(QUESTION, ("3 * 4 = 12.\n\n",)),
-    ]
+SCORE_REQUESTS = [
+    ScoreRequest(QUESTION, ("3 + 4 = 7.\n\n",)),
+    ScoreRequest(QUESTION, ("3 + 4 = 7.\n\n", "The answer is: \\boxed{7}")),
+    ScoreRequest(QUESTION, ("3 * 4 = 12.\n\n",)),
+]
+
+
+def test_prm_reads_the_labels_at_one_generated_position_like_the_in_process_prm(
+    served: oc.ServedModel, smollm2_dir: Path
+) -> None:
     remote = oc.OpenAIPRM(served, "judge")
     local = LocalPRM(load_causal_lm(str(smollm2_dir)), "judge")
+    assert remote.api == oc.NEXT_TOKEN and remote.info.details["prm_api"] == "next-token"
     assert remote.label_ids == local.label_ids
-    assert remote.score(requests) == pytest.approx(local.score(requests), abs=2e-3)
-    assert remote.server_stats()["requests"] == 1  # 3 texts x 2 labels in one batch
+    remote.server_stats()  # forget the start-up probe
+    assert remote.score(SCORE_REQUESTS) == pytest.approx(local.score(SCORE_REQUESTS), abs=2e-3)
+    assert remote.server_stats()["requests"] == len(SCORE_REQUESTS)  # one position per text
+
+
+def test_the_prompt_logprob_path_scores_the_same_but_never_from_the_cache(served: oc.ServedModel) -> None:
+    remote = oc.OpenAIPRM(served, "judge")
+    expected = remote.score(SCORE_REQUESTS)
+    remote.api = oc.PROMPT_LOGPROBS  # what a server without vLLM's logprob_token_ids gets
+    remote.server_stats()
+    assert remote.score(SCORE_REQUESTS) == pytest.approx(expected, abs=2e-3)
+    stats = remote.server_stats()
+    assert stats["requests"] == 1 and stats["prompt_tokens"] > 0 and stats["cached_prompt_tokens"] == 0
+
+
+def test_prm_requests_read_the_policys_cached_prefix(served: oc.ServedModel) -> None:
+    # A question long enough that the policy's prompt fills a whole 128-token KV block by itself.
+    question = " ".join([QUESTION] * 8)
+    policy, prm = oc.OpenAIPolicy(served), oc.OpenAIPRM(served, "judge")
+    root = policy.format_prompt(question)
+    assert policy.count_tokens(root) > 128
+    [children] = policy.expand([ExpandRequest(root, 3, 77)], SamplingParams(1.0, 24, "\n\n"))
+    prm.server_stats()
+    prm.score([ScoreRequest(question, (child.text,)) for child in children])
+    stats = prm.server_stats()
+    # Each judge text starts with the policy's prompt verbatim, so its first block is a cache hit.
+    assert stats["cached_prompt_tokens"] >= 128 * len(children), stats
+    assert stats["prompt_tokens"] > stats["cached_prompt_tokens"]
+
+
+# --------------------------------------------------------------------------- reward-head PRM
+
+
+def _model_card_text(tokenizer: Any, question: str, steps: list[str]) -> str:
+    """Qwen2.5-Math-PRM's input as its model card builds it, cut after the newest step's <extra_0>."""
+    messages = [
+        {"role": "system", "content": QWEN_PRM_SYSTEM},
+        {"role": "user", "content": question},
+        {
+            "role": "assistant",
+            "content": QWEN_PRM_SEPARATOR.join(s.strip() for s in steps) + QWEN_PRM_SEPARATOR,
+        },
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    return str(text[: text.rindex(QWEN_PRM_SEPARATOR) + len(QWEN_PRM_SEPARATOR)])
+
+
+def _direct_pooling(url: str, texts: list[str]) -> list[float]:
+    """p(label 1) at the last step row, from vLLM's own softmax (use_activation) over /pooling."""
+    body = {"input": texts, "task": "token_classify", "add_special_tokens": False}
+    out = httpx.post(f"{url}/pooling", json=body, timeout=120).json()
+    return [float(item["data"][-1][1]) for item in sorted(out["data"], key=lambda i: i["index"])]
+
+
+def test_pooling_prm_matches_the_in_process_model_and_a_direct_request(
+    vllm_prm_server: HttpServiceHandle, tiny_prm: Path
+) -> None:
+    remote = oc.make_prm(oc.connect(vllm_prm_server.url), "qwen-prm")
+    assert isinstance(remote, oc.PoolingPRM) and remote.info.details["prm_api"] == "pooling"
+    local = load_reward_prm(str(tiny_prm), "qwen-prm")
+    scores = remote.score(SCORE_REQUESTS)
+    assert scores == pytest.approx(local.score(SCORE_REQUESTS), abs=2e-3)
+    texts = [_model_card_text(local.loaded.tokenizer, r.question, list(r.steps)) for r in SCORE_REQUESTS]
+    assert scores == pytest.approx(_direct_pooling(vllm_prm_server.url, texts), abs=1e-5)
+    assert len({round(x, 4) for x in scores}) == len(scores)  # the head has opinions
+
+
+def test_a_server_without_a_reward_head_is_refused_at_the_check(
+    vllm_server: HttpServiceHandle, vllm_prm_server: HttpServiceHandle
+) -> None:
+    # SmolLM2 is a generation model: its tokenizer has no <extra_0>, and it has no pooling head.
+    line = one_error_line(
+        cli("worker", "--backend", "openai", "--policy-url", vllm_server.url, "--prm-family", "qwen-prm")
+    )
+    assert vllm_server.url in line and "'<extra_0>'" in line, line
+    # The other way round: a pooling-only server cannot answer a token family's completion request.
+    args = ("--backend", "openai", "--policy-url", vllm_server.url, "--prm-url", vllm_prm_server.url)
+    line = one_error_line(cli("worker", *args))
+    assert "cannot score PRM family 'judge'" in line and "404" in line, line
 
 
 def test_an_sglang_client_refuses_the_vllm_server(vllm_server: HttpServiceHandle) -> None:
@@ -156,6 +262,39 @@ def test_ets_width_8_against_vllm_stores_server_kv_for_every_depth(
     with session_scope(pg_url) as s:
         info = s.get_one(m.Run, run_id).model_info
     assert info["policy"]["backend"] == "openai" and info["policy"]["details"]["url"] == vllm_server.url
+
+
+def test_ets_with_a_reward_head_prm_on_vllm_scores_every_node(
+    vllm_server: HttpServiceHandle,
+    vllm_prm_server: HttpServiceHandle,
+    tiny_prm: Path,
+    pg_url: str,
+    redis_server: RedisHandle,
+    tmp_path: Path,
+) -> None:
+    env, log = _env(pg_url, redis_server, tmp_path), tmp_path / "worker.log"
+    args = ["--method", "ets", "--width", "4", "--limit", "1", "--prm-family", "qwen-prm", *SHORT]
+    with _worker(env, log):
+        proc = etsq(
+            "submit", "gsm8k", "--backend", "openai", "--policy-url", vllm_server.url,
+            "--prm-url", vllm_prm_server.url, *args, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        row = _wait_done(int(proc.stdout.strip()), env, log, timeout=900)
+    assert (row["problems_done"], row["problems_failed"]) == (1, 0), log.read_text()[-3000:]
+    with session_scope(pg_url) as s:
+        job = s.scalars(select(m.Job).where(m.Job.run_id == row["run_id"])).one()
+        tree, _ = load_tree(s, job.id)  # type: ignore[misc]
+        info = s.get_one(m.Run, row["run_id"]).model_info
+        question = job.problem.question
+    assert info["prm"]["details"]["prm_api"] == "pooling" and info["prm"]["details"]["family"] == "qwen-prm"
+    nodes = tree.nodes[1:]
+    assert len(nodes) >= 4 and all(n.score is not None for n in nodes)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_prm)
+    texts = [_model_card_text(tokenizer, question, tree.steps(n.idx)) for n in nodes]
+    assert [n.score for n in nodes] == pytest.approx(_direct_pooling(vllm_prm_server.url, texts), abs=1e-5)
 
 
 def test_killing_vllm_mid_run_the_jobs_retry_and_finish(

@@ -1,9 +1,12 @@
-"""A tiny random Llama checkpoint (BPE tokenizer + 2-layer model) that tests load like a real model.
+"""Tiny random checkpoints (BPE tokenizer + 2-layer model) that tests load like real models.
 
 `build_tiny_model(path)` writes a complete transformers checkpoint in well under a second: a byte-level
 BPE tokenizer trained on a small built-in math corpus (so "Yes", "No", "+", "-", " ки" and "\\n\\n"
-exist as tokens) with a chat template, and a randomly initialised `LlamaForCausalLM`.  Everything is
-seeded, so two builds are byte-for-byte the same model.
+exist as tokens) with a chat template, and a randomly initialised `LlamaForCausalLM`.
+`build_tiny_prm(path)` writes a process reward model shaped like Qwen2.5-Math-PRM
+(`Qwen2ForProcessRewardModel`: a Qwen2 body and a two-label head `score` = Linear, ReLU, Linear, read
+at each `<extra_0>`), with a Qwen-style chat template and `<extra_0>` as a special token; vLLM's CPU
+build serves it with its pooling runner.  Everything is seeded, so two builds are the same model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SEED = 1234
@@ -102,5 +105,66 @@ def build_tiny_model(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
     tokenizer = _train_tokenizer(vocab_size)
     model = _build_model(tokenizer)
     model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------- a Qwen2.5-Math-PRM shape
+
+PRM_SEPARATOR = "<extra_0>"
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _prm_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    from transformers import Qwen2Config
+
+    # Head size 64: vLLM's CPU attention supports multiples of 32 only.
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["Qwen2ForProcessRewardModel"],
+    )
+
+
+def build_tiny_prm(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Write a tiny `Qwen2ForProcessRewardModel` checkpoint (weights `model.*` + `score.{0,2}.*`)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Model
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", PRM_SEPARATOR]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    config = _prm_config(tokenizer)
+    torch.manual_seed(SEED)
+    body = Qwen2Model(config).eval()
+    head = torch.nn.Sequential(
+        torch.nn.Linear(config.hidden_size, config.hidden_size),
+        torch.nn.ReLU(),
+        torch.nn.Linear(config.hidden_size, 2),
+    )
+    # Wider than the default init, so the two labels' logits differ by more than rounding.
+    for layer in (head[0], head[2]):
+        torch.nn.init.normal_(layer.weight, std=0.05)
+    weights = {f"model.{k}": v for k, v in body.state_dict().items()}
+    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -13,7 +13,7 @@ import bisect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import (
@@ -30,7 +30,15 @@ from transformers import (
 
 from etsq.errors import ConfigError, ModelError
 from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequest, StepSample
-from etsq.models.prm_families import PRM_FAMILIES, PRMFamily, get_family, judge_text, shepherd_text
+from etsq.models.prm_families import (
+    PRM_FAMILIES,
+    Family,
+    PRMFamily,
+    get_family,
+    judge_text,
+    shepherd_text,
+    token_family,
+)
 from etsq.models.prompts import SYSTEM_PROMPT, format_question
 
 __all__ = [
@@ -81,7 +89,7 @@ def configure_threads(wanted: int | None = None) -> int:
     return int(torch.get_num_threads())
 
 
-def _load_dtype() -> torch.dtype | str:
+def load_dtype() -> torch.dtype | str:
     # Most CPUs lack fast bf16 matmuls (8x slower than fp32 on AVX2), so CPU inference runs in fp32.
     return "auto" if torch.cuda.is_available() else torch.float32
 
@@ -91,16 +99,16 @@ def load_causal_lm(path: str, threads: int | None = None) -> LoadedModel:
     configure_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_load_dtype())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype())
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load model {path!r}: {exc}") from exc
     if torch.cuda.is_available():
         model = model.to("cuda")
-    _prepare_tokenizer(tokenizer, path)
+    prepare_tokenizer(tokenizer, path)
     return LoadedModel(path, model.eval(), tokenizer)
 
 
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
     # Batches are left-padded so every row's next token sits at the last position.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -109,7 +117,15 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _encode(loaded: LoadedModel, texts: list[str], add_special_tokens: bool = False) -> dict[str, Any]:
+class _Loaded(Protocol):
+    """What batch encoding needs of a loaded model (a causal LM here, a reward model in reward_head)."""
+
+    model: Any
+    tokenizer: Any
+
+
+def encode_batch(loaded: _Loaded, texts: list[str], add_special_tokens: bool = False) -> dict[str, Any]:
+    """Left-padded input ids and attention mask on the model's device."""
     enc = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     return {k: v.to(loaded.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
@@ -118,7 +134,7 @@ def _info(name: str, loaded: LoadedModel, **details: str) -> ModelInfo:
     return ModelInfo(name, BACKEND, {"path": loaded.path, "dtype": loaded.dtype, **details})
 
 
-def _chunks(items: Sequence[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
+def chunks(items: Sequence[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
     """Consecutive groups whose total size stays within `limit` (an oversized item goes alone)."""
     group: list[Any] = []
     total = 0
@@ -224,7 +240,7 @@ class LocalPolicy:
         if params.max_step_tokens < 1:
             raise ConfigError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
         results: list[list[StepSample]] = []
-        for chunk in _chunks(requests, lambda r: r.n, self.max_rows):
+        for chunk in chunks(requests, lambda r: r.n, self.max_rows):
             results.extend(self._expand_chunk(chunk, params))
         return results
 
@@ -232,7 +248,7 @@ class LocalPolicy:
         texts = [req.text for req in chunk for _ in range(req.n)]
         if not texts:  # only n=0 requests
             return [[] for _ in chunk]
-        enc = _encode(self.loaded, texts)
+        enc = encode_batch(self.loaded, texts)
         prompt_len = enc["input_ids"].shape[1]
         stop = _DelimiterStop(self.loaded.tokenizer, prompt_len, params.step_delimiter)
         with torch.inference_mode():
@@ -303,12 +319,12 @@ class LocalPRM:
     def __init__(
         self,
         loaded: LoadedModel,
-        family: str | PRMFamily = "judge",
+        family: str | Family = "judge",
         name: str | None = None,
         max_rows: int = MAX_SCORE_ROWS,
     ) -> None:
         self.loaded = loaded
-        self.family = get_family(family)
+        self.family = token_family(family, "a causal LM's next-token logits")
         self.max_rows = max_rows
         self.label_ids = [label_token_id(loaded.tokenizer, label, loaded.path) for label in self._labels()]
         self.info = _info(name or loaded.path, loaded, role="prm", family=self.family.name)
@@ -324,13 +340,13 @@ class LocalPRM:
         # Scoring similar lengths together wastes less compute on padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = [0.0] * len(texts)
-        for chunk in _chunks(order, lambda _: 1, self.max_rows):
+        for chunk in chunks(order, lambda _: 1, self.max_rows):
             for i, p in zip(chunk, self._score_texts([texts[i] for i in chunk]), strict=True):
                 scores[i] = p
         return scores
 
     def _score_texts(self, texts: list[str]) -> list[float]:
-        enc = _encode(self.loaded, texts, self.family.add_special_tokens)
+        enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)
         # Left padding shifts tokens right; positions must count real tokens only, as generate() does.
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():

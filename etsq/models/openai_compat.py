@@ -13,12 +13,26 @@ its `token_ids` (vLLM's `return_token_ids`), prompt and cached-prompt tokens com
 `--enable-prompt-tokens-details`).  Finish: `stop` with a string `stop_reason` is the delimiter,
 `stop` without one is EOS, `length` is `max_tokens`.
 
-PRM (token-probability families): prompt logprobs.  The rendered text is tokenized by the server and
-sent twice as token ids, once followed by the good label and once by the bad one, with `echo`,
-`max_tokens: 0` and `logprobs: 0`; the last prompt token's logprob is log p(label | text).  This is
-exact for any label, but costly on vLLM: a request that wants prompt logprobs computes them at every
-prompt position and skips reading the prefix cache (vLLM's `skip_reading_prefix_cache`; measured: 0
-cached tokens on every PRM request), so each score prefills its text twice.
+PRM, token-probability families: the label is read from the next-token distribution at the end of
+the rendered text, one one-token generation request per text: `max_tokens: 1`, `logprobs: 2` and
+vLLM's `logprob_token_ids: [good, bad]`, which returns those two tokens' log-probabilities over the
+whole vocabulary (vLLM's default `--logprobs-mode raw_logprobs`: before temperature or any logits
+processor) whatever the top-k holds; `return_tokens_as_token_ids` keys them "token_id:N".  A
+generation request reads the prefix cache, so a PRM text that starts with what the policy already
+prefilled (the `judge` family's does) is served from the policy's cached blocks.  One text per
+request, because vLLM reports a multi-prompt request's `cached_tokens` for its last prompt only.
+A server that returns no such logprobs (an OpenAI-compatible server without vLLM's extension) is
+scored with prompt logprobs instead: the text's tokens + each label token, `echo`, `max_tokens: 0`;
+exact, but a request that wants prompt logprobs skips the prefix cache (vLLM's
+`skip_reading_prefix_cache`).
+
+PRM, reward-head families (Qwen2.5-Math-PRM): vLLM's pooling runner, `POST /pooling` with
+`task: token_classify` and `use_activation: false`.  With STEP pooling the server returns one row of
+label logits per step separator (`--pooler-config '{"step_tag_id": N}'`, which vLLM presets to
+151651, Qwen's `<extra_0>`) or one per token without a step tag; the rendered text ends with the
+newest step's separator, so the last row is its score: softmax(row)[good].  vLLM's pooling runner
+runs without prefix caching (token-wise pooling needs every position's hidden state), so each
+request prefills its whole text.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from etsq.errors import ModelError, PermanentError
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.models.config import ModelConfig
 from etsq.models.http import RetryConfig, client_for, gather_all
-from etsq.models.prm_families import PRMFamily, get_family
+from etsq.models.prm_families import Family, RewardHeadFamily, get_family, token_family
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import (
     RemotePolicy,
@@ -41,6 +55,8 @@ from etsq.models.remote import (
     delimited_step,
     label_token_ids,
     ready,
+    single_token,
+    softmax_at,
     tokenize,
     two_way,
 )
@@ -55,11 +71,11 @@ def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
 
 
 @lru_cache(maxsize=8)
-def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[OpenAIPolicy, OpenAIPRM]:
+def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[OpenAIPolicy, OpenAIPRM | PoolingPRM]:
     # Cached per process: a long-lived worker keeps one pooled client per server across jobs.
     assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
     policy = OpenAIPolicy(connect(cfg.policy_url, cfg.policy, retry))
-    return policy, OpenAIPRM(connect(cfg.prm_url, cfg.prm, retry), cfg.prm_family)
+    return policy, make_prm(connect(cfg.prm_url, cfg.prm, retry), cfg.prm_family)
 
 
 def connect(url: str, tokenizer_spec: str | None = None, retry: RetryConfig | None = None) -> ServedModel:
@@ -154,30 +170,96 @@ class OpenAIPolicy(RemotePolicy):
         return delimited_step(str(choice.get("text", "")), reason, delimiter, tokens)
 
 
+NEXT_TOKEN, PROMPT_LOGPROBS, POOLING = "next-token", "prompt-logprobs", "pooling"
+_TOKEN_ID = "token_id:"  # vLLM's key prefix with return_tokens_as_token_ids
+
+
+def make_prm(served: ServedModel, family: str | Family = "judge") -> OpenAIPRM | PoolingPRM:
+    """The PRM client for `family` on this server: label logprobs, or the pooling API for a reward head."""
+    found = get_family(family)
+    if isinstance(found, RewardHeadFamily):
+        return PoolingPRM(served, found)
+    return OpenAIPRM(served, found)
+
+
+def label_logprobs(choice: dict[str, Any]) -> dict[int, float]:
+    """Token id -> log-probability at the first generated position (`token_id:N` keys)."""
+    tops = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+    return {
+        int(key[len(_TOKEN_ID) :]): float(value)
+        for key, value in tops.items()
+        if isinstance(key, str) and key.startswith(_TOKEN_ID) and value is not None
+    }
+
+
 class OpenAIPRM(RemotePRM):
-    """The `PRM` protocol on an OpenAI-compatible server, from prompt logprobs of the label tokens."""
+    """The `PRM` protocol on an OpenAI-compatible server: the label tokens' next-token log-probabilities."""
 
     health_path = "/v1/models"
 
-    def __init__(self, served: ServedModel, family: str | PRMFamily = "judge") -> None:
+    def __init__(self, served: ServedModel, family: str | Family = "judge") -> None:
         super().__init__(served, "vllm")
-        self.family = get_family(family)
+        self.family = token_family(family, "an OpenAI-compatible completions server")
         self.label_ids = label_token_ids(self.family, self._tokenize_label, served.url)
-        self.info = served.info("prm", family=self.family.name, prm_api="prompt-logprobs")
+        self.api = self._probe()
+        self.info = served.info("prm", family=self.family.name, prm_api=self.api)
+
+    def _probe(self) -> str:
+        """Which API scores here: vLLM's label logprobs, else prompt logprobs (ModelError: no completions)."""
+        try:
+            read = self.client.call(self._label_read([self.label_ids[0]]))
+        except PermanentError as exc:
+            raise ModelError(
+                f"{self.served.url} cannot score PRM family {self.family.name!r}: a one-token "
+                f"completion with logprobs failed ({exc})"
+            ) from exc
+        return NEXT_TOKEN if read is not None else PROMPT_LOGPROBS
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.served.template, req) for req in requests]
 
         async def fan_out() -> list[float]:
-            prefixes = await gather_all(
-                *(tokenize(self.served, t, self.family.add_special_tokens) for t in texts)
-            )
-            prompts = [[*ids, label] for ids in prefixes for label in self.label_ids]
-            results = await gather_all(*(self._logprobs(group) for group in batches(prompts)))
-            flat = [lp for group in results for lp in group]
-            return [two_way(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+            if self.api == PROMPT_LOGPROBS:
+                return await self._prompt_logprob_scores(texts)
+            # One request per text: vLLM reports a batch's cached tokens for its last prompt only.
+            reads = await gather_all(*(self._label_read(text) for text in texts))
+            missing = [t for t, read in zip(texts, reads, strict=True) if read is None]
+            fallback = iter(await self._prompt_logprob_scores(missing) if missing else [])
+            return [read if read is not None else next(fallback) for read in reads]
 
         return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _label_read(self, prompt: str | list[int]) -> float | None:
+        """The prompt's score from one generated position; None where the labels are missing."""
+        body = {
+            "model": self.served.model_id,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(self.label_ids),
+            "logprob_token_ids": self.label_ids,
+            "return_tokens_as_token_ids": True,
+            "add_special_tokens": self.family.add_special_tokens,
+        }
+        out = await self.client.post_json("/v1/completions", body)
+        usage = out.get("usage") or {}
+        self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
+        [choice] = _choices(out, 1, self.served.url)
+        return self._two_way(choice)
+
+    def _two_way(self, choice: dict[str, Any]) -> float | None:
+        found = label_logprobs(choice)
+        good, bad = self.label_ids
+        return two_way(found[good], found[bad]) if good in found and bad in found else None
+
+    async def _prompt_logprob_scores(self, texts: list[str]) -> list[float]:
+        prefixes = await gather_all(
+            *(tokenize(self.served, t, self.family.add_special_tokens) for t in texts)
+        )
+        prompts = [[*ids, label] for ids in prefixes for label in self.label_ids]
+        results = await gather_all(*(self._logprobs(group) for group in batches(prompts)))
+        flat = [lp for group in results for lp in group]
+        return [two_way(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def _logprobs(self, prompts: list[list[int]]) -> list[float]:
         """log p(last token | the tokens before it) of each prompt."""
@@ -201,3 +283,70 @@ class OpenAIPRM(RemotePRM):
                 f"{self.served.url} returned no prompt logprobs (echo + logprobs): {choice!r:.200}"
             )
         return float(values[-1])
+
+
+class PoolingPRM(RemotePRM):
+    """A reward-head PRM on vLLM's pooling runner: the head's labels at the newest step separator."""
+
+    health_path = "/v1/models"
+
+    def __init__(self, served: ServedModel, family: RewardHeadFamily) -> None:
+        super().__init__(served, "vllm")
+        self.family = family
+        self.separator_id = single_token(self._tokenize_label(family.separator), family.separator, served.url)
+        self._check_head()
+        self.info = served.info("prm", family=family.name, prm_api=POOLING)
+
+    def _check_head(self) -> None:
+        """Refuse a server without a pooling model that has this family's head (ModelError)."""
+        try:
+            self.client.call(self._pool([[self.separator_id]]))
+        except PermanentError as exc:
+            raise ModelError(
+                f"{self.served.url} has no process reward head for PRM family {self.family.name!r} "
+                f"(POST /pooling, task token_classify: {exc}); serve the PRM with vLLM's pooling runner"
+            ) from exc
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        texts = [self.family.render(self.served.template, req) for req in requests]
+
+        async def fan_out() -> list[float]:
+            groups = await gather_all(*(self._pool(group) for group in batches(texts)))
+            return [score for group in groups for score in group]
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _pool(self, inputs: list[str] | list[list[int]]) -> list[float]:
+        body = {
+            "model": self.served.model_id,
+            "input": inputs,
+            "task": "token_classify",
+            "use_activation": False,  # raw logits: the softmax is ours, whatever the server's activation
+            "add_special_tokens": self.family.add_special_tokens,
+        }
+        out = await self.client.post_json("/pooling", body)
+        usage = out.get("usage") or {}
+        self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
+        items = out.get("data") if isinstance(out, dict) else None
+        if not isinstance(items, list) or len(items) != len(inputs):
+            raise ModelError(
+                f"{self.served.url}: expected {len(inputs)} pooling results, got {str(out)[:200]}"
+            )
+        return [self._newest(item) for item in sorted(items, key=lambda i: int(i.get("index", 0)))]
+
+    def _newest(self, item: dict[str, Any]) -> float:
+        """The good label's probability in the last row: the newest step's separator."""
+        rows = item.get("data")
+        if not isinstance(rows, list) or not rows:
+            raise ModelError(
+                f"{self.served.url} returned no row at the step separator {self.family.separator!r} "
+                f"(token {self.separator_id}): start vLLM with "
+                f"--pooler-config '{{\"step_tag_id\": {self.separator_id}}}'"
+            )
+        logits = rows[-1]
+        if not isinstance(logits, list) or len(logits) != self.family.n_labels:
+            raise ModelError(
+                f"{self.served.url} has no {self.family.n_labels}-label process reward head: a step row "
+                f"is {str(logits)[:100]}"
+            )
+        return softmax_at([float(x) for x in logits], self.family.good)

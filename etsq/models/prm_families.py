@@ -1,43 +1,74 @@
-"""PRM families: how a kind of token-probability PRM is prompted and which labels it answers with.
+"""PRM families: how a kind of PRM is prompted and where its score is read.
 
 One registry serves every backend.  A family renders a scoring request (question + steps, the newest
-last) into the text after which the PRM's next token is read, names the "good" and "bad" label
-tokens (score = p(good) / (p(good) + p(bad))), and names its step tag:
+last) into the text at whose end the newest step's score is read.  Two kinds:
 
-- `judge`: an instruct model asked "Is the new step correct?", labels Yes/No (the embedded default)
+Token-probability families (`PRMFamily`) name a "good" and a "bad" label token and read the PRM's
+next token after the text: score = p(good) / (p(good) + p(bad)).
+- `judge`: an instruct model asked whether the newest step is correct, labels Yes/No (the embedded
+  default).  The text is the policy's own prompt and steps, verbatim, followed by the question, so a
+  server holding the policy's KV cache serves the PRM request's prefix from that cache.
 - `math-shepherd`: Math-Shepherd's format, each step followed by the tag " ки", labels +/-
 - `rlhflow`: RLHFlow's Llama PRMs, one user turn per step and an assistant turn answering +/-
+
+Reward-head families (`RewardHeadFamily`) are classification models: a head over the hidden state
+gives two labels' logits at every step separator; score = softmax(logits)[good] at the newest one.
+- `qwen-prm`: Qwen2.5-Math-PRM (`Qwen2ForProcessRewardModel`): Qwen's chat template with the system
+  prompt "Please reason step by step, and put your final answer within \\boxed{}.", the steps as the
+  assistant's answer joined by `<extra_0>` and ending with one; label 1 is "correct".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from etsq.errors import ConfigError
 from etsq.models.base import ScoreRequest
-from etsq.models.prompts import chat, has_chat_template
+from etsq.models.prompts import SYSTEM_PROMPT, chat, format_question, has_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SHEPHERD_TAG = "ки"
+JUDGE_QUESTION = "Is the last step of this solution correct? Answer Yes or No."
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+QWEN_PRM_SEPARATOR = "<extra_0>"
+_SENTINEL = "\x1fETSQ-STEPS\x1f"  # stands for the steps while a chat template is rendered
 
-
-def _numbered(steps: Sequence[str]) -> str:
-    return "\n".join(f"Step {i}: {step.strip()}" for i, step in enumerate(steps, 1)) or "(none)"
+Render = Callable[["PreTrainedTokenizerBase | None", ScoreRequest], str]
 
 
 def judge_text(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -> str:
-    """A chat prompt asking an instruct model whether the newest step is correct."""
-    content = (
-        f"Problem:\n{req.question}\n\nEarlier steps:\n{_numbered(req.steps[:-1])}\n\n"
-        f"New step:\n{req.steps[-1].strip()}\n\nIs the new step correct? Answer Yes or No."
-    )
+    """The policy's prompt and steps, verbatim, then a user turn asking if the newest step is correct."""
+    return format_question(tokenizer, req.question) + "".join(req.steps) + _judge_suffix(tokenizer)
+
+
+@lru_cache(maxsize=16)
+def _judge_suffix(tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """What follows the steps: the end of the assistant's turn, the question, the reply's start.
+
+    Cut from the chat template's rendering of a conversation whose assistant turn is a placeholder;
+    the text before the placeholder is the policy's prompt (format_question), checked here.
+    """
     if tokenizer is None or not has_chat_template(tokenizer):
-        return f"{content}\nAnswer:"
-    return chat(tokenizer, [{"role": "user", "content": content}])
+        return f"\n\n{JUDGE_QUESTION}\nAnswer:"
+    root = format_question(tokenizer, "Q")
+    messages = [{"role": "assistant", "content": _SENTINEL}, {"role": "user", "content": JUDGE_QUESTION}]
+    try:
+        rendered = chat(
+            tokenizer,
+            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Q"}, *messages],
+        )
+    except Exception:  # templates without a system role: format_question folds it into the user turn
+        rendered = chat(tokenizer, [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\nQ"}, *messages])
+    before, found, after = rendered.partition(_SENTINEL)
+    if not found or before != root:
+        # A template that rewrites earlier turns: the question follows the steps as plain text.
+        return f"\n\n{JUDGE_QUESTION}"
+    return after
 
 
 def shepherd_text(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -> str:
@@ -59,14 +90,33 @@ def rlhflow_text(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -
     return chat(tokenizer, [*messages, {"role": "user", "content": turns[-1]}])
 
 
+def qwen_prm_text(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -> str:
+    """Qwen2.5-Math-PRM's input, cut right after the newest step's `<extra_0>`.
+
+    The model card renders the whole conversation (the assistant's turn closed); the PRM is causal,
+    so what follows the last separator cannot change its score, and ending there makes the
+    newest step's separator the text's last token on every backend.
+    """
+    answer = "".join(f"{step.strip()}{QWEN_PRM_SEPARATOR}" for step in req.steps)
+    if tokenizer is None or not has_chat_template(tokenizer):
+        return f"{QWEN_PRM_SYSTEM}\n\n{req.question}\n\n{answer}"
+    messages = [
+        {"role": "system", "content": QWEN_PRM_SYSTEM},
+        {"role": "user", "content": req.question},
+        {"role": "assistant", "content": answer},
+    ]
+    text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+    return text[: text.rindex(QWEN_PRM_SEPARATOR) + len(QWEN_PRM_SEPARATOR)]
+
+
 @dataclass(frozen=True)
 class PRMFamily:
-    """How a kind of PRM is prompted and which two next tokens mean good and bad."""
+    """A token-probability PRM: how it is prompted and which two next tokens mean good and bad."""
 
     name: str
     good: str
     bad: str
-    render: Callable[[PreTrainedTokenizerBase | None, ScoreRequest], str]
+    render: Render
     add_special_tokens: bool  # chat templates already carry BOS; raw text needs the tokenizer's
     step_tag: str | None = None  # the tag as it follows a step; the reference SGLang fork scores there
 
@@ -75,18 +125,45 @@ class PRMFamily:
         return self.good, self.bad
 
 
-PRM_FAMILIES: dict[str, PRMFamily] = {
+@dataclass(frozen=True)
+class RewardHeadFamily:
+    """A PRM with a classification head read at each step separator (no label tokens)."""
+
+    name: str
+    separator: str  # one special token; the rendered text ends with the newest step's
+    render: Render
+    good: int = 1  # the head's label that means "correct"
+    n_labels: int = 2
+    add_special_tokens: bool = False
+
+
+Family = PRMFamily | RewardHeadFamily
+
+PRM_FAMILIES: dict[str, Family] = {
     "judge": PRMFamily("judge", "Yes", "No", judge_text, add_special_tokens=False),
     "math-shepherd": PRMFamily(
         "math-shepherd", "+", "-", shepherd_text, add_special_tokens=True, step_tag=f" {SHEPHERD_TAG}"
     ),
     "rlhflow": PRMFamily("rlhflow", "+", "-", rlhflow_text, add_special_tokens=False),
+    "qwen-prm": RewardHeadFamily("qwen-prm", QWEN_PRM_SEPARATOR, qwen_prm_text),
 }
 
 
-def get_family(family: str | PRMFamily) -> PRMFamily:
-    if isinstance(family, PRMFamily):
+def get_family(family: str | Family) -> Family:
+    if isinstance(family, (PRMFamily, RewardHeadFamily)):
         return family
     if family not in PRM_FAMILIES:
         raise ConfigError(f"unknown PRM family {family!r}; known: {', '.join(sorted(PRM_FAMILIES))}")
     return PRM_FAMILIES[family]
+
+
+def token_family(family: str | Family, backend: str) -> PRMFamily:
+    """The family, which must be a token-probability one for `backend` (ConfigError otherwise)."""
+    found = get_family(family)
+    if isinstance(found, RewardHeadFamily):
+        raise ConfigError(f"PRM family {found.name!r} is a reward-head model, which {backend} cannot score")
+    return found
+
+
+def is_reward_head(family: str | Family) -> bool:
+    return isinstance(get_family(family), RewardHeadFamily)

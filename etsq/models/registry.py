@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from etsq.errors import ModelError
 from etsq.models.base import PRM, Policy
 from etsq.models.config import ModelConfig
+from etsq.models.prm_families import is_reward_head
 from etsq.models.smollm import ensure_smollm2
 from etsq.settings import Settings
 
@@ -67,9 +68,20 @@ def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
 def load_local_models(
     policy_spec: str, prm_spec: str, home: Path, prm_family: str = "judge", threads: int | None = None
 ) -> tuple[Policy, PRM]:
-    """An in-process policy and PRM; the same resolved path gives one shared model object."""
+    """An in-process policy and PRM; the same resolved path gives one shared model object.
+
+    A reward-head PRM family (Qwen2.5-Math-PRM) loads its checkpoint as a body + label head
+    (etsq.models.reward_head) instead of a causal LM.
+    """
     from etsq.models.local import LocalPolicy, LocalPRM
 
     policy_model = load_model(resolve_model_path(policy_spec, home), threads)
-    prm_model = load_model(resolve_model_path(prm_spec, home), threads)
+    prm_path = resolve_model_path(prm_spec, home)
+    if is_reward_head(prm_family):
+        from etsq.models.reward_head import load_reward_prm
+
+        return LocalPolicy(policy_model, name=policy_spec), load_reward_prm(
+            prm_path, prm_family, prm_spec, threads
+        )
+    prm_model = load_model(prm_path, threads)
     return LocalPolicy(policy_model, name=policy_spec), LocalPRM(prm_model, prm_family, name=prm_spec)

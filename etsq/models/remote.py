@@ -166,6 +166,13 @@ def two_way(good_logprob: float, bad_logprob: float) -> float:
     return good / (good + bad)
 
 
+def softmax_at(logits: list[float], index: int) -> float:
+    """softmax(logits)[index], computed stably."""
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return weights[index] / sum(weights)
+
+
 def single_token(ids: list[int], label: str, where: str) -> int:
     """The one token id of a PRM label; a label the tokenizer splits cannot be read from one logit."""
     if len(ids) != 1:

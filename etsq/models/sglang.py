@@ -13,11 +13,16 @@ Policy: all children of a node go in one `/generate` request as a batch of the s
 child with its own `sampling_seed` (with `sampling_params.n` all children would share one seed and so
 one sample); the radix cache computes the shared prefix once.  `no_stop_trim` keeps the step delimiter.
 
-PRM (token-probability families): the rendered text ends with the step tag; `/generate` with
+PRM (token-probability families only): the rendered text ends with the step tag; `/generate` with
 `return_logprob`, `token_ids_logprob` [good, bad] and `max_new_tokens` 1 returns the two labels'
 log-probabilities at the next position (`meta_info.output_token_ids_logprobs[0]`).  The reference
 implementation's SGLang fork instead takes `sampling_params.forward_only` and `logits_require_id`
 and returns `scores` (one per step tag); `prm_api="fork"` speaks that.
+
+Reward-head PRMs (Qwen2.5-Math-PRM) are refused: SGLang serves reward models as embedding models
+(`--is-embedding`, `/classify`, `/v1/embeddings`) that pool one value per sequence (LAST, CLS or
+MEAN pooling, e.g. the outcome RM `Qwen2ForRewardModel`); it has no per-token or per-step pooling and
+no `Qwen2ForProcessRewardModel`, so it cannot return a score at each step separator.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from etsq.errors import ConfigError, ModelError, PermanentError
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample, child_seed
 from etsq.models.config import PRM_APIS, ModelConfig
 from etsq.models.http import RetryConfig, client_for, gather_all
-from etsq.models.prm_families import PRMFamily, get_family
+from etsq.models.prm_families import Family, PRMFamily, RewardHeadFamily, get_family
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
     RemotePolicy,
@@ -89,6 +94,18 @@ def finish_reason(reason: Any, where: str) -> str:
     raise ModelError(f"{where}: unknown finish_reason {reason!r}")
 
 
+def _token_family(family: str | Family, where: str) -> PRMFamily:
+    """The family, refused with one line when it is a reward-head PRM (SGLang has no step pooling)."""
+    found = get_family(family)
+    if isinstance(found, RewardHeadFamily):
+        raise ModelError(
+            f"{where}: SGLang cannot serve the reward-head PRM family {found.name!r}: its reward models "
+            "(--is-embedding) give one score per sequence, not one per step; use --backend openai "
+            "with a vLLM pooling server, or --backend local"
+        )
+    return found
+
+
 def _items(out: Any, expected: int, where: str) -> list[dict[str, Any]]:
     items = out if isinstance(out, list) else [out]
     if len(items) != expected or not all(isinstance(i, dict) and "meta_info" in i for i in items):
@@ -131,11 +148,11 @@ class SGLangPolicy(RemotePolicy):
 class SGLangPRM(RemotePRM):
     """The `PRM` protocol on an SGLang server, prompted as one of the PRM families."""
 
-    def __init__(self, served: ServedModel, family: str | PRMFamily = "judge", api: str = "logprob") -> None:
+    def __init__(self, served: ServedModel, family: str | Family = "judge", api: str = "logprob") -> None:
         super().__init__(served, "sglang")
         if api not in PRM_APIS:
             raise ConfigError(f"unknown SGLang PRM api {api!r}; known: {', '.join(PRM_APIS)}")
-        self.family, self.api = get_family(family), api
+        self.family, self.api = _token_family(family, served.url), api
         self.label_ids = label_token_ids(
             self.family, self._tokenize_label, served.url, step_tag=api == "fork"
         )

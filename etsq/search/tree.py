@@ -1,4 +1,9 @@
-"""The search tree of one problem: nodes with parent links, scores and KV-cache accounting."""
+"""The search tree of one problem: nodes with parent links, scores and KV-cache accounting.
+
+A node's path text (prompt + steps) and step list are built once, from its parent's, the first time
+they are asked for: a depth asks for them for every new node (scoring) and every kept one (expanding),
+and walking the ancestors each time made that quadratic in the depth.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ class Node:
     cluster: int | None = None
     db_id: int | None = None  # primary key once stored
     children: list[int] = field(default_factory=list)
+    # Caches of Tree.full_text / Tree.steps (a node's text never changes once it is in the tree).
+    path_text: str | None = field(default=None, repr=False, compare=False)
+    path_steps: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
 
 class Tree:
@@ -69,13 +77,21 @@ class Tree:
 
     def full_text(self, idx: int) -> str:
         """Prompt plus every step from the root to idx: what the policy continues."""
-        chain = [idx, *self.ancestors(idx)]
-        return "".join(self.nodes[i].text for i in reversed(chain))
+        node = self.nodes[idx]
+        if node.path_text is None:
+            node.path_text = node.text if node.parent is None else self.full_text(node.parent) + node.text
+        return node.path_text
+
+    def step_texts(self, idx: int) -> tuple[str, ...]:
+        """Step texts from the first step to idx (the root's prompt excluded), cached."""
+        node = self.nodes[idx]
+        if node.path_steps is None:
+            node.path_steps = () if node.parent is None else (*self.step_texts(node.parent), node.text)
+        return node.path_steps
 
     def steps(self, idx: int) -> list[str]:
         """Step texts from the first step to idx (the root's prompt excluded)."""
-        chain = [idx, *self.ancestors(idx)][:-1]
-        return [self.nodes[i].text for i in reversed(chain)]
+        return list(self.step_texts(idx))
 
     def subtree_root(self, idx: int) -> int:
         """The depth-1 ancestor of idx (idx itself at depth 1); DVTS's subtree id."""
