@@ -64,6 +64,9 @@ LIMITS: dict[str, Limit] = {
     ),
     "sim_latency_s": Limit(0, 3600, meaning="sim backend: seconds per request"),
     "sim_answer_every": Limit(1, 1_000_000, integer=True, meaning="sim backend: one step in N ends"),
+    "prm_revision": Limit(
+        1, 1_000, integer=True, optional=True, meaning="the PRM prompt revision a run is scored with"
+    ),
     "concurrency": Limit(1, 1024, integer=True, optional=True, meaning="worker: problems searched at once"),
     "gpu": Limit(0, 1023, integer=True, optional=True, meaning="worker: the GPU index it is pinned to"),
 }

@@ -54,6 +54,7 @@ def build_searcher(claim: Claim, settings: Settings) -> Searcher:
     cfg = search_config(claim)  # validated as at submit (etsq.validation): a bad stored value fails the job
     check_width(cfg.width, settings.max_width)
     models = ModelConfig.from_dict(claim.config["models"])
+    models.check_prm_revision()
     policy, prm = load_models(models, settings)
     _record_model_info(settings.database_url, claim.run_id, policy, prm)
     method = get_method(cfg.method)

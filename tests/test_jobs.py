@@ -12,6 +12,7 @@ from etsq.db.bulk import insert_nodes, mark_nodes
 from etsq.db.session import get_engine, session_scope
 from etsq.evaluate import evaluate
 from etsq.jobs import DepthWriter, LeaseLost, claim_job, load_tree
+from etsq.models.config import ModelConfig
 from etsq.runs import export_jobs, statuses
 from etsq.search.loop import DepthCommit
 from etsq.search.methods import Selection
@@ -232,3 +233,24 @@ def test_bulk_node_writes_return_ids_in_row_order(db_url: str, tiny_model: Path)
     assert [by_id[i].path for i in ids] == [r[3] for r in rows[::-1]]
     assert all((n.kept, n.n_children, n.cluster) == (n.id % 2 == 0, n.id % 3, None if n.id % 5 else 7)
                for n in by_id.values())  # fmt: skip
+
+
+def test_a_run_scored_with_an_older_prm_prompt_is_not_continued_with_the_new_one(
+    db_url: str, tiny_model: Path
+) -> None:
+    """A judge run stored before the prompt's revision 2 fails with the reason instead of mixing prompts."""
+    run_id, [job_id, *_] = store_run(db_url, tiny_model, tiny_config("rebase", width=2))
+    with session_scope(db_url) as s:
+        run = s.get_one(m.Run, run_id)
+        assert run.config["models"]["prm_revision"] == 2  # judge's current prompt is part of the identity
+        run.config = {
+            **run.config,
+            "models": {k: v for k, v in run.config["models"].items() if k != "prm_revision"},
+        }
+    assert run_job(job_id, _settings(db_url)) == "failed"
+    with session_scope(db_url) as s:
+        job = s.get_one(m.Job, job_id)
+        assert job.error is not None and "revision 1 of the 'judge' PRM prompt" in job.error
+        assert s.scalar(select(func.count()).select_from(m.Node).where(m.Node.job_id == job_id)) == 0
+    shepherd = ModelConfig.create("local", prm_family="math-shepherd").to_dict()
+    assert "prm_revision" not in shepherd  # unchanged prompts keep the identity runs had before

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from etsq import validation
-from etsq.errors import ConfigError
+from etsq.errors import ConfigError, ModelError
 from etsq.models.prm_families import get_family
 
 BACKEND_NAMES = ("local", "sglang", "openai", "sim")  # sim: synthetic, for load and fault tests
@@ -43,6 +43,9 @@ class ModelConfig:
     prm_api: str = "logprob"
     sim_latency_s: float = 0.0
     sim_answer_every: int = 4
+    # The PRM family's prompt revision the run is scored with; stored (so part of the run's identity)
+    # once a family's prompt changed, so a run is never scored with two prompts.  None: revision 1.
+    prm_revision: int | None = None
 
     def __post_init__(self) -> None:
         """Check every field (etsq.validation): names, server URLs, the sim backend's numbers."""
@@ -54,6 +57,8 @@ class ModelConfig:
             validation.text(name, getattr(self, name), optional=True)
         for name in ("policy_url", "prm_url"):
             validation.server_url(name, getattr(self, name))
+        if self.prm_revision is not None:
+            object.__setattr__(self, "prm_revision", validation.number("prm_revision", self.prm_revision))
         for name in ("sim_latency_s", "sim_answer_every"):
             object.__setattr__(self, name, validation.number(name, getattr(self, name)))
         if self.is_remote:
@@ -76,6 +81,7 @@ class ModelConfig:
         cfg = cls(backend=backend, **{k: v for k, v in options.items() if v is not None})
         if backend == "sim":
             return replace(cfg, policy="sim", prm="sim")
+        cfg = replace(cfg, prm_revision=get_family(cfg.prm_family).revision)
         if backend == "local":
             policy = cfg.policy or DEFAULT_POLICY
             return replace(cfg, policy=policy, prm=cfg.prm or policy)
@@ -89,7 +95,22 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         values = {**{f.name: getattr(self, f.name) for f in fields(self)}, "synthetic": True}
-        return {key: values[key] for key in _STORED[self.backend]}
+        stored = {key: values[key] for key in _STORED[self.backend]}
+        if (self.prm_revision or 1) > 1:  # revision 1 is what runs stored before revisions existed
+            stored["prm_revision"] = self.prm_revision
+        return stored
+
+    def check_prm_revision(self) -> None:
+        """Refuse to go on scoring a run with a PRM prompt other than the one it was scored with."""
+        if self.is_synthetic:
+            return
+        stored, current = self.prm_revision or 1, get_family(self.prm_family).revision
+        if stored != current:
+            raise ModelError(
+                f"this run was scored with revision {stored} of the {self.prm_family!r} PRM prompt and this "
+                f"etsq writes revision {current}; its finished problems stay gradable, and submitting the "
+                "configuration again makes a new run"
+            )
 
     @property
     def is_remote(self) -> bool:

@@ -119,6 +119,7 @@ class PRMFamily:
     render: Render
     add_special_tokens: bool  # chat templates already carry BOS; raw text needs the tokenizer's
     step_tag: str | None = None  # the tag as it follows a step; the reference SGLang fork scores there
+    revision: int = 1  # raised whenever `render` changes what the PRM reads (see ModelConfig.prm_revision)
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -135,12 +136,14 @@ class RewardHeadFamily:
     good: int = 1  # the head's label that means "correct"
     n_labels: int = 2
     add_special_tokens: bool = False
+    revision: int = 1
 
 
 Family = PRMFamily | RewardHeadFamily
 
 PRM_FAMILIES: dict[str, Family] = {
-    "judge": PRMFamily("judge", "Yes", "No", judge_text, add_special_tokens=False),
+    # Revision 2: the policy's own prompt and steps, then the question (1 restated the problem).
+    "judge": PRMFamily("judge", "Yes", "No", judge_text, add_special_tokens=False, revision=2),
     "math-shepherd": PRMFamily(
         "math-shepherd", "+", "-", shepherd_text, add_special_tokens=True, step_tag=f" {SHEPHERD_TAG}"
     ),
