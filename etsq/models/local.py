@@ -303,6 +303,19 @@ def _context_decoder(
 # --------------------------------------------------------------------------- PRM
 
 
+def score_by_length(
+    texts: list[str], score_texts: Callable[[list[str]], list[float]], max_rows: int
+) -> list[float]:
+    """Scores of `texts` in their order, computed in batches of at most `max_rows` similar lengths
+    (scoring similar lengths together wastes less compute on padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    scores = [0.0] * len(texts)
+    for chunk in chunks(order, lambda _: 1, max_rows):
+        for i, p in zip(chunk, score_texts([texts[i] for i in chunk]), strict=True):
+            scores[i] = p
+    return scores
+
+
 def label_token_id(tokenizer: PreTrainedTokenizerBase, label: str, path: str) -> int:
     """The single token id of a label; a label split in several tokens cannot be read from one logit."""
     ids = tokenizer.encode(label, add_special_tokens=False)
@@ -337,13 +350,7 @@ class LocalPRM:
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.loaded.tokenizer, req) for req in requests]
-        # Scoring similar lengths together wastes less compute on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        scores = [0.0] * len(texts)
-        for chunk in chunks(order, lambda _: 1, self.max_rows):
-            for i, p in zip(chunk, self._score_texts([texts[i] for i in chunk]), strict=True):
-                scores[i] = p
-        return scores
+        return score_by_length(texts, self._score_texts, self.max_rows)
 
     def _score_texts(self, texts: list[str]) -> list[float]:
         enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)

@@ -22,11 +22,11 @@ from etsq.errors import ConfigError, ModelError
 from etsq.models.base import ModelInfo, ScoreRequest
 from etsq.models.local import (
     MAX_SCORE_ROWS,
-    chunks,
     configure_threads,
     encode_batch,
     load_dtype,
     prepare_tokenizer,
+    score_by_length,
 )
 from etsq.models.prm_families import Family, RewardHeadFamily, get_family
 
@@ -124,12 +124,7 @@ class LocalRewardPRM:
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.loaded.tokenizer, req) for req in requests]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        scores = [0.0] * len(texts)
-        for chunk in chunks(order, lambda _: 1, self.max_rows):
-            for i, p in zip(chunk, self._score_texts([texts[i] for i in chunk]), strict=True):
-                scores[i] = p
-        return scores
+        return score_by_length(texts, self._score_texts, self.max_rows)
 
     def _score_texts(self, texts: list[str]) -> list[float]:
         enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)
