@@ -352,7 +352,7 @@ class Heartbeat:
             try:
                 if not heartbeat(*self.args):
                     return
-            except Exception:
+            except Exception:  # a missed beat is harmless; the next one retries
                 log.warning("heartbeat of job %s failed", self.args[1], exc_info=True)
 
     def __enter__(self) -> Heartbeat:

@@ -38,7 +38,7 @@ def format_question(tokenizer: PreTrainedTokenizerBase | None, question: str) ->
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     try:
         return chat(tokenizer, messages)
-    except Exception:
+    except Exception:  # jinja raises for templates without a system role
         return chat(tokenizer, [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}])
 
 
