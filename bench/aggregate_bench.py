@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import insert  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from etsq.db import models as m  # noqa: E402
-from etsq.db.session import get_engine, upgrade  # noqa: E402
+from etsq.store import schema as m  # noqa: E402
+from etsq.store.session import get_engine, upgrade  # noqa: E402
 
 NODE_COLUMNS = (
     "id", "job_id", "parent_id", "depth", "path", "text", "step_tokens", "cum_tokens", "score", "terminal",
@@ -208,7 +208,7 @@ def _insert_nodes(url: str, rows: list[tuple[Any, ...]]) -> int:
 
 def measure(url: str) -> dict[str, Any]:
     """Run in a fresh process: grade every combination, report seconds and peak RSS."""
-    from etsq.evaluate import evaluate
+    from etsq.results.evaluate import evaluate
 
     t0 = time.perf_counter()
     rows = evaluate(url, None, ["all"], ["all"])

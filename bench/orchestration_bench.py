@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import select  # noqa: E402
 
-from etsq.db import models as m  # noqa: E402
-from etsq.db.session import session_scope, upgrade  # noqa: E402
-from etsq.statuses import JobStatus  # noqa: E402
+from etsq.store import schema as m  # noqa: E402
+from etsq.store.session import session_scope, upgrade  # noqa: E402
+from etsq.store.statuses import JobStatus  # noqa: E402
 from tests.services import start_postgres, start_redis  # noqa: E402
 
 

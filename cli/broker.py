@@ -32,7 +32,7 @@ def broker_status(settings: Settings, as_json: bool) -> None:
     Example:
       etsq broker status --json
     """
-    from etsq.broker import broker_status as status_of
+    from etsq.queue.broker import broker_status as status_of
 
     status = status_of(settings)
     if as_json:
@@ -61,7 +61,7 @@ def broker_stop(settings: Settings, as_json: bool) -> None:
     Example:
       etsq broker stop
     """
-    from etsq.broker import stop_broker
+    from etsq.queue.broker import stop_broker
 
     stopped = stop_broker(settings)
     if as_json:

@@ -55,7 +55,7 @@ def cli(debug: bool) -> None:
 
 
 def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
-    from etsq.runs import RunSpec
+    from etsq.store.runs import RunSpec
 
     search = SearchConfig(**{k: opts[k] for k in _SEARCH_KEYS})
     models = ModelConfig.create(opts["backend"], **{field: opts[opt] for opt, field in _MODEL_KEYS.items()})
@@ -242,7 +242,7 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
       etsq status 3 --json
       etsq status --watch
     """
-    from etsq.runs import statuses
+    from etsq.store.runs import statuses
     from etsq.watch import Watch
 
     rows = statuses(settings.database_url, list(runs) or None)
@@ -293,7 +293,7 @@ def worker(settings: Settings, **options: Any) -> None:
       etsq worker --gpu 0 --concurrency 8           # queue gpu0, CUDA_VISIBLE_DEVICES=0
       etsq worker --gpu 0 --backend sglang --policy-url http://127.0.0.1:30000 --prm-url http://127.0.0.1:30001
     """
-    from etsq.serve import WorkerOptions, serve
+    from etsq.queue.serve import WorkerOptions, serve
 
     serve(settings, WorkerOptions(**options), lambda line: click.echo(f"etsq worker: {line}", err=True))
 
@@ -422,7 +422,7 @@ def cancel(settings: Settings, run: int) -> None:
     Example:
       etsq cancel 3
     """
-    from etsq.runs import cancel_run
+    from etsq.store.runs import cancel_run
 
     click.echo(f"run {run}: {cancel_run(settings.database_url, run)} jobs cancelled")
 
@@ -437,7 +437,7 @@ def db() -> None:
 @pass_settings
 def db_upgrade(settings: Settings, revision: str) -> None:
     """Apply schema migrations (other commands do this themselves)."""
-    from etsq.db.session import current_revision, upgrade
+    from etsq.store.session import current_revision, upgrade
 
     upgrade(settings.database_url, revision)
     click.echo(f"database at revision {current_revision(settings.database_url)}")

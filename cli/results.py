@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from cli.app import pass_settings, print_json, table
-from etsq.aggregate import AGGS, VOTES
-from etsq.export import FORMATS
+from etsq.results.aggregate import AGGS, VOTES
+from etsq.results.export import FORMATS
 from etsq.results.table import ProblemFilter, RunFilter
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
@@ -71,7 +71,7 @@ def aggregate(
       etsq aggregate --agg all --vote all --dataset math500 --level 5 --csv > math500_l5.csv
       etsq aggregate --method ets --method rebase --width 16
     """
-    from etsq.evaluate import evaluate
+    from etsq.results.evaluate import evaluate
     from etsq.results.table import partial_notes, short_rows, to_csv
 
     if as_json and as_csv:
@@ -195,7 +195,7 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
       etsq export 3 -o run3.jsonl
       etsq export 3 --format reference -o run3_answers.json
     """
-    from etsq.export import export_lines, write_atomically
+    from etsq.results.export import export_lines, write_atomically
 
     lines = export_lines(settings.database_url, run, fmt)
     if output is None:

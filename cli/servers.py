@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from cli.app import pass_settings, print_json, table
-from etsq.launch import ENGINES, START_TIMEOUT_S, STOP_TIMEOUT_S, LaunchRequest
+from etsq.servers.launcher import ENGINES, START_TIMEOUT_S, STOP_TIMEOUT_S, LaunchRequest
 from etsq.settings import Settings
 
 
@@ -88,7 +88,7 @@ def up(settings: Settings, as_json: bool, **options: Any) -> None:
     Then run the printed command, e.g.:
       etsq worker --gpu 0 --backend sglang --policy-url http://127.0.0.1:30000 --prm-url http://127.0.0.1:30001
     """
-    from etsq.launch import up as start_servers
+    from etsq.servers.launcher import up as start_servers
 
     record = start_servers(settings, LaunchRequest(**options), lambda line: click.echo(line, err=True))
     if as_json:
@@ -108,7 +108,7 @@ def status(settings: Settings, as_json: bool) -> None:
       etsq servers status
       etsq servers status --json
     """
-    from etsq.launch import status as server_status
+    from etsq.servers.launcher import status as server_status
 
     rows = server_status(settings)
     if as_json:
@@ -140,7 +140,7 @@ def down(settings: Settings, gpu: int | None, timeout_s: float) -> None:
       etsq servers down --gpu 0
       etsq servers down
     """
-    from etsq.launch import down as stop_servers
+    from etsq.servers.launcher import down as stop_servers
 
     stopped = stop_servers(settings, gpu, timeout_s)
     for record in stopped:

@@ -23,8 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, overload
 
+from etsq.answers import gold_answer
 from etsq.errors import DatasetError
-from etsq.grading import gold_answer
 
 FILENAMES: dict[str, str] = {"math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl"}
 # content_hash of the shipped files (tests/test_datasets.py checks them): that content is stored

@@ -18,15 +18,15 @@ from subprocess import Popen
 from types import TracebackType
 
 from etsq import validation
-from etsq.broker import reachable_broker_url, redact_url
-from etsq.celery_app import EtsqCelery, create_app
 from etsq.datasets import Dataset
 from etsq.errors import EtsqError, PermanentError, TransientError, UserError
-from etsq.localworker import start_local_worker, stop_local_worker
 from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
-from etsq.queue import Resumed, enqueue, live_workers, resume, target_queues
-from etsq.runs import (
+from etsq.queue.app import Connection, connect
+from etsq.queue.local import start_local_worker, stop_local_worker
+from etsq.queue.messages import Resumed, enqueue, live_workers, resume, target_queues
+from etsq.settings import Settings
+from etsq.store.runs import (
     RunSpec,
     create_run,
     delete_run,
@@ -36,32 +36,10 @@ from etsq.runs import (
     queued_jobs,
     statuses,
 )
-from etsq.settings import Settings
 
 # A submit-time server check fails fast: two attempts, and no request may take minutes.
 CHECK_ATTEMPTS = 2
 CHECK_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Connection:
-    """A Celery app bound to a broker that answered."""
-
-    app: EtsqCelery
-    broker_url: str
-    settings: Settings  # with broker_url set to the broker found
-    embedded: bool  # the broker is etsq's embedded Redis
-
-    def describe(self) -> str:
-        where = redact_url(self.broker_url)
-        return f"the embedded broker ({where})" if self.embedded else f"the broker {where}"
-
-
-def connect(settings: Settings, queue: str | None = None) -> Connection:
-    """The queue's app; raises BrokerUnavailable (a one-line user error) if the broker is down."""
-    broker = reachable_broker_url(settings)
-    bound = settings.with_(broker_url=broker, queue=queue)
-    return Connection(create_app(bound), broker, bound, embedded=settings.uses_embedded_broker)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ import yaml
 
 from etsq.errors import ConfigError, UserError
 from etsq.models.config import ModelConfig
-from etsq.runs import RunSpec
 from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
+from etsq.store.runs import RunSpec
 
 _TOP_KEYS = {"datasets", "methods", "widths", "limit", "seeds", "params", "models"}
 _SEARCH_FIELDS = set(SearchConfig.__dataclass_fields__) - {"method", "width", "seed", "extra"}

@@ -9,9 +9,9 @@ from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from etsq.db.session import session_scope
-from etsq.runs import mean_job_seconds, run_ids, run_summary, running_depths
-from etsq.statuses import RunStatus
+from etsq.store.runs import mean_job_seconds, run_ids, run_summary, running_depths
+from etsq.store.session import session_scope
+from etsq.store.statuses import RunStatus
 
 
 def _eta(summary: dict[str, Any], mean_s: float | None) -> str:

@@ -25,10 +25,11 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 # The vLLM CPU server the OpenAI-backend tests start lives in its own environment (~2 min to create once).
 bash scripts/vllm_env.sh >/dev/null
-# The gate: lint, formatting and types (pyproject.toml configures all three).
+# The gate: lint, formatting, types and the import layers (pyproject.toml configures all four).
 ruff check .
 ruff format --check .
 mypy etsq cli workers
+lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
 export ETSQ_DATA_DIR=${ETSQ_DATA_DIR:-$(cd .. && pwd)/shared/data}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from etsq.db.session import get_engine, upgrade
 from etsq.models.smollm import ensure_smollm2
+from etsq.store.session import get_engine, upgrade
 from tests.model_servers import start_sglang_standin, start_vllm
 from tests.services import HttpServiceHandle, PostgresHandle, RedisHandle, start_postgres, start_redis
 from tests.tinymodel import build_tiny_model
@@ -106,7 +106,7 @@ def pg_session(pg_shared_url: str) -> Iterator[Session]:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test using it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'etsq.db'}"
+        url = f"sqlite:///{tmp_path / 'etsq.store'}"
         upgrade(url)
         return url
     return str(request.getfixturevalue("pg_url"))

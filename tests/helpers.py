@@ -13,12 +13,12 @@ from click.testing import Result
 
 from etsq.models.config import ModelConfig
 from etsq.models.registry import load_local_models
-from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
 from etsq.search.methods import get_method
 from etsq.search.tree import Tree
 from etsq.settings import Settings
+from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
 
 # Small enough that a whole search over the tiny model takes well under a second.
 FAST = {"max_step_tokens": 6, "max_tokens": 30, "max_depth": 6}

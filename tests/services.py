@@ -43,7 +43,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from etsq.broker import free_local_port, redis_server_binary
+from etsq.queue.broker import free_local_port, redis_server_binary
 
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0

@@ -1,4 +1,4 @@
-"""Tests for etsq.aggregate: score reduction and answer selection over hand-built leaves and trees,
+"""Tests for etsq.results.aggregate: score reduction and answer selection over hand-built leaves and trees,
 with every agg x vote pinned to hand-computed winners, and equivalence by value checked against
 math-verify."""
 
@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from etsq.aggregate import (
+from etsq.errors import ConfigError
+from etsq.results.aggregate import (
     AGGS,
     COMBOS,
     VOTES,
@@ -25,9 +26,8 @@ from etsq.aggregate import (
     path_values,
     select_answer,
 )
-from etsq.answer_value import answer_value
-from etsq.errors import ConfigError
-from etsq.grading import is_equivalent
+from etsq.results.answer_value import answer_value
+from etsq.results.grading import is_equivalent
 from tests.conftest import DATA_DIR
 
 # One leaf of "7" with the best score (bon), three cheap leaves of 1/2 in different forms
@@ -103,7 +103,7 @@ def test_grade_problem_against_gold() -> None:
 
 # --------------------------------------------------------------------------- a stored tree, every agg x vote
 
-# (job, depth, id, parent, score, terminal, answer, step tokens): what etsq.evaluate reads per node.
+# (job, depth, id, parent, score, terminal, answer, step tokens): what etsq.results.evaluate reads per node.
 # Node 4 has no score, so leaf 10's path is [0.5] and leaf 8's path has no score at all (0.0 under
 # every aggregation); leaf 9 gave no answer.  Answers: 1/2 in three forms, 3 in two.
 TREE = [
@@ -136,7 +136,7 @@ EXPECTED = {
 
 
 def _tree_ballot() -> Ballot:
-    from etsq.evaluate import tally_tree
+    from etsq.results.evaluate import tally_tree
 
     return tally_tree(list(TREE)).ballot
 

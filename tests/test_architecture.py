@@ -1,13 +1,13 @@
-"""The seams between modules: no import cycle, settings read in one place, a side-effect-free app."""
+"""The seams between modules: the layers contract, settings read in one place, a side-effect-free app."""
 
 from __future__ import annotations
 
-import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,86 +15,47 @@ import pytest
 from etsq.settings import SETTINGS_FIELDS, VARIABLES, Settings, SettingsError, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("etsq", "cli", "workers")
 
 
-def _modules() -> dict[str, Path]:
-    out = {}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            out[name] = path
-    return out
+def _layers() -> list[str]:
+    """The import-linter contract's layers (pyproject.toml), each split into its modules."""
+    contract = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    return [name.strip() for layer in contract["layers"] for name in layer.split("|")]
 
 
-def _imports(tree: ast.AST, module: str, known: set[str]) -> Iterator[str]:
-    """Every project module imported anywhere in `tree`, at module level or inside functions.
-
-    `from pkg import mod` is an edge to pkg.mod; `from pkg import name` to pkg.  The package a
-    submodule sits in, which Python initialises first, is not counted as an edge.
-    """
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names if alias.name in known)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
-            submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
-            yield from submodules or ([base] if base in known else [])
+def test_the_layers_contract_holds() -> None:
+    """The gate runs `lint-imports`; here too, so a plain pytest run catches an upward import."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 kept, 0 broken" in result.stdout
 
 
-def _graph() -> dict[str, set[str]]:
-    modules = _modules()
-    known = set(modules)
-    return {
-        name: set(_imports(ast.parse(path.read_text()), name, known)) - {name}
-        for name, path in modules.items()
-    }
+def test_every_module_at_the_top_of_etsq_sits_in_a_layer() -> None:
+    # A new module outside every layer would be checked by no contract.
+    top = {p.stem if p.suffix == ".py" else p.name for p in (REPO / "etsq").iterdir()}
+    top = {name for name in top if not name.startswith(("_", ".")) and name not in {"data"}}
+    assert top <= {name.removeprefix("etsq.") for name in _layers()}
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
-def test_no_import_cycle_at_module_level_or_in_functions() -> None:
-    graph = _graph()
-    assert len(graph) > 40, "the walk found the project's modules"
-    assert "etsq.celery_app" in graph["workers.app"]
-    assert _cycles(graph) == []
-
-
-def test_the_cycle_finder_finds_a_cycle() -> None:
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
+    """The contract bites: a copy of the tree where the search imports the store fails it."""
+    for name in ("etsq", "cli", "workers"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    loop = tmp_path / "etsq" / "search" / "loop.py"
+    loop.write_text(loop.read_text() + "\n\ndef _upward() -> None:\n    import etsq.store.jobs  # noqa\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "etsq.search.loop -> etsq.store.jobs" in result.stdout
 
 
 _ENV_READ = re.compile(r"os\.(environ|getenv)\b[^\n]*ETSQ_")
@@ -103,7 +64,8 @@ _ENV_READ = re.compile(r"os\.(environ|getenv)\b[^\n]*ETSQ_")
 def test_no_etsq_variable_is_read_outside_the_settings_module() -> None:
     offenders = [
         f"{path.relative_to(REPO)}:{n}"
-        for path in _modules().values()
+        for package in ("etsq", "cli", "workers")
+        for path in (REPO / package).rglob("*.py")
         if path.name != "settings.py"
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if _ENV_READ.search(line)
@@ -139,7 +101,7 @@ def test_settings_from_env_and_back(tmp_path: Path) -> None:
         "ETSQ_QUEUE": "q",
     }
     settings = Settings.from_env(env)
-    assert settings.database_url == f"sqlite:///{tmp_path / 'etsq.db'}"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'etsq.store'}"
     assert (settings.job_time_limit_s, settings.http_timeout_s, settings.queue) == (60, 2.5, "q")
     assert settings.broker_url is None and settings.uses_embedded_broker
     assert Settings.from_env(settings.as_env()) == settings

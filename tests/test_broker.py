@@ -18,7 +18,8 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from etsq.broker import (
+from etsq.errors import BrokerUnavailable, UserError
+from etsq.queue.broker import (
     check_broker,
     ensure_local_redis,
     free_local_port,
@@ -28,9 +29,8 @@ from etsq.broker import (
     redis_server_binary,
     stop_local_redis,
 )
-from etsq.db import models as m
-from etsq.db.session import session_scope
-from etsq.errors import BrokerUnavailable, UserError
+from etsq.store import schema as m
+from etsq.store.session import session_scope
 from tests.helpers import cli, cli_json, etsq, etsq_json, one_error_line
 from tests.services import RedisHandle, start_redis
 
@@ -322,7 +322,7 @@ class EmbeddedRun:
     """A run on the embedded broker of `home`, with one worker process serving it."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.url = home, f"sqlite:///{home / 'etsq.db'}"
+        self.home, self.url = home, f"sqlite:///{home / 'etsq.store'}"
         self.env = {"ETSQ_HOME": str(home), **FAST_FAULTS}
         self.log = home.parent / "worker.log"
         self.worker: subprocess.Popen[bytes] | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from etsq.db import models as m
+from etsq.store import schema as m
 from tests.helpers import cli, cli_json, one_error_line, tiny_submit_args
 
 
@@ -105,7 +105,7 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def broken(*_: object) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setattr("etsq.runs.statuses", broken)
+    monkeypatch.setattr("etsq.store.runs.statuses", broken)
     with pytest.raises(KeyError, match="a bug"):
         cli("status", env={"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"})
 

@@ -17,7 +17,7 @@ import compose
 import pytest
 import yaml
 
-from etsq.launch import ENGINES, worker_argv
+from etsq.servers.launcher import ENGINES, worker_argv
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = Path(compose.__file__).parent / "docker-compose"

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
+from etsq.store import schema as m
+from etsq.store.session import session_scope
 from tests.helpers import etsq, etsq_json
 from tests.services import RedisHandle, start_redis
 
@@ -225,8 +225,8 @@ def test_jobs_spread_over_gpu_queues(env: dict[str, str], pg_url: str, workers: 
 
 
 def _queues_live(env: dict[str, str]) -> bool:
-    from etsq.celery_app import create_app
-    from etsq.queue import live_queues
+    from etsq.queue.app import create_app
+    from etsq.queue.messages import live_queues
     from etsq.settings import Settings
 
     app = create_app(Settings.from_env().with_(broker_url=env["ETSQ_BROKER_URL"]))

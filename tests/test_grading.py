@@ -1,4 +1,4 @@
-"""Tests for etsq.grading: answer extraction, gold answers and math_verify equivalence."""
+"""Tests for etsq.results.grading: answer extraction, gold answers and math_verify equivalence."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from etsq import grading
+from etsq.answers import extract_answer, gold_answer
 from etsq.errors import DatasetError
-from etsq.grading import extract_answer, gold_answer, is_equivalent, normalise
+from etsq.results import grading
+from etsq.results.grading import is_equivalent, normalise
 
 
 @pytest.mark.parametrize(

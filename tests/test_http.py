@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from etsq.broker import free_local_port
 from etsq.errors import PermanentError, TransientError
 from etsq.models.base import child_seed
 from etsq.models.http import RetryConfig, ServerClient, client_for, normalize_url
 from etsq.models.metrics import metric_sum, parse_prometheus, sglang_snapshot, vllm_snapshot
 from etsq.models.remote import delimited_step, two_way
+from etsq.queue.broker import free_local_port
 
 FAST = RetryConfig(attempts=4, backoff_s=0.05, max_backoff_s=0.2, connect_timeout_s=1.0, read_timeout_s=1.0)
 

@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.bulk import insert_nodes, mark_nodes
-from etsq.db.session import get_engine, session_scope
-from etsq.evaluate import evaluate
-from etsq.jobs import DepthWriter, LeaseLost, claim_job, load_tree
 from etsq.models.config import ModelConfig
-from etsq.runs import export_jobs, statuses
+from etsq.queue.execute import run_job
+from etsq.results.evaluate import evaluate
 from etsq.search.loop import DepthCommit
 from etsq.search.methods import Selection
 from etsq.search.tree import Tree
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store import schema as m
+from etsq.store.bulk import insert_nodes, mark_nodes
+from etsq.store.jobs import DepthWriter, LeaseLost, claim_job, load_tree
+from etsq.store.runs import export_jobs, statuses
+from etsq.store.session import get_engine, session_scope
 from tests.helpers import store_run, tiny_config
 
 
@@ -158,7 +158,7 @@ def test_load_tree_rebuilds_paths_and_links(pg_session, tiny_model: Path) -> Non
 @pytest.mark.parametrize("method", ["ets", "beam", "dvts"])
 def test_tree_methods_store_selection_figures(tmp_path: Path, tiny_model: Path, method: str) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    from etsq.db.session import upgrade
+    from etsq.store.session import upgrade
 
     upgrade(url)
     _, [job_id] = store_run(url, tiny_model, tiny_config(method, width=6), limit=1)

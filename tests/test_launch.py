@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from etsq.launch import ENGINES, LaunchRequest, alive, make_plan, session_members, worker_argv
 from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
+from etsq.servers.launcher import ENGINES, LaunchRequest, alive, make_plan, session_members, worker_argv
 from etsq.settings import Settings
 from tests.helpers import cli, etsq, one_error_line
 

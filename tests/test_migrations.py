@@ -15,14 +15,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from etsq.datasets import load_dataset
-from etsq.db import models as m
-from etsq.db.models import Base
-from etsq.db.session import current_revision, get_engine, session_scope, upgrade
 from etsq.models.config import ModelConfig
-from etsq.runs import RunSpec, create_run, find_run, load_problems, queued_jobs
+from etsq.queue.execute import run_job
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store import schema as m
+from etsq.store.runs import RunSpec, create_run, find_run, load_problems, queued_jobs
+from etsq.store.schema import Base
+from etsq.store.session import current_revision, get_engine, session_scope, upgrade
 
 
 def test_head_schema_matches_models(db_url: str) -> None:
@@ -37,7 +37,7 @@ def test_downgrade_to_base_and_back(tmp_path: Path) -> None:
     upgrade(url)
     from alembic import command
 
-    from etsq.db.session import alembic_config
+    from etsq.store.session import alembic_config
 
     command.downgrade(alembic_config(url), "base")
     assert set(inspect(get_engine(url)).get_table_names()) <= {"alembic_version"}
@@ -56,7 +56,7 @@ def test_rebuilding_the_jobs_table_keeps_every_node(db_url: str) -> None:
     """0004 copies `jobs` on SQLite; nodes reference it with ON DELETE CASCADE and must survive."""
     from alembic import command
 
-    from etsq.db.session import alembic_config
+    from etsq.store.session import alembic_config
 
     settings = Settings.from_env().with_(database_url=db_url)
     spec = RunSpec("gsm8k", SearchConfig(method="rebase", width=4), ModelConfig.create("sim"), limit=2)
@@ -98,7 +98,7 @@ def _old_run(
 def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp_path: Path) -> None:
     from alembic import command
 
-    from etsq.db.session import alembic_config
+    from etsq.store.session import alembic_config
 
     command.downgrade(alembic_config(db_url), "0004")
     gsm8k = load_dataset("gsm8k", None).head(2)

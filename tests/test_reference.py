@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
 from etsq.results.reference import split_steps
+from etsq.store import schema as m
+from etsq.store.session import session_scope
 from tests.conftest import DATA_DIR
 from tests.helpers import cli, cli_json, one_error_line
 

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
 from etsq.models.config import ModelConfig
-from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.queue.execute import run_job
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store import schema as m
+from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.store.session import session_scope
 from tests.helpers import cli, cli_json
 from tests.test_results import sim_run
 

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
 from etsq.models.config import ModelConfig
+from etsq.queue.execute import run_job
 from etsq.results.compare import RESAMPLES, paired_bootstrap
-from etsq.runs import RunSpec, cancel_run, create_run, load_problems, queued_jobs
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store import schema as m
+from etsq.store.runs import RunSpec, cancel_run, create_run, load_problems, queued_jobs
+from etsq.store.session import session_scope
 from tests.helpers import cli, cli_json, one_error_line, store_run, tiny_config
 
 
@@ -247,7 +247,7 @@ def test_compare_and_report_on_tiny_model_runs(tmp_path: Path, tiny_model: Path)
 
 
 def test_failed_problems_are_counted_not_graded(tmp_path: Path) -> None:
-    from etsq.jobs import fail_job
+    from etsq.store.jobs import fail_job
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
     run_id = sim_run(url, limit=3, finish=2)

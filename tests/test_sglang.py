@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from etsq.broker import free_local_port, stop_local_redis
-from etsq.db import models as m
-from etsq.db.session import session_scope
 from etsq.errors import ModelError, TransientError
 from etsq.models import sglang
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.config import ModelConfig
 from etsq.models.local import LocalPRM, load_causal_lm
-from etsq.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.queue.broker import free_local_port, stop_local_redis
+from etsq.queue.execute import run_job
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store import schema as m
+from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.store.session import session_scope
 from tests.helpers import FAST, cli, etsq, one_error_line, tiny_config
 from tests.model_servers import start_sglang_standin
 from tests.services import HttpServiceHandle
@@ -176,7 +176,7 @@ def test_ets_run_through_the_cli_stores_server_figures_for_every_depth(
         proc = etsq("submit", "gsm8k", *args, "--wait", env={"ETSQ_HOME": str(home)})
         assert proc.returncode == 0, proc.stderr
         run_id = int(proc.stdout.strip().splitlines()[0])
-        _check_server_figures(f"sqlite:///{home / 'etsq.db'}", run_id, str(tiny_model), sglang_server.url)
+        _check_server_figures(f"sqlite:///{home / 'etsq.store'}", run_id, str(tiny_model), sglang_server.url)
     finally:
         stop_local_redis(home)
 

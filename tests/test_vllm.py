@@ -23,14 +23,14 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
-from etsq.jobs import load_tree
 from etsq.models import openai_compat as oc
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.local import LocalPRM, load_causal_lm
 from etsq.models.prm_families import QWEN_PRM_SEPARATOR, QWEN_PRM_SYSTEM
 from etsq.models.reward_head import load_reward_prm
+from etsq.store import schema as m
+from etsq.store.jobs import load_tree
+from etsq.store.session import session_scope
 from tests.helpers import cli, etsq, etsq_json, one_error_line
 from tests.model_servers import start_vllm_prm
 from tests.services import HttpServiceHandle, RedisHandle

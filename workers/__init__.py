@@ -1,1 +1,1 @@
-"""The Celery entry point (`celery -A workers.app`): a shim over etsq.celery_app."""
+"""The Celery entry point (`celery -A workers.app`): a shim over etsq.queue.app."""

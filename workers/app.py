@@ -1,8 +1,8 @@
 """Entry point for `celery -A workers.app ...` (a worker, Flower): the etsq app, settings from ETSQ_*.
 
-Importing this module starts nothing and writes nothing; see etsq.celery_app.
+Importing this module starts nothing and writes nothing; see etsq.queue.app.
 """
 
-from etsq.celery_app import create_app
+from etsq.queue.app import create_app
 
 app = create_app()

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from etsq.db.session import ensure_schema, session_scope
 from etsq.errors import UserError
-from etsq.evaluate import combos_of, run_records, select_runs
+from etsq.results.evaluate import combos_of, run_records, select_runs
 from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean
+from etsq.store.session import ensure_schema, session_scope
 
 RESAMPLES = 10_000
 SEED = 0

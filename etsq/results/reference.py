@@ -24,13 +24,13 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from etsq.answers import extract_answer, gold_answer
 from etsq.datasets import FILENAMES
-from etsq.db import models as m
-from etsq.db.session import ensure_schema, session_scope
 from etsq.errors import UserError
-from etsq.grading import extract_answer, gold_answer
-from etsq.runs import config_hash, package_versions, run_ids
-from etsq.statuses import JobStatus
+from etsq.store import schema as m
+from etsq.store.runs import config_hash, package_versions, run_ids
+from etsq.store.session import ensure_schema, session_scope
+from etsq.store.statuses import JobStatus
 
 SOURCE = "reference"
 _STATS_LINES = {
@@ -271,7 +271,7 @@ def _config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] | No
         "method": spec.method,
         "width": spec.width,
         "sha256": digest.hexdigest(),
-        # A run's identity (etsq.runs.IDENTITY_KEYS): the file's content and the options it came with.
+        # A run's identity (etsq.store.runs.IDENTITY_KEYS): the file's content and the options it came with.
         "data_hash": digest.hexdigest(),
         "search": {"method": spec.method, "width": spec.width},
         "models": {"backend": SOURCE},

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from etsq.db.session import session_scope
-from etsq.evaluate import DepthFigures, depth_profile, evaluate
+from etsq.results.evaluate import DepthFigures, depth_profile, evaluate
 from etsq.results.table import TABLE_COLUMNS, partial_notes
+from etsq.store.session import session_scope
 
 _DPI = 110
 

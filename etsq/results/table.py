@@ -1,6 +1,6 @@
 """The results table: per run and agg x vote, accuracy beside the KV, token, call and time figures.
 
-Pure functions over `ProblemRecord`s (one graded problem of a run, see `etsq.evaluate`): every
+Pure functions over `ProblemRecord`s (one graded problem of a run, see `etsq.results.evaluate`): every
 figure is a mean per finished problem unless its name says otherwise; README "Results" defines
 each one.  Runs still in progress are summarised over their done problems and say so.
 """

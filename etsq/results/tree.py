@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from etsq.aggregate import equivalent
-from etsq.db import models as m
-from etsq.db.session import ensure_schema, session_scope
 from etsq.errors import UserError
-from etsq.runs import run_ids
+from etsq.results.aggregate import equivalent
+from etsq.store import schema as m
+from etsq.store.runs import run_ids
+from etsq.store.session import ensure_schema, session_scope
 
 _TEMPLATE = Path(__file__).with_name("tree.html")
 

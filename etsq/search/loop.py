@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from etsq.grading import extract_answer
+from etsq.answers import extract_answer
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.search.config import SearchConfig
 from etsq.search.methods import SelectContext, SelectFn, Selection

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
-from etsq.db import models as m
+from etsq.store import schema as m
 
 # One node row: the values of these columns, in this order.
 NODE_COLUMNS = (

@@ -9,12 +9,13 @@ first reads its configuration (`add_defaults` with a callable is Celery's lazy-c
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
 
-from etsq import tasks
-from etsq.janitor import Janitor
+from etsq.queue import tasks
+from etsq.queue.janitor import Janitor
 from etsq.settings import Settings
 
 TASK_NAME = tasks.TASK_NAME
@@ -38,7 +39,7 @@ class EtsqCelery(Celery):
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The app's configuration: acks after the job, one job prefetched, time limits from settings."""
-    from etsq.broker import resolve_broker_url
+    from etsq.queue.broker import resolve_broker_url
 
     limit = settings.job_time_limit_s
     return {
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> EtsqCelery:
 
 def _stop_after_current_depth(**_: Any) -> None:
     # Warm shutdown (SIGTERM): the job in hand commits its depth, then goes back to the queue.
-    from etsq.jobs import STOP
+    from etsq.store.jobs import STOP
 
     STOP.set()
 
@@ -87,3 +88,28 @@ def _start_janitor(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if isinstance(app, EtsqCelery):
         Janitor(app, app.settings).start()
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A Celery app bound to a broker that answered."""
+
+    app: EtsqCelery
+    broker_url: str
+    settings: Settings  # with broker_url set to the broker found
+    embedded: bool  # the broker is etsq's embedded Redis
+
+    def describe(self) -> str:
+        from etsq.queue.broker import redact_url
+
+        where = redact_url(self.broker_url)
+        return f"the embedded broker ({where})" if self.embedded else f"the broker {where}"
+
+
+def connect(settings: Settings, queue: str | None = None) -> Connection:
+    """The queue's app; raises BrokerUnavailable (a one-line user error) if the broker is down."""
+    from etsq.queue.broker import reachable_broker_url
+
+    broker = reachable_broker_url(settings)
+    bound = settings.with_(broker_url=broker, queue=queue)
+    return Connection(create_app(bound), broker, bound, embedded=settings.uses_embedded_broker)

@@ -23,7 +23,7 @@ def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
     """The export of a run, line by line (UserError for an unknown run, raised before the first line)."""
     # Imported here: the CLI reads FORMATS at start-up, and the database layer costs ~0.5 s to import.
     from etsq.results.reference import reference_chunks, reference_entries
-    from etsq.runs import export_jobs, statuses
+    from etsq.store.runs import export_jobs, statuses
 
     statuses(url, [run_id])
     if fmt == "reference":

@@ -7,10 +7,16 @@ from functools import lru_cache
 
 from sqlalchemy.exc import OperationalError
 
-from etsq.db import models as m
-from etsq.db.session import session_scope
 from etsq.errors import TransientError
-from etsq.jobs import (
+from etsq.models.backends import load_models
+from etsq.models.base import PRM, Policy
+from etsq.models.config import ModelConfig
+from etsq.search.loop import Searcher
+from etsq.search.methods import get_method
+from etsq.search.methods.base import Embedder
+from etsq.settings import Settings
+from etsq.store import schema as m
+from etsq.store.jobs import (
     Claim,
     LeaseLost,
     ShutdownRequested,
@@ -20,13 +26,7 @@ from etsq.jobs import (
     search_config,
     search_job,
 )
-from etsq.models.backends import load_models
-from etsq.models.base import PRM, Policy
-from etsq.models.config import ModelConfig
-from etsq.search.loop import Searcher
-from etsq.search.methods import get_method
-from etsq.search.methods.base import Embedder
-from etsq.settings import Settings
+from etsq.store.session import session_scope
 from etsq.validation import check_width
 
 log = logging.getLogger(__name__)

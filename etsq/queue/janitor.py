@@ -11,9 +11,9 @@ import logging
 import threading
 from typing import Any
 
-from etsq.jobs import requeue_stale
-from etsq.queue import enqueue
+from etsq.queue.messages import enqueue
 from etsq.settings import Settings
+from etsq.store.jobs import requeue_stale
 
 log = logging.getLogger(__name__)
 

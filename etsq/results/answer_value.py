@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from etsq.grading import normalise
+from etsq.results.grading import normalise
 
 _TOKEN_RE = re.compile(r"\d+\.?\d*|\.\d+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]]|.")
 _TIMES = {"*", "\\cdot", "\\times"}

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from etsq import validation
-from etsq.db.session import ensure_schema
 from etsq.errors import ConfigError
 from etsq.models.backends import check_servers
 from etsq.models.config import REMOTE_BACKENDS, ModelConfig
+from etsq.queue.app import connect
 from etsq.settings import Settings
-from etsq.submit import connect
+from etsq.store.session import ensure_schema
 
 # Problems searched at once: servers need many requests in flight to batch well, while in-process
 # models already use every core (and the GPU) for one.

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from etsq.statuses import JobStatus
+from etsq.store.statuses import JobStatus
 
 # Stable constraint names so Alembic migrations are identical on SQLite and Postgres.
 NAMING = {

@@ -2,7 +2,7 @@
 
 Nothing here touches a model.  A run's nodes are read in one query ordered by job, through a
 server-side cursor on PostgreSQL, so memory holds one problem's nodes at a time whatever the
-run's size.  Each problem's leaves are grouped by answer once (`etsq.aggregate.Ballot`) and graded
+run's size.  Each problem's leaves are grouped by answer once (`etsq.results.aggregate.Ballot`) and graded
 under every requested agg x vote from that one grouping.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import ClauseElement, Connection, func, select
 from sqlalchemy.orm import Session
 
-from etsq.aggregate import (
+from etsq.errors import UserError
+from etsq.results.aggregate import (
     AGGS,
     EMPTY_PATH,
     VOTES,
@@ -29,9 +30,6 @@ from etsq.aggregate import (
     grade_ballot,
     path_values,
 )
-from etsq.db import models as m
-from etsq.db.session import ensure_schema, session_scope
-from etsq.errors import UserError
 from etsq.results.reference import is_imported, problem_figures
 from etsq.results.table import (
     ProblemFilter,
@@ -41,8 +39,10 @@ from etsq.results.table import (
     RunInfo,
     summarise,
 )
-from etsq.runs import run_ids
-from etsq.statuses import JobStatus
+from etsq.store import schema as m
+from etsq.store.runs import run_ids
+from etsq.store.session import ensure_schema, session_scope
+from etsq.store.statuses import JobStatus
 
 STREAM_ROWS = 10_000  # rows per fetch from the (server-side) cursor
 Combo = tuple[str, str]

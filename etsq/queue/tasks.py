@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from etsq.errors import TransientError
-from etsq.jobs import ShutdownRequested, fail_job
-from etsq.queue import TASK_NAME
+from etsq.queue.execute import run_job
+from etsq.queue.messages import TASK_NAME
 from etsq.settings import Settings
-from etsq.worker import run_job
+from etsq.store.jobs import ShutdownRequested, fail_job
 
 __all__ = ["TASK_NAME", "backoff_s", "search_job"]
 

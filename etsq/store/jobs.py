@@ -18,14 +18,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from etsq.db import models as m
-from etsq.db.bulk import Mark, NodeRow, insert_nodes, mark_nodes
-from etsq.db.session import get_engine, rows_affected, session_scope
 from etsq.errors import EtsqError, PermanentError
 from etsq.search.config import SearchConfig
 from etsq.search.loop import DepthCommit, Searcher
 from etsq.search.tree import Node, Tree
-from etsq.statuses import FINISHED, JobStatus
+from etsq.store import schema as m
+from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
+from etsq.store.session import get_engine, rows_affected, session_scope
+from etsq.store.statuses import FINISHED, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class DepthWriter:
 
     Core statements only (no ORM objects): the job row is updated first, which takes its row lock
     and checks the lease in one statement; then the new nodes are one multi-row insert and the
-    frontier's marks one UPDATE (etsq.db.bulk), the selection row one insert.
+    frontier's marks one UPDATE (etsq.store.bulk), the selection row one insert.
     """
 
     def __init__(self, url: str, job_id: int, lease: str) -> None:

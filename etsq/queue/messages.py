@@ -18,9 +18,9 @@ from typing import Any
 import redis
 
 from etsq.errors import BrokerUnavailable
-from etsq.jobs import requeue_stale
-from etsq.runs import queued_jobs
 from etsq.settings import Settings
+from etsq.store.jobs import requeue_stale
+from etsq.store.runs import queued_jobs
 
 TASK_NAME = "etsq.search_job"
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority names a priority list

@@ -3,7 +3,7 @@
 Pure functions over stored data (no DB). A trajectory's step scores (root excluded) reduce by
 `last | mean | prod | min`; a problem's answer is chosen among its finished leaves by best-of-N
 (`bon`), plain `majority` vote or reward-`weighted` vote, with answers grouped by mathematical
-equivalence (see `etsq.grading`), not string equality.
+equivalence (see `etsq.results.grading`), not string equality.
 
 A `Ballot` groups a problem's answered leaves once and then answers every agg x vote: grouping
 is what costs (math-verify), so it is done once per problem, on distinct normal forms only.
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
-from etsq.answer_value import AnswerValue, answer_value
 from etsq.errors import ConfigError
-from etsq.grading import is_equivalent, normalise
+from etsq.results.answer_value import AnswerValue, answer_value
+from etsq.results.grading import is_equivalent, normalise
 
 AGGS: tuple[str, ...] = ("last", "mean", "prod", "min")
 VOTES: tuple[str, ...] = ("bon", "majority", "weighted")
@@ -116,7 +116,7 @@ def answer_key(answer: str) -> Fraction | str:
 def equivalent(gold: str, answer: str) -> bool:
     """`is_equivalent(gold, answer)`, decided without math-verify where values settle it.
 
-    Equal normal forms are equivalent; answers whose values (`etsq.answer_value`) over the same
+    Equal normal forms are equivalent; answers whose values (`etsq.results.answer_value`) over the same
     variables differ by more than math-verify's rounding are not; exact constants (no decimal, no
     variable) of equal value are.  Everything else is math-verify's to decide.
     """

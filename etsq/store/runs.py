@@ -15,14 +15,14 @@ from sqlalchemy.orm import Session
 
 from etsq import validation
 from etsq.datasets import Dataset, Problem, load_dataset
-from etsq.db import models as m
-from etsq.db.session import ensure_schema, rows_affected, session_scope
 from etsq.errors import UserError
 from etsq.models.config import ModelConfig
 from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
 from etsq.settings import Settings
-from etsq.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
+from etsq.store import schema as m
+from etsq.store.session import ensure_schema, rows_affected, session_scope
+from etsq.store.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
 
 RECORDED_PACKAGES = (
     "etsq",
