@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from etsq.errors import ConfigError
-from etsq.search.methods import beam, bon, dvts, ets, rebase
+from etsq.search.methods import beam, bon, dvts, ets, particle, rebase
 from etsq.search.methods.base import SelectContext, SelectFn, Selection
 
 
@@ -26,6 +26,7 @@ METHODS: dict[str, Method] = {
     "beam": Method(beam.select),
     "dvts": Method(dvts.select),
     "ets": Method(ets.select, needs_embedder=True),
+    "particle": Method(particle.select),
 }
 
 
