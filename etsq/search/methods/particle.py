@@ -39,8 +39,8 @@ def resampling_weights(scores: list[float], temperature: float) -> np.ndarray:
     """softmax(scores / temperature): the probability of drawing each particle."""
     values = np.asarray(scores, dtype=np.float64)
     logits = (values - values.max()) / temperature
-    weights = np.exp(logits)
-    return weights / weights.sum()
+    weights: np.ndarray = np.exp(logits)
+    return weights / float(weights.sum())
 
 
 def resample(scores: list[float], remaining: int, temperature: float, rng: np.random.Generator) -> list[int]:
