@@ -106,7 +106,7 @@ VARIABLES: tuple[Variable, ...] = (
         "ETSQ_DATABASE_URL",
         "database_url",
         _text,
-        "`sqlite:///$ETSQ_HOME/etsq.store`",
+        "`sqlite:///$ETSQ_HOME/etsq.db`",
         "any SQLAlchemy URL; Postgres: `postgresql+psycopg://user@host/db`",
     ),
     Variable(
@@ -227,13 +227,13 @@ class Settings:
         values = {var.field: _read(var, source) for var in VARIABLES}
         values = {k: v for k, v in values.items() if v is not None}
         home = values.setdefault("home", Path(user_data_dir("etsq")))
-        values.setdefault("database_url", f"sqlite:///{home / 'etsq.store'}")
+        values.setdefault("database_url", f"sqlite:///{home / 'etsq.db'}")
         return cls(**values)
 
     @classmethod
     def for_home(cls, home: Path, **overrides: Any) -> Settings:
         """Defaults under `home` (tests, scripts), with any field overridden."""
-        return cls(home=home, database_url=f"sqlite:///{home / 'etsq.store'}", **overrides)
+        return cls(home=home, database_url=f"sqlite:///{home / 'etsq.db'}", **overrides)
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (None leaves a field as it is)."""

@@ -106,7 +106,7 @@ def pg_session(pg_shared_url: str) -> Iterator[Session]:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test using it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'etsq.store'}"
+        url = f"sqlite:///{tmp_path / 'etsq.db'}"
         upgrade(url)
         return url
     return str(request.getfixturevalue("pg_url"))

@@ -101,7 +101,7 @@ def test_settings_from_env_and_back(tmp_path: Path) -> None:
         "ETSQ_QUEUE": "q",
     }
     settings = Settings.from_env(env)
-    assert settings.database_url == f"sqlite:///{tmp_path / 'etsq.store'}"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'etsq.db'}"
     assert (settings.job_time_limit_s, settings.http_timeout_s, settings.queue) == (60, 2.5, "q")
     assert settings.broker_url is None and settings.uses_embedded_broker
     assert Settings.from_env(settings.as_env()) == settings

@@ -322,7 +322,7 @@ class EmbeddedRun:
     """A run on the embedded broker of `home`, with one worker process serving it."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.url = home, f"sqlite:///{home / 'etsq.store'}"
+        self.home, self.url = home, f"sqlite:///{home / 'etsq.db'}"
         self.env = {"ETSQ_HOME": str(home), **FAST_FAULTS}
         self.log = home.parent / "worker.log"
         self.worker: subprocess.Popen[bytes] | None = None

@@ -53,7 +53,7 @@ def _sweep(**overrides: str) -> str:
 
 
 def _newer_database(tmp: Path) -> None:
-    with sqlite3.connect(tmp / "etsq.store") as conn:
+    with sqlite3.connect(tmp / "etsq.db") as conn:
         conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
         conn.execute("INSERT INTO alembic_version VALUES ('9999_from_the_future')")
 
@@ -205,7 +205,7 @@ def run_case(tmp: Path, case: Case, broker: str | None = UNREACHABLE) -> Result:
         case.setup(tmp)
     env = {
         "ETSQ_HOME": str(tmp / "home"),
-        "ETSQ_DATABASE_URL": f"sqlite:///{tmp / 'etsq.store'}",
+        "ETSQ_DATABASE_URL": f"sqlite:///{tmp / 'etsq.db'}",
         **{k: v.format(**fill) for k, v in case.env.items()},
     }
     if broker is not None:
@@ -215,7 +215,7 @@ def run_case(tmp: Path, case: Case, broker: str | None = UNREACHABLE) -> Result:
 
 def assert_nothing_written(tmp: Path) -> None:
     """No run or problem rows, no half-written file, no embedded broker."""
-    db = tmp / "etsq.store"
+    db = tmp / "etsq.db"
     if db.is_file():
         with sqlite3.connect(db) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -244,7 +244,7 @@ def test_a_command_that_fails_before_it_needs_the_broker_does_not_start_the_embe
 def env(tmp_path: Path, redis_server: RedisHandle) -> dict[str, str]:
     """A fresh database and a queue of this test's own on the session's Redis."""
     return {
-        "ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'etsq.store'}",
+        "ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'etsq.db'}",
         "ETSQ_BROKER_URL": redis_server.url,
         "ETSQ_QUEUE": f"q-{tmp_path.name[-20:]}",
     }
@@ -281,7 +281,7 @@ def test_the_same_data_under_any_spelling_is_one_run(
     assert _submit(env, "mine.jsonl", "--limit", "40")["run_id"] == mine["run_id"]  # limit past the end
     [row] = cli_json("status", str(mine["run_id"]), env=env)
     assert (row["dataset"], row["problems"]) == ("mine", 4)
-    with sqlite3.connect(tmp_path / "etsq.store") as conn:
+    with sqlite3.connect(tmp_path / "etsq.db") as conn:
         [(config,)] = conn.execute("SELECT config FROM runs WHERE id = ?", (mine["run_id"],)).fetchall()
     stored = json.loads(config)
     assert stored["dataset"] == str(path) and stored["problems"] == 4 and len(stored["data_hash"]) == 64
@@ -357,7 +357,7 @@ def test_cancel_keeps_the_finish_time_of_a_finished_run(tmp_path: Path, env: dic
 
     run = _submit(env, "gsm8k", "--limit", "2")
     settings = Settings.from_env(env)
-    with sqlite3.connect(tmp_path / "etsq.store") as conn:
+    with sqlite3.connect(tmp_path / "etsq.db") as conn:
         job_ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE run_id = ?", (run["run_id"],))]
     assert [run_job(job_id, settings) for job_id in job_ids] == ["done", "done"]
     finished = cli_json("status", str(run["run_id"]), env=env)[0]["finished_at"]
@@ -385,7 +385,7 @@ def test_a_broker_that_answers_ping_but_refuses_writes(tmp_path: Path) -> None:
     with start_redis(tmp_path / "r") as server:
         with server.client() as client:
             client.config_set("min-replicas-to-write", 1)  # PING answers, every write is refused
-        env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'etsq.store'}", "ETSQ_BROKER_URL": server.url}
+        env = {"ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'etsq.db'}", "ETSQ_BROKER_URL": server.url}
         line = one_error_line(cli("submit", "gsm8k", "--backend", "sim", "--limit", "2", env=env))
         assert "NOREPLICAS" in line
         assert_nothing_written(tmp_path)

@@ -88,7 +88,7 @@ def test_embedded_default_submit_wait(tiny_model: Path, tmp_path: Path) -> None:
         run_id = int(proc.stdout.strip().splitlines()[0])
         [agg] = etsq_json("aggregate", env=env)
         assert (agg["run_id"], agg["n_problems"], agg["method"]) == (run_id, 2, "bon")
-        _check_trees(f"sqlite:///{home / 'etsq.store'}", run_id, width=3)
+        _check_trees(f"sqlite:///{home / 'etsq.db'}", run_id, width=3)
         exported = etsq("export", str(run_id), env=env)
         assert exported.returncode == 0 and len(exported.stdout.strip().splitlines()) == 2
     finally:

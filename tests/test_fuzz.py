@@ -178,7 +178,7 @@ COMMANDS = st.sampled_from([SUBMIT] * 4 + [SWEEP] * 3 + [WORKER] * 2 + [ON_RUNS,
 @pytest.fixture(scope="module")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated SQLite file, copied for each example (migrating each time would take minutes)."""
-    db = tmp_path_factory.mktemp("fuzz-db") / "etsq.store"
+    db = tmp_path_factory.mktemp("fuzz-db") / "etsq.db"
     upgrade(f"sqlite:///{db}")
     get_engine(f"sqlite:///{db}").dispose()  # closing the last connection folds the WAL into the file
     return db
@@ -193,13 +193,13 @@ def sandbox(migrated_db: Path) -> Iterator[Any]:
 
 
 def _prepare(tmp: Path, migrated_db: Path, sweep: bytes) -> dict[str, str]:
-    shutil.copy(migrated_db, tmp / "etsq.store")
+    shutil.copy(migrated_db, tmp / "etsq.db")
     (tmp / "good.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     (tmp / "bad.jsonl").write_bytes(b'{"question": 1}\n\xff\n')
     (tmp / "sweep.yaml").write_bytes(sweep)
     return {
         "ETSQ_HOME": str(tmp / "home"),
-        "ETSQ_DATABASE_URL": f"sqlite:///{tmp / 'etsq.store'}",
+        "ETSQ_DATABASE_URL": f"sqlite:///{tmp / 'etsq.db'}",
         "ETSQ_BROKER_URL": UNREACHABLE,
         "ETSQ_QUEUE": "fuzz",
     }
@@ -211,7 +211,7 @@ def _check(tmp: Path, args: list[str], exit_code: int, stderr: str, exception: B
     if exit_code == 2:
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("etsq: error: "), (args, stderr)
-        with sqlite3.connect(tmp / "etsq.store") as conn:
+        with sqlite3.connect(tmp / "etsq.db") as conn:
             for table in ("runs", "jobs", "problems"):
                 assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), (args, table)
     stray = [p.name for p in tmp.rglob("*") if p.name.endswith((".part", ".tmp"))]

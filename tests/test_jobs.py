@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from etsq.search.methods import Selection
 from etsq.search.tree import Tree
 from etsq.settings import Settings
 from etsq.store import schema as m
-from etsq.store.bulk import insert_nodes, mark_nodes
-from etsq.store.jobs import DepthWriter, LeaseLost, claim_job, load_tree
+from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
+from etsq.store.jobs import LeaseLost, claim_job
 from etsq.store.runs import export_jobs, statuses
 from etsq.store.session import get_engine, session_scope
+from etsq.store.trees import DepthWriter, load_tree
 from tests.helpers import store_run, tiny_config
 
 
@@ -224,13 +226,16 @@ def test_a_commit_under_a_lost_lease_writes_nothing(db_url: str, tiny_model: Pat
 
 def test_bulk_node_writes_return_ids_in_row_order(db_url: str, tiny_model: Path) -> None:
     _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
-    rows = [(job_id, None, 1, f"0.{i}", f"step {i}", 2, 7, None, False, None, None, None) for i in range(300)]
+    rows = [
+        NodeRow(job_id, None, 1, f"0.{i}", f"step {i}", 2, 7, None, False, None, None, None)
+        for i in range(300)
+    ]
     with get_engine(db_url).begin() as conn:
         conn.execute(m.Job.__table__.update().where(m.Job.id == job_id).values(depth=0))  # take the lock
         ids = insert_nodes(conn, rows[::-1])
-        mark_nodes(conn, [(i, i % 2 == 0, i % 3, None if i % 5 else 7) for i in ids])
+        mark_nodes(conn, [Mark(i, i % 2 == 0, i % 3, None if i % 5 else 7) for i in ids])
     by_id = {n.id: n for n in _nodes(db_url, job_id)}
-    assert [by_id[i].path for i in ids] == [r[3] for r in rows[::-1]]
+    assert [by_id[i].path for i in ids] == [r.path for r in rows[::-1]]
     assert all((n.kept, n.n_children, n.cluster) == (n.id % 2 == 0, n.id % 3, None if n.id % 5 else 7)
                for n in by_id.values())  # fmt: skip
 
@@ -254,3 +259,34 @@ def test_a_run_scored_with_an_older_prm_prompt_is_not_continued_with_the_new_one
         assert s.scalar(select(func.count()).select_from(m.Node).where(m.Node.job_id == job_id)) == 0
     shepherd = ModelConfig.create("local", prm_family="math-shepherd").to_dict()
     assert "prm_revision" not in shepherd  # unchanged prompts keep the identity runs had before
+
+
+def test_search_time_counts_the_depths_not_the_pause_between_attempts(
+    db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job stopped after depth 1 and resumed 1.5 s later: its seconds leave out the pause."""
+    run_id, [job_id] = store_run(db_url, tiny_model, tiny_config("rebase", width=4, max_depth=6), limit=1)
+    original = DepthWriter.__call__
+
+    def crash_after_depth_1(self: DepthWriter, tree: Tree, rec: DepthCommit) -> None:
+        original(self, tree, rec)
+        if rec.depth == 1:
+            raise Crash
+
+    monkeypatch.setattr(DepthWriter, "__call__", crash_after_depth_1)
+    with pytest.raises(Crash):
+        run_job(job_id, _settings(db_url))
+    monkeypatch.setattr(DepthWriter, "__call__", original)
+    with session_scope(db_url) as s:
+        first = s.get_one(m.Job, job_id).search_s
+    assert first is not None and first > 0
+    time.sleep(1.5)
+    assert run_job(job_id, _settings(db_url).with_(stale_after_s=1e-6)) == "done"
+    with session_scope(db_url) as s:
+        job = s.get_one(m.Job, job_id)
+        assert job.search_s is not None and job.started_at and job.finished_at
+        span = (job.finished_at - job.started_at).total_seconds()
+        searched = job.search_s
+    assert first < searched <= span - 1.5
+    [row] = evaluate(db_url, [run_id], ["last"], ["weighted"])
+    assert row["seconds"] == pytest.approx(searched)

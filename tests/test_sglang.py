@@ -176,7 +176,7 @@ def test_ets_run_through_the_cli_stores_server_figures_for_every_depth(
         proc = etsq("submit", "gsm8k", *args, "--wait", env={"ETSQ_HOME": str(home)})
         assert proc.returncode == 0, proc.stderr
         run_id = int(proc.stdout.strip().splitlines()[0])
-        _check_server_figures(f"sqlite:///{home / 'etsq.store'}", run_id, str(tiny_model), sglang_server.url)
+        _check_server_figures(f"sqlite:///{home / 'etsq.db'}", run_id, str(tiny_model), sglang_server.url)
     finally:
         stop_local_redis(home)
 

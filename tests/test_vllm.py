@@ -29,8 +29,8 @@ from etsq.models.local import LocalPRM, load_causal_lm
 from etsq.models.prm_families import QWEN_PRM_SEPARATOR, QWEN_PRM_SYSTEM
 from etsq.models.reward_head import load_reward_prm
 from etsq.store import schema as m
-from etsq.store.jobs import load_tree
 from etsq.store.session import session_scope
+from etsq.store.trees import load_tree
 from tests.helpers import cli, etsq, etsq_json, one_error_line
 from tests.model_servers import start_vllm_prm
 from tests.services import HttpServiceHandle, RedisHandle

@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> EtsqCelery:
 
 def _stop_after_current_depth(**_: Any) -> None:
     # Warm shutdown (SIGTERM): the job in hand commits its depth, then goes back to the queue.
-    from etsq.store.jobs import STOP
+    from etsq.queue.execute import STOP
 
     STOP.set()
 

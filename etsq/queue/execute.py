@@ -1,8 +1,13 @@
-"""The worker side of a job: claim it by id, load (and cache) the run's models, search, record."""
+"""Executing a job: claim it by id, load (and cache) the run's models, search, commit each depth.
+
+`STOP` is set when the worker is asked to shut down (Celery's warm shutdown): the job in hand commits
+its current depth and goes back to the queue.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 
 from sqlalchemy.exc import OperationalError
@@ -18,25 +23,31 @@ from etsq.settings import Settings
 from etsq.store import schema as m
 from etsq.store.jobs import (
     Claim,
+    Heartbeat,
     LeaseLost,
     ShutdownRequested,
     claim_job,
     fail_job,
     release_job,
     search_config,
-    search_job,
 )
 from etsq.store.session import session_scope
+from etsq.store.trees import DepthWriter, load_tree
 from etsq.validation import check_width
 
 log = logging.getLogger(__name__)
+
+# Set when the worker is asked to shut down: the job in hand stops after its current depth.
+STOP = threading.Event()
 
 
 @lru_cache(maxsize=4)
 def load_embedder(model: str | None) -> Embedder:
     from etsq.search.embed import SentenceEmbedder, default_embedding_model
 
-    return SentenceEmbedder(model or default_embedding_model())
+    embedder = SentenceEmbedder(model or default_embedding_model())
+    embedder.model  # noqa: B018  # load now: the first job's search time must not include it
+    return embedder
 
 
 def _record_model_info(url: str, run_id: int, policy: Policy, prm: PRM) -> None:
@@ -73,7 +84,7 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     if claim is None:
         return "skipped"
     try:
-        search_job(url, claim, build_searcher(claim, settings), settings.heartbeat_s)
+        search_claimed(url, claim, build_searcher(claim, settings), settings.heartbeat_s)
         return "done"
     except LeaseLost:
         return "lost"
@@ -91,3 +102,13 @@ def _fail(url: str, claim: Claim, exc: BaseException) -> str:
     log.exception("job %s failed", claim.job_id)
     fail_job(url, claim.job_id, f"{type(exc).__name__}: {exc}", claim.lease)
     return "failed"
+
+
+def search_claimed(url: str, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
+    """Run (or resume) the claimed job's search to completion, one committed depth at a time."""
+    with session_scope(url) as s:
+        stored = load_tree(s, claim.job_id)
+    tree, depth = stored if stored else (searcher.new_tree(), 0)
+    with Heartbeat(url, claim.job_id, claim.lease, heartbeat_s):
+        writer = DepthWriter(url, claim.job_id, claim.lease, stop=STOP)
+        searcher.run(tree, writer, start_depth=depth)

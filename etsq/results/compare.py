@@ -14,7 +14,7 @@ import numpy as np
 
 from etsq.errors import UserError
 from etsq.results.evaluate import combos_of, run_records, select_runs
-from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean
+from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean, significant
 from etsq.store.session import ensure_schema, session_scope
 
 RESAMPLES = 10_000
@@ -101,8 +101,13 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     ]
     for name in RATIO_FIGURES:
         base, other, ratio = result["base_means"][name], result["other_means"][name], result["ratios"][name]
-        lines.append(f"{name:<14} {_num(base):>12} {_num(other):>12} {_num(ratio, 3):>11}")
+        shown = _time if name == "seconds" else _num
+        lines.append(f"{name:<14} {shown(base):>12} {shown(other):>12} {_num(ratio, 3):>11}")
     return lines
+
+
+def _time(value: float | None) -> str:
+    return "-" if value is None else significant(value)
 
 
 def _num(value: float | None, digits: int = 1) -> str:

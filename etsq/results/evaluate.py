@@ -12,7 +12,6 @@ import itertools
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ClauseElement, Connection, func, select
@@ -40,6 +39,7 @@ from etsq.results.table import (
     summarise,
 )
 from etsq.store import schema as m
+from etsq.store.jobs import job_seconds
 from etsq.store.runs import run_ids
 from etsq.store.session import ensure_schema, session_scope
 from etsq.store.statuses import JobStatus
@@ -102,16 +102,10 @@ def _info(run: m.Run) -> RunInfo:
 # --------------------------------------------------------------------------- jobs
 
 
-def _seconds(started: datetime | None, finished: datetime | None) -> float | None:
-    if started is None or finished is None:
-        return None
-    return (finished - started).total_seconds()
-
-
 def _jobs(s: Session, run_id: int, filt: ProblemFilter) -> tuple[dict[int, DoneJob], RunCounts]:
     q = (
         select(
-            m.Job.id, m.Job.status, m.Job.started_at, m.Job.finished_at,
+            m.Job.id, m.Job.status, m.Job.search_s, m.Job.started_at, m.Job.finished_at,
             m.Problem.id, m.Problem.problem_id, m.Problem.answer, m.Problem.meta,
         )
         .join(m.Problem, m.Problem.id == m.Job.problem_id)
@@ -119,7 +113,7 @@ def _jobs(s: Session, run_id: int, filt: ProblemFilter) -> tuple[dict[int, DoneJ
     )  # fmt: skip
     done: dict[int, DoneJob] = {}
     counts = RunCounts()
-    for job_id, status, started, finished, problem, key, gold, meta in s.execute(q):
+    for job_id, status, search_s, started, finished, problem, key, gold, meta in s.execute(q):
         if not filt.admits(meta or {}):
             continue
         counts.total += 1
@@ -127,7 +121,7 @@ def _jobs(s: Session, run_id: int, filt: ProblemFilter) -> tuple[dict[int, DoneJ
         counts.unfinished += not status.finished
         if status == JobStatus.DONE:
             counts.done += 1
-            done[job_id] = DoneJob(problem, key, gold, _seconds(started, finished))
+            done[job_id] = DoneJob(problem, key, gold, job_seconds(search_s, started, finished))
     return done, counts
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from etsq.results.evaluate import DepthFigures, depth_profile, evaluate
-from etsq.results.table import TABLE_COLUMNS, partial_notes
+from etsq.results.table import TABLE_COLUMNS, partial_notes, significant
 from etsq.store.session import session_scope
 
 _DPI = 110
@@ -140,9 +140,11 @@ def _save(plt: Any, fig: Any, path: Path, caption: str) -> Figure:
 # --------------------------------------------------------------------------- the page
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
     if value is None:
         return "-"
+    if column == "seconds":
+        return significant(float(value))
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
     return html.escape(str(value))
@@ -151,7 +153,7 @@ def _cell(value: Any) -> str:
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{_cell(row.get(c), c)}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

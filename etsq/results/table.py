@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+SIG3 = -3  # a SHORT_COLUMNS digits value: three significant figures (times, whose scale varies by width)
+
+
+def significant(value: float, figures: int = 3) -> str:
+    """`value` to `figures` significant figures, never in exponent form: 0.273, 2.20, 948, 1,283."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.{figures - 1}f}" if value == 0 else str(value)
+    digits = max(0, figures - 1 - math.floor(math.log10(abs(value))))
+    return f"{round(value, digits):,.{digits}f}"
+
 
 # Columns of the printed table and the report (JSON and CSV carry every key of a row).
 TABLE_COLUMNS = (
@@ -19,14 +31,15 @@ TABLE_COLUMNS = (
     "n_failed", "kv_before", "kv_after", "kv_peak", "server_kv_peak", "tokens", "policy_calls", "prm_calls",
     "seconds", "nodes_per_s",
 )  # fmt: skip
-# The terminal's narrower headers: (header, key, digits after the point; None for text).
+# The terminal's narrower headers: (header, key, digits after the point; None for text; SIG3 for three
+# significant figures).
 SHORT_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("run", "run_id", None), ("dataset", "dataset", None), ("method", "method", None), ("W", "width", None),
     ("agg", "agg", None), ("vote", "vote", None), ("done", "n_problems", None), ("of", "n_total", None),
     ("acc", "accuracy", 3), ("cover", "coverage", 3), ("failed", "n_failed", None),
     ("kv_before", "kv_before", 0), ("kv_after", "kv_after", 0), ("kv_peak", "kv_peak", 0),
     ("srv_kv", "server_kv_peak", 0), ("tokens", "tokens", 0), ("policy", "policy_calls", 1),
-    ("prm", "prm_calls", 1), ("s/prob", "seconds", 2), ("nodes/s", "nodes_per_s", 1),
+    ("prm", "prm_calls", 1), ("s/prob", "seconds", SIG3), ("nodes/s", "nodes_per_s", 1),
 )  # fmt: skip
 MEAN_FIGURES = ("kv_before", "kv_after", "kv_peak", "tokens", "policy_calls", "prm_calls", "seconds")
 
@@ -183,9 +196,15 @@ def short_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
             if value is None:
                 cells[header] = "-"
             else:
-                cells[header] = str(value) if digits is None else f"{value:,.{digits}f}"
+                cells[header] = _cell(value, digits)
         out.append(cells)
     return headers, out
+
+
+def _cell(value: Any, digits: int | None) -> str:
+    if digits is None:
+        return str(value)
+    return significant(value) if digits == SIG3 else f"{value:,.{digits}f}"
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -13,27 +13,41 @@ write lock (see `insert_nodes`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from etsq.store import schema as m
 
-# One node row: the values of these columns, in this order.
-NODE_COLUMNS = (
-    "job_id",
-    "parent_id",
-    "depth",
-    "path",
-    "text",
-    "step_tokens",
-    "cum_tokens",
-    "score",
-    "terminal",
-    "terminal_reason",
-    "finish_reason",
-    "answer",
-)
+
+class NodeRow(NamedTuple):
+    """One node as stored: every column a depth's insert writes (the database assigns `id`)."""
+
+    job_id: int
+    parent_id: int | None
+    depth: int
+    path: str
+    text: str
+    step_tokens: int
+    cum_tokens: int
+    score: float | None
+    terminal: bool
+    terminal_reason: str | None
+    finish_reason: str | None
+    answer: str | None
+
+
+class Mark(NamedTuple):
+    """A frontier node's selection outcome, written onto its stored row."""
+
+    id: int
+    kept: bool
+    n_children: int
+    cluster: int | None
+
+
+NODE_COLUMNS: tuple[str, ...] = NodeRow._fields
+# Postgres array types of NodeRow's fields, in field order.
 _PG_TYPES = ("int", "bigint", "int", "text", "text", "int", "int", "float8", "bool", "text", "text", "text")
 
 _PG_INSERT = "INSERT INTO nodes ({}) SELECT * FROM unnest({}) RETURNING id, path".format(
@@ -45,8 +59,6 @@ _PG_MARK = (
     "WHERE nodes.id = v.id"
 )
 
-NodeRow = tuple[Any, ...]  # values in NODE_COLUMNS order
-Mark = tuple[int, bool, int, int | None]  # (node id, kept, n_children, cluster)
 
 _NODES = m.Base.metadata.tables["nodes"]
 _SQLITE_MARK = (
@@ -61,7 +73,7 @@ def _postgres(conn: Connection) -> bool:
 
 
 def insert_nodes(conn: Connection, rows: Sequence[NodeRow]) -> list[int]:
-    """Insert node rows (NODE_COLUMNS order) of one job; their new ids, in row order.
+    """Insert one job's node rows; their new ids, in row order.
 
     On SQLite the caller must already have written in this transaction (DepthWriter updates the
     job row first): that holds the database's write lock, so the ids read from max(id) stay free.
@@ -71,13 +83,12 @@ def insert_nodes(conn: Connection, rows: Sequence[NodeRow]) -> list[int]:
     if _postgres(conn):
         columns = [list(col) for col in zip(*rows, strict=True)]
         by_path = {path: int(i) for i, path in conn.exec_driver_sql(_PG_INSERT, tuple(columns))}
-        path_at = NODE_COLUMNS.index("path")
-        return [by_path[row[path_at]] for row in rows]
+        return [by_path[row.path] for row in rows]
     first = int(conn.execute(select(func.coalesce(func.max(_NODES.c.id), 0))).scalar_one()) + 1
     ids = list(range(first, first + len(rows)))
     conn.execute(
         insert(_NODES),
-        [dict(zip(("id", *NODE_COLUMNS), (i, *row), strict=True)) for i, row in zip(ids, rows, strict=True)],
+        [{"id": i, **row._asdict()} for i, row in zip(ids, rows, strict=True)],
     )
     return ids
 
@@ -91,5 +102,5 @@ def mark_nodes(conn: Connection, marks: Sequence[Mark]) -> None:
         return
     conn.execute(
         _SQLITE_MARK,
-        [{"b_id": i, "b_kept": kept, "b_n": n, "b_cluster": cluster} for i, kept, n, cluster in marks],
+        [{"b_id": k.id, "b_kept": k.kept, "b_n": k.n_children, "b_cluster": k.cluster} for k in marks],
     )

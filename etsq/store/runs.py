@@ -21,6 +21,7 @@ from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method
 from etsq.settings import Settings
 from etsq.store import schema as m
+from etsq.store.jobs import close_run_if_done, finish_values, job_seconds
 from etsq.store.session import ensure_schema, rows_affected, session_scope
 from etsq.store.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
 
@@ -178,11 +179,10 @@ def cancel_run(url: str, run_id: int) -> int:
             s,
             update(m.Job)
             .where(m.Job.run_id == run_id, m.Job.status.in_(UNFINISHED))
-            .values(status=JobStatus.CANCELLED, lease=None, finished_at=m.utcnow()),
+            .values(**finish_values(JobStatus.CANCELLED)),
         )
-        run = s.get_one(m.Run, run_id)
-        if run.finished_at is None:  # a finished run keeps the time it finished
-            run.finished_at = m.utcnow()
+        if n:  # a finished run keeps the time it finished
+            close_run_if_done(s.connection(), run_id)
         return n
 
 
@@ -252,11 +252,11 @@ def running_depths(s: Session, run_id: int) -> list[int]:
 def mean_job_seconds(s: Session, run_id: int) -> float | None:
     """Mean wall time of the run's finished jobs: what an ETA is made of."""
     rows = s.execute(
-        select(m.Job.started_at, m.Job.finished_at).where(
-            m.Job.run_id == run_id, m.Job.status == JobStatus.DONE, m.Job.started_at.is_not(None)
+        select(m.Job.search_s, m.Job.started_at, m.Job.finished_at).where(
+            m.Job.run_id == run_id, m.Job.status == JobStatus.DONE
         )
     ).all()
-    spans = [(end - start).total_seconds() for start, end in rows if start is not None and end is not None]
+    spans = [s for s in (job_seconds(*row) for row in rows) if s is not None]
     return sum(spans) / len(spans) if spans else None
 
 

@@ -126,6 +126,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Seconds the job was searched: its depths' wall times summed (etsq.store.trees); a pause between
+    # attempts and model loading are not in it.  None for jobs stored before it was measured.
+    search_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="jobs")
     problem: Mapped[Problem] = relationship()
