@@ -5,6 +5,7 @@ math-verify."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 
 import pytest
 
@@ -17,18 +18,56 @@ from etsq.results.aggregate import (
     Grades,
     Leaf,
     _decided_by_value,
-    aggregate_scores,
-    ballot_of,
+    check_choice,
     equivalent,
     grade_ballot,
-    grade_problem,
     path_scores,
     path_values,
-    select_answer,
 )
 from etsq.results.answer_value import answer_value
 from etsq.results.grading import is_equivalent
 from tests.conftest import DATA_DIR
+
+# --------------------------------------------------------------------------- oracles and shortcuts
+# The reductions spelled out directly (what path_values must equal), and one-call grading of leaves.
+
+_REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
+    "last": lambda scores: scores[-1],
+    "mean": lambda scores: sum(scores) / len(scores),
+    "prod": math.prod,
+    "min": min,
+}
+
+
+def aggregate_scores(scores: Sequence[float], how: str) -> float:
+    """Reduce one trajectory's step scores (root excluded) by `how`; 0.0 for no steps."""
+    check_choice(how, AGGS, "score aggregation")
+    if len(scores) == 0:
+        return 0.0
+    return float(_REDUCERS[how](scores))
+
+
+def ballot_of(leaves: Iterable[Leaf]) -> Ballot:
+    ballot = Ballot()
+    for leaf in leaves:
+        ballot.add(leaf.answer, path_values(path_scores(leaf.scores)))
+    return ballot
+
+
+def select_answer(leaves: Sequence[Leaf], agg: str, vote: str) -> str | None:
+    """The answer a `vote` over `leaves` chooses (scores reduced by `agg`); None if none answered.
+
+    bon returns the best leaf's own answer; majority and weighted return a group's
+    representative. Ties go to the earliest leaf / group, so the result is deterministic.
+    """
+    return ballot_of(leaves).choose(agg, vote)
+
+
+def grade_problem(leaves: Sequence[Leaf], gold: str, agg: str, vote: str) -> tuple[str | None, bool]:
+    """The selected answer and whether it is equivalent to the ground truth `gold`."""
+    answer = select_answer(leaves, agg, vote)
+    return answer, answer is not None and equivalent(gold, answer)
+
 
 # One leaf of "7" with the best score (bon), three cheap leaves of 1/2 in different forms
 # (majority), two decent leaves of 72 (weighted: 1.2 beats 0.99 and 0.3).

@@ -14,25 +14,29 @@ from __future__ import annotations
 import cmath
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 from etsq.errors import ConfigError
 from etsq.results.answer_value import AnswerValue, answer_value
 from etsq.results.grading import is_equivalent, normalise
 
-AGGS: tuple[str, ...] = ("last", "mean", "prod", "min")
+
+class Aggregates(NamedTuple):
+    """A path's step scores reduced four ways; the field names are the `--agg` names."""
+
+    last: float
+    mean: float
+    prod: float
+    min: float
+
+
+AGGS: tuple[str, ...] = Aggregates._fields
 VOTES: tuple[str, ...] = ("bon", "majority", "weighted")
 COMBOS: tuple[tuple[str, str], ...] = tuple((agg, vote) for agg in AGGS for vote in VOTES)
-
-_REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
-    "last": lambda scores: scores[-1],
-    "mean": lambda scores: sum(scores) / len(scores),
-    "prod": math.prod,
-    "min": min,
-}
 
 # Plain numbers after `normalise`: 12, -3.5, .5, 3/4, \frac{3}{4}, -\frac{3}{4}.
 _DECIMAL_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
@@ -41,8 +45,7 @@ _RATIO_RE = re.compile(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
 # (relative) are never equivalent, and nearer ones are left to it unless both are exact.
 _FAR_APART = 1e-4
 
-ScoreTuple = tuple[float, float, float, float]  # one value per AGGS entry, in that order
-NO_SCORES: ScoreTuple = (0.0, 0.0, 0.0, 0.0)
+NO_SCORES = Aggregates(0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,6 @@ class Leaf:
 
     answer: str | None
     scores: tuple[float, ...]
-
-
-def aggregate_scores(scores: Sequence[float], how: str) -> float:
-    """Reduce one trajectory's step scores (root excluded) by `how`; 0.0 for no steps."""
-    check_choice(how, AGGS, "score aggregation")
-    if len(scores) == 0:
-        return 0.0
-    return float(_REDUCERS[how](scores))
 
 
 # A path's running reductions: (steps, sum, product, minimum, last score).  A plain tuple, since a
@@ -76,12 +71,12 @@ def extend_path(path: PathScores, score: float | None) -> PathScores:
     return (steps + 1, total + score, product * score, minimum if minimum <= score else score, score)
 
 
-def path_values(path: PathScores) -> ScoreTuple:
-    """The four aggregates (AGGS order) of a path; 0.0 each for a path without scores."""
+def path_values(path: PathScores) -> Aggregates:
+    """The four aggregates of a path; 0.0 each for a path without scores."""
     steps, total, product, minimum, last = path
     if steps == 0:
         return NO_SCORES
-    return (last, total / steps, product, minimum)
+    return Aggregates(last=last, mean=total / steps, prod=product, min=minimum)
 
 
 def path_scores(scores: Iterable[float | None]) -> PathScores:
@@ -171,7 +166,7 @@ class Ballot:
     """
 
     answers: list[str] = field(default_factory=list)
-    scores: list[ScoreTuple] = field(default_factory=list)
+    scores: list[Aggregates] = field(default_factory=list)
     group_of: list[int] = field(default_factory=list)
     reps: list[str] = field(default_factory=list)
     _by_answer: dict[str, int] = field(default_factory=dict)
@@ -179,7 +174,7 @@ class Ballot:
     _by_key_first: dict[Fraction | str, str] = field(default_factory=dict)
     _tallies: tuple[list[int], list[list[float]]] | None = None
 
-    def add(self, answer: str | None, scores: ScoreTuple) -> None:
+    def add(self, answer: str | None, scores: Aggregates) -> None:
         """Count one leaf; leaves without a (non-blank) answer take no part in any vote."""
         if answer is None:
             return
@@ -232,13 +227,10 @@ class Ballot:
         if self._tallies is None:
             n = len(self.reps)
             counts, totals = [0] * n, [[0.0] * n for _ in AGGS]
-            last, mean, prod, low = totals
-            for group, (a, b, c, d) in zip(self.group_of, self.scores, strict=True):
+            for group, values in zip(self.group_of, self.scores, strict=True):
                 counts[group] += 1
-                last[group] += a
-                mean[group] += b
-                prod[group] += c
-                low[group] += d
+                for column, value in zip(totals, values, strict=True):  # one column per AGGS entry
+                    column[group] += value
             self._tallies = (counts, totals)
         return self._tallies
 
@@ -251,13 +243,6 @@ class Ballot:
         reps = set(self.reps)
         others = [answer for answer in self._by_key_first.values() if answer not in reps]
         return any(equivalent(gold, answer) for answer in [*self.reps, *others])
-
-
-def ballot_of(leaves: Iterable[Leaf]) -> Ballot:
-    ballot = Ballot()
-    for leaf in leaves:
-        ballot.add(leaf.answer, path_values(path_scores(leaf.scores)))
-    return ballot
 
 
 @dataclass(frozen=True)
@@ -279,21 +264,6 @@ def grade_ballot(ballot: Ballot, gold: str, combos: Sequence[tuple[str, str]]) -
         correct.append(answer is not None and verdicts[answer])
     covered = any(verdicts.values()) or ballot.covers(gold)
     return Grades(tuple(correct), covered)
-
-
-def select_answer(leaves: Sequence[Leaf], agg: str, vote: str) -> str | None:
-    """The answer a `vote` over `leaves` chooses (scores reduced by `agg`); None if none answered.
-
-    bon returns the best leaf's own answer; majority and weighted return a group's
-    representative. Ties go to the earliest leaf / group, so the result is deterministic.
-    """
-    return ballot_of(leaves).choose(agg, vote)
-
-
-def grade_problem(leaves: Sequence[Leaf], gold: str, agg: str, vote: str) -> tuple[str | None, bool]:
-    """The selected answer and whether it is equivalent to the ground truth `gold`."""
-    answer = select_answer(leaves, agg, vote)
-    return answer, answer is not None and equivalent(gold, answer)
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
