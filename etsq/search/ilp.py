@@ -46,20 +46,20 @@ literal program's, and the x found is one of its optimal solutions:
    without asking; c_k's optimum `min(1, sum x)` is binary too. y and c are continuous in
    [0, 1], which leaves the branch-and-bound to the frontier variables.
 
-At W = 1024 (bench trees) this turns the literal 3,191 binaries, 8,312 rows and 22,647 nonzeros
-into 1,379 columns (878 integer), 1,222 rows and 3,363 nonzeros. `tests/test_methods.py` checks the
-reduced optimum against brute-force enumeration and against the literal formulation.
+On bench trees the reduced model is several times smaller than the literal one (bench/select_bench.py
+prints both sizes). `tests/test_methods.py` checks the reduced optimum against brute-force
+enumeration and against the literal formulation.
 
 Solver
 ------
 The reduced model is handed to HiGHS in-process through `highspy`'s matrix API (one `passModel`
-of row-wise CSR arrays, no files, no pulp objects). Measured with bench/select_bench.py on this
-2-core machine under load (p50 of the whole `solve`, W = 256 / 1024): highspy 4.5 / 23 ms; the
-same reduced model through pulp's HiGHS API 33 / 131 ms (building pulp's expression objects
-costs more than the solve); through pulp's CBC 39 / 152 ms (an MPS file and a subprocess per
-call); the literal model, as the reference builds it, through pulp's CBC 208 / 1044 ms. If HiGHS
-fails or stops without a proven optimum, the same model is solved by CBC through pulp (the
-reference's solver). HiGHS options: see `_HIGHS_OPTIONS`.
+of row-wise CSR arrays, no files, no pulp objects): `bench/select_bench.py` compares it with pulp's
+HiGHS and CBC and with the literal formulation on the same programs (building pulp's expression
+objects costs more than the solve; CBC adds an MPS file and a subprocess per call). If HiGHS stops
+without a proven optimum, the same model is solved by CBC through pulp (the reference's solver).
+The `full` formulation and the pulp backends exist for those comparisons and for the tests that
+check the reduced optimum against the literal one; workers use `reduced` + `highs`. HiGHS options:
+see `_HIGHS_OPTIONS`.
 
 Ties
 ----
@@ -564,7 +564,9 @@ def _solve_model(problem: EtsProblem, formulation: str, backend: str) -> tuple[l
     try:
         values = run_backend(model, backend)
         used = backend
-    except Exception:  # any failure of the fast path: the reference's solver decides instead
+    except (PermanentError, RuntimeError, OSError):
+        # HiGHS stopped without a proven optimum (or its library failed): the reference's solver
+        # decides instead.  Anything else is a bug in the fast path and is not hidden by the fallback.
         if backend == "pulp-cbc":
             raise
         values, used = solve_pulp(model, "cbc"), f"pulp-cbc (fallback from {backend})"
