@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -85,14 +85,17 @@ def _old_run(
     }
     config["search"].update(config_extra)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    run = m.Run(
-        dataset=dataset, method=search.method, width=search.width, seed=0, config=config, config_hash=digest,
-        policy_model="sim", prm_model="sim", versions={},
-    )  # fmt: skip
-    run.jobs = [m.Job(problem=p, queue="etsq") for p in problems]
-    s.add(run)
+    return _insert_run(s, problems, dataset=dataset, method=search.method, width=search.width, config=config,
+                       config_hash=digest)  # fmt: skip
+
+
+def _insert_run(s: Session, problems: list[m.Problem], **values: Any) -> int:
+    """A runs row written with the columns of an older schema only (Core, not the ORM's columns)."""
+    row = {"seed": 0, "policy_model": "sim", "prm_model": "sim", "versions": {}, **values}
+    run_id = int(s.execute(insert(m.Run.__table__).values(**row).returning(m.Run.id)).scalar_one())
+    s.add_all([m.Job(run_id=run_id, problem=p, queue="etsq") for p in problems])
     s.flush()
-    return run.id
+    return run_id
 
 
 def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp_path: Path) -> None:
@@ -143,7 +146,7 @@ def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp
         assert runs[by_file].config["data_hash"] == mine.content_hash
     command.downgrade(alembic_config(db_url), "0004")
     with session_scope(db_url) as s:
-        assert all("data_hash" not in r.config for r in s.scalars(select(m.Run)))
+        assert all("data_hash" not in config for config in s.scalars(select(m.Run.config)))
     upgrade(db_url)
     assert found("gsm8k", 2) == typed
 
@@ -158,14 +161,8 @@ def _0005_run(s: Session, rows: list[m.Problem], search: SearchConfig, embedding
     }  # fmt: skip
     identity = {key: config[key] for key in ("data_hash", "search", "models")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    run = m.Run(
-        dataset="gsm8k", method=search.method, width=search.width, seed=0, config=config, config_hash=digest,
-        policy_model="sim", prm_model="sim", versions={},
-    )  # fmt: skip
-    run.jobs = [m.Job(problem=p, queue="etsq") for p in rows]
-    s.add(run)
-    s.flush()
-    return run.id
+    return _insert_run(s, rows, dataset="gsm8k", method=search.method, width=search.width, config=config,
+                       config_hash=digest)  # fmt: skip
 
 
 def test_0006_identifies_runs_by_what_their_method_reads(db_url: str) -> None:
@@ -221,7 +218,7 @@ def test_0006_identifies_runs_by_what_their_method_reads(db_url: str) -> None:
     assert rows_out[bon_emb]["duplicate_of"] == bon and rows_out[bon_emb]["label"] == "bon W=4 · sim"
     command.downgrade(alembic_config(db_url), "0005")
     with session_scope(db_url) as s:
-        configs = {r.id: r.config for r in s.scalars(select(m.Run))}
+        configs = dict(s.execute(select(m.Run.id, m.Run.config)).tuples().all())
         assert configs[rebase]["search"]["lambda_b"] == 1.0 and configs[bon]["models"]["embedding"] is None
     upgrade(db_url)
     assert found("rebase", lambda_b=2.0) == rebase
