@@ -54,8 +54,8 @@ def cli(debug: bool) -> None:
     """
 
 
-def _warn_ignored(method: str) -> None:
-    """One stderr line per method parameter given on the command line that `method` does not read."""
+def _ignored_options(method: str) -> list[str]:
+    """A warning per method option given on the command line that `method` does not read."""
     from etsq.search.methods import ignored_params
 
     ctx = click.get_current_context()
@@ -65,9 +65,11 @@ def _warn_ignored(method: str) -> None:
         if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
     ]
     fields = {"embedding_model": "embedding"}
-    for name in given:
-        if ignored_params(method, [fields.get(name, name)]):
-            click.echo(f"--{name.replace('_', '-')} has no effect on {method}", err=True)
+    return [
+        f"--{name.replace('_', '-')} has no effect on {method}"
+        for name in given
+        if ignored_params(method, [fields.get(name, name)])
+    ]
 
 
 def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
@@ -205,8 +207,10 @@ def submit(
     """
     from etsq.submit import submit as submit_runs
 
-    _warn_ignored(opts["method"])
+    ignored = _ignored_options(opts["method"])
     submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue, check_servers=not no_check)
+    for line in ignored:  # after the submission: a refused one says only why (one line)
+        click.echo(line, err=True)
     run = submission.runs[0]
     if not run.created:
         click.echo(
