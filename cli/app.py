@@ -102,14 +102,14 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+def table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     if not console.is_terminal:
         console.width = 200  # piped output: never squeeze columns into 80 characters
-    view = Table(*columns)
+    view = Table(*columns, title=title)
     for row in rows:
         view.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(view)

@@ -54,6 +54,24 @@ def cli(debug: bool) -> None:
     """
 
 
+def _ignored_options(method: str) -> list[str]:
+    """A warning per method option given on the command line that `method` does not read."""
+    from etsq.search.methods import ignored_params
+
+    ctx = click.get_current_context()
+    given = [
+        name
+        for name in [*_SEARCH_KEYS, "embedding_model"]
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
+    fields = {"embedding_model": "embedding"}
+    return [
+        f"--{name.replace('_', '-')} has no effect on {method}"
+        for name in given
+        if ignored_params(method, [fields.get(name, name)])
+    ]
+
+
 def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
     from etsq.store.runs import RunSpec
 
@@ -174,9 +192,10 @@ def submit(
 ) -> int:
     """Enqueue one search job per problem of DATASET (math500, gsm8k or a .jsonl file).
 
-    A run is its problems (by content) and its configuration: submitting the same again, under
-    any spelling of the dataset, resumes that run; changed data makes a new run.  Model servers are
-    checked to answer first, as a worker checks them.
+    A run is its problems (by content) and the configuration its method reads: submitting the same
+    again, under any spelling of the dataset, resumes that run; changed data makes a new run.  An
+    option the method does not read (--lambda-b for rebase) is ignored with a warning.  Model servers
+    are checked to answer first, as a worker checks them.
 
     \b
     Examples:
@@ -188,7 +207,10 @@ def submit(
     """
     from etsq.submit import submit as submit_runs
 
+    ignored = _ignored_options(opts["method"])
     submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue, check_servers=not no_check)
+    for line in ignored:  # after the submission: a refused one says only why (one line)
+        click.echo(line, err=True)
     run = submission.runs[0]
     if not run.created:
         click.echo(
@@ -251,8 +273,11 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
     elif as_json:
         print_json(rows)
     else:
-        table(rows, ["run_id", "dataset", "method", "width", "status", "problems", "problems_done",
-                     "problems_failed", "problems_running", "nodes"])  # fmt: skip
+        from etsq.store.labels import shown_label, sim_note
+
+        shown = [{**row, "label": shown_label(row)} for row in rows]
+        table(shown, ["run_id", "dataset", "label", "status", "problems", "problems_done",
+                      "problems_failed", "problems_running", "nodes"], title=sim_note(rows))  # fmt: skip
 
 
 @cli.command()
@@ -320,52 +345,71 @@ def sweep(
       methods: [ets, rebase]
       widths: [16, 64]
       limit: 50
-      params: {lambda_b: [1.0, 2.0]}
+      params: {softmax_temp: [0.2, 0.5]}
     Then: etsq sweep sweep.yaml --dry-run && etsq sweep sweep.yaml && etsq status --watch
-    """
-    from etsq.sweep import sweep_specs
 
-    specs = sweep_specs(file)
+    A run holds only the parameters its method reads: grid points that differ only in one their
+    method ignores (lambda_b for rebase) are one run, and the count says so.
+    """
+    from etsq.sweep import sweep_grid
+
+    grid = sweep_grid(file)
+    specs = grid.specs
     if dry_run:
-        _print_plan(settings, specs, queue, not no_check, as_json)
+        _print_plan(settings, grid.points, specs, queue, not no_check, as_json)
         return
     from etsq.submit import submit as submit_runs
 
     runs = submit_runs(settings, specs, queue, check_servers=not no_check).runs
     rows = [
         {"run_id": r.run_id, "dataset": r.spec.dataset, "method": r.spec.search.method,
-         "width": r.spec.search.width, "problems": r.problems, "created": r.created,
-         "jobs_enqueued": r.jobs_enqueued}
+         "width": r.spec.search.width, "label": r.spec.label, "backend": r.spec.models.backend,
+         "problems": r.problems, "created": r.created, "jobs_enqueued": r.jobs_enqueued}
         for r in runs
     ]  # fmt: skip
     if as_json:
         print_json(rows)
     else:
-        table(rows, ["run_id", "dataset", "method", "width", "problems", "created", "jobs_enqueued"])
+        from etsq.store.labels import sim_note
+
+        columns = ["run_id", "dataset", "label", "problems", "created", "jobs_enqueued"]
+        table(rows, columns, title=sim_note(rows))
     created = [r for r in runs if r.created]
     click.echo(
-        f"sweep: {len(runs)} runs ({len(created)} created, {len(runs) - len(created)} existing), "
+        f"sweep: {_points(grid.points, len(runs))}{len(runs)} runs ({len(created)} created, "
+        f"{len(runs) - len(created)} existing), "
         f"{sum(r.problems for r in created)} new jobs, {sum(r.jobs_enqueued for r in runs)} enqueued",
         err=True,
     )
 
 
-def _print_plan(settings: Settings, specs: list[Any], queue: str | None, check: bool, as_json: bool) -> None:
+def _points(points: int, runs: int) -> str:
+    """`12 grid points -> ` where points collapsed into fewer runs, else nothing."""
+    return f"{points} grid points -> " if points != runs else ""
+
+
+def _print_plan(
+    settings: Settings, points: int, specs: list[Any], queue: str | None, check: bool, as_json: bool
+) -> None:
     from etsq.submit import plan
 
     planned = plan(settings, specs, queue, check)
     rows = [
         {"run_id": p.run_id, "dataset": p.spec.dataset, "method": p.spec.search.method,
-         "width": p.spec.search.width, "problems": p.problems, "new": p.run_id is None}
+         "width": p.spec.search.width, "label": p.spec.label, "backend": p.spec.models.backend,
+         "problems": p.problems, "new": p.run_id is None}
         for p in planned
     ]  # fmt: skip
     if as_json:
         print_json(rows)
     else:
-        table(rows, ["run_id", "dataset", "method", "width", "problems", "new"])
+        from etsq.store.labels import sim_note
+
+        table(rows, ["run_id", "dataset", "label", "problems", "new"], title=sim_note(rows))
     new = [p for p in planned if p.run_id is None]
     click.echo(
-        f"dry run: {len(planned)} runs ({len(new)} new, {len(planned) - len(new)} existing), "
+        f"dry run: {_points(points, len(planned))}{len(planned)} runs ({len(new)} new, "
+        f"{len(planned) - len(new)} existing), "
         f"{sum(p.problems for p in new)} new jobs; nothing was written",
         err=True,
     )

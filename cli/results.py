@@ -73,6 +73,7 @@ def aggregate(
     """
     from etsq.results.evaluate import evaluate
     from etsq.results.table import partial_notes, short_rows, to_csv
+    from etsq.store.labels import sim_note
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -92,7 +93,7 @@ def aggregate(
         click.echo(to_csv(rows), nl=False)
     else:
         headers, cells = short_rows(rows)
-        table(cells, headers)
+        table(cells, headers, title=sim_note(rows))
 
 
 @click.command()

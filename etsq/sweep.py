@@ -8,7 +8,7 @@ Example file:
     limit: 50                 # optional, every run
     seeds: [0]                # optional
     params:                   # optional: a list per search parameter makes it a grid axis
-      lambda_b: [1.0, 2.0]
+      softmax_temp: [0.2, 0.5]
       max_tokens: 1024
     models:                   # optional, the same for every run
       backend: local
@@ -16,13 +16,18 @@ Example file:
 
 Values are typed strictly (etsq.validation): `widths: [4.7]` or `[true]` is refused, not truncated.
 Each run is identified by its problems and configuration, so submitting a sweep again creates
-nothing new.  A grid with no runs (an empty list on any axis) is an error.
+nothing new.  A run's configuration holds only the parameters its method reads, so grid points
+that differ only in a parameter their method ignores (`lambda_b` for rebase) are one run: the grid
+`SweepGrid.points` becomes `len(SweepGrid.specs)` runs.  A grid with no runs (an empty list on
+any axis) is an error.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +107,41 @@ def _axes(data: dict[str, Any], path: Path) -> list[list[Any]]:
     return [axes["datasets"], axes["methods"], axes["widths"], axes["seeds"], combos]
 
 
+@dataclass(frozen=True)
+class SweepGrid:
+    """A sweep file's grid: how many points it has, and the distinct runs they make."""
+
+    points: int
+    specs: list[RunSpec]
+
+
 def sweep_specs(path: Path) -> list[RunSpec]:
-    """Every run of the grid, in a stable order; raises a UserError naming the file on bad input."""
+    """Every distinct run of the grid, in a stable order (see `sweep_grid`)."""
+    return sweep_grid(path).specs
+
+
+def _key(spec: RunSpec) -> str:
+    """Grid points with one key are one run: the same problems and the same stored configuration."""
+    return json.dumps([spec.dataset, spec.limit, spec.settings()], sort_keys=True)
+
+
+def sweep_grid(path: Path) -> SweepGrid:
+    """The grid's points and its distinct runs, in a stable order (a point whose run an earlier
+    point makes adds nothing); raises a UserError naming the file on bad input."""
     data = read_sweep(path)
     try:
         models = ModelConfig.create(**_mapping(data, "models", path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: models: {exc}") from None
-    specs = []
+    specs: dict[str, RunSpec] = {}
+    points = 0
     for ds, method, width, seed, params in itertools.product(*_axes(data, path)):
         try:
             search = SearchConfig(method=method, width=width, seed=seed, **params)
             get_method(search.method)
-            specs.append(RunSpec(dataset=ds, models=models, limit=data.get("limit"), search=search))
+            spec = RunSpec(dataset=ds, models=models, limit=data.get("limit"), search=search)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return specs
+        points += 1
+        specs.setdefault(_key(spec), spec)
+    return SweepGrid(points, list(specs.values()))

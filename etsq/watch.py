@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from etsq.store.labels import shown_label
 from etsq.store.runs import mean_job_seconds, run_ids, run_summary, running_depths
 from etsq.store.session import session_scope
 from etsq.store.statuses import RunStatus
@@ -59,7 +60,7 @@ class Watch:
                 f"failed {row['problems_failed']}  running {row['problems_running']} "
                 f"(depths {row['depths'] or '-'})  {self._rate(row):.1f} nodes/s  ETA {row['eta']}"
             )
-            label = f"run {row['run_id']} {row['method']} W={row['width']} {row['dataset']} [{row['status']}]"
+            label = f"run {row['run_id']} {shown_label(row)} {row['dataset']} [{row['status']}]"
             bars.add_task(label, total=row["problems"], completed=done, extra=extra)
         return Group(bars)
 

@@ -311,6 +311,39 @@ def test_a_float_parameter_written_as_an_integer_is_the_same_run(tmp_path: Path,
     assert not row["created"]
 
 
+def test_a_parameter_the_method_does_not_read_warns_and_keeps_the_run(env: dict[str, str]) -> None:
+    args = ("submit", "gsm8k", "--backend", "sim", "--method", "rebase", "--width", "4", "--limit", "1")
+    default = cli(*args, env=env)
+    assert default.exit_code == 0 and default.stderr == "", default.stderr
+    again = cli(*args, "--lambda-b", "2", "--embedding-model", "m", "--softmax-temp", "0.2", env=env)
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout == default.stdout  # the default REBASE run's id
+    lines = again.stderr.splitlines()
+    assert lines[:2] == ["--lambda-b has no effect on rebase", "--embedding-model has no effect on rebase"]
+    assert not any("softmax-temp" in line for line in lines)  # rebase reads it: no warning
+    assert _rows(env, "runs") == 1
+
+
+def test_a_sweep_over_a_parameter_one_method_ignores_makes_only_distinct_runs(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        _sweep(methods="[ets, rebase]", limit="1", params="{lambda_b: [1.0, 2.0]}", models="{backend: sim}")
+    )
+    dry = cli("sweep", str(sweep), "--dry-run", "--json", env=env)
+    assert dry.exit_code == 0, dry.stderr
+    assert [p["label"] for p in json.loads(dry.stdout)] == [
+        "ets W=4 · sim",
+        "ets W=4 λb=2 · sim",
+        "rebase W=4 · sim",
+    ]
+    assert "dry run: 4 grid points -> 3 runs (3 new, 0 existing), 3 new jobs" in dry.stderr
+    done = cli("sweep", str(sweep), "--json", env=env)
+    assert len(json.loads(done.stdout)) == 3 and _rows(env, "runs") == 3
+    assert "sweep: 4 grid points -> 3 runs (3 created, 0 existing)" in done.stderr
+
+
 def test_resume_sends_messages_only_for_jobs_without_one(
     env: dict[str, str], redis_server: RedisHandle
 ) -> None:

@@ -188,7 +188,7 @@ datasets: [gsm8k]
 methods: [rebase, bon]
 widths: [4, 8]
 limit: 3
-params: {lambda_b: [1.0, 2.0]}
+params: {max_tokens: [512, 1024]}
 models: {backend: sim}
 """
 
@@ -206,7 +206,7 @@ def test_same_sweep_twice_concurrently_makes_one_set_of_runs(
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     with session_scope(pg_url) as s:
-        assert s.scalar(select(func.count()).select_from(m.Run)) == 8  # 2 methods x 2 widths x 2 lambda_b
+        assert s.scalar(select(func.count()).select_from(m.Run)) == 8  # 2 methods x 2 widths x 2 max_tokens
         assert s.scalar(select(func.count()).select_from(m.Job)) == 8 * 3
     again = etsq_json("sweep", str(path), env=env)
     assert len(again) == 8 and not any(r["created"] for r in again)

@@ -85,16 +85,19 @@ def _old_run(
     }
     config["search"].update(config_extra)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    run = m.Run(
-        dataset=dataset, method=search.method, width=search.width, seed=0, config=config, config_hash=digest,
-        policy_model="sim", prm_model="sim", versions={},
-    )  # fmt: skip
-    s.add(run)
-    s.flush()
-    # Core, naming only the columns jobs had then: the ORM would write today's columns too.
-    jobs = [{"run_id": run.id, "problem_id": p.id, "queue": "etsq", "status": "queued"} for p in problems]
+    return _insert_run(s, problems, dataset=dataset, method=search.method, width=search.width, config=config,
+                       config_hash=digest)  # fmt: skip
+
+
+def _insert_run(s: Session, problems: list[m.Problem], **values: Any) -> int:
+    """A runs row written with the columns of an older schema only (Core, not the ORM's columns)."""
+    row = {"seed": 0, "policy_model": "sim", "prm_model": "sim", "versions": {}, **values}
+    run_id = int(s.execute(insert(m.Run.__table__).values(**row).returning(m.Run.id)).scalar_one())
+    s.add_all(problems)
+    s.flush()  # the problems' ids
+    jobs = [{"run_id": run_id, "problem_id": p.id, "queue": "etsq", "status": "queued"} for p in problems]
     s.execute(insert(m.Job.__table__), jobs)
-    return run.id
+    return run_id
 
 
 def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp_path: Path) -> None:
@@ -123,7 +126,7 @@ def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp
         s.flush()
         typed = _old_run(s, "GSM8K", rows, search, {})
         lower = _old_run(s, "gsm8k", rows, search, {})  # the same run under another spelling
-        int_lambda = _old_run(s, "gsm8k", rows, search, {"lambda_b": 2})  # a sweep's integer
+        int_temp = _old_run(s, "gsm8k", rows, search, {"softmax_temp": 1})  # a sweep's integer
         by_file = _old_run(s, "./mine.jsonl", file_rows, search, {})
     upgrade(db_url)
     settings = Settings.from_env().with_(database_url=db_url)
@@ -136,17 +139,92 @@ def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp
 
     assert found("gsm8k", 2) == typed
     assert found("GSM8K", 2) == typed
-    assert found("gsm8k", 2, lambda_b=2.0) == int_lambda
+    assert found("gsm8k", 2, softmax_temp=1.0) == int_temp
     assert found(str(path), None) == by_file
     assert found("gsm8k", 3) is None
     with session_scope(db_url) as s:
         runs = {r.id: r for r in s.scalars(select(m.Run))}
         assert runs[lower].config_hash.endswith(f"-dup-{lower}")  # kept, but no longer the identity
         assert runs[typed].config["dataset"] == "gsm8k" and runs[typed].config["problems"] == 2
-        assert runs[int_lambda].config["search"]["lambda_b"] == 2.0
+        assert runs[int_temp].config["search"]["softmax_temp"] == 1.0
         assert runs[by_file].config["data_hash"] == mine.content_hash
     command.downgrade(alembic_config(db_url), "0004")
     with session_scope(db_url) as s:
-        assert all("data_hash" not in r.config for r in s.scalars(select(m.Run)))
+        assert all("data_hash" not in config for config in s.scalars(select(m.Run.config)))
     upgrade(db_url)
     assert found("gsm8k", 2) == typed
+
+
+def _0005_run(s: Session, rows: list[m.Problem], search: SearchConfig, embedding: str | None = None) -> int:
+    """A run as 0005 stored it: every search field, and the models' embedding whatever the method."""
+    data = load_dataset("gsm8k", None).head(len(rows))
+    models = {**ModelConfig.create("sim").to_dict(), "embedding": embedding}
+    config = {
+        "dataset": "gsm8k", "data_hash": data.content_hash, "problems": len(rows), "limit": len(rows),
+        "search": search.to_dict(), "models": models,
+    }  # fmt: skip
+    identity = {key: config[key] for key in ("data_hash", "search", "models")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return _insert_run(s, rows, dataset="gsm8k", method=search.method, width=search.width, config=config,
+                       config_hash=digest)  # fmt: skip
+
+
+def test_0007_identifies_runs_by_what_their_method_reads(db_url: str) -> None:
+    """Runs that differ only in a parameter their method never read become one identity: the older
+    is the run a resubmission finds, the newer is kept and marked as its duplicate."""
+    from alembic import command
+
+    from etsq.store.session import alembic_config
+
+    command.downgrade(alembic_config(db_url), "0006")
+    with session_scope(db_url) as s:
+        rows = [
+            m.Problem(dataset="gsm8k", problem_id=p.problem_id, question=p.question, answer=p.answer, meta={})
+            for p in load_dataset("gsm8k", None).head(2)
+        ]
+        rebase = _0005_run(s, rows, SearchConfig(method="rebase", width=4))
+        rebase_2 = _0005_run(
+            s, rows, SearchConfig(method="rebase", width=4, lambda_b=2.0)
+        )  # REBASE ignores it
+        ets = _0005_run(s, rows, SearchConfig(method="ets", width=4))
+        ets_2 = _0005_run(s, rows, SearchConfig(method="ets", width=4, lambda_b=2.0))
+        bon = _0005_run(s, rows, SearchConfig(method="bon", width=4))
+        bon_emb = _0005_run(s, rows, SearchConfig(method="bon", width=4, beam_k=3), embedding="e")
+    upgrade(db_url)
+    settings = Settings.from_env().with_(database_url=db_url)
+
+    def found(method: str, **changes: Any) -> int | None:
+        spec = RunSpec("gsm8k", SearchConfig(method=method, width=4, **changes), ModelConfig.create("sim"), 2)
+        return find_run(db_url, spec, load_problems(settings, spec))
+
+    assert found("rebase") == found("rebase", lambda_b=2.0) == rebase
+    assert (found("ets"), found("ets", lambda_b=2.0)) == (ets, ets_2)
+    assert found("bon", beam_k=5) == bon
+    duplicates = {rebase_2: rebase, bon_emb: bon}
+    with session_scope(db_url) as s:
+        stored = {r.id: r for r in s.scalars(select(m.Run))}
+        assert {rid: r.duplicate_of for rid, r in stored.items()} == {
+            rid: duplicates.get(rid) for rid in (rebase, rebase_2, ets, ets_2, bon, bon_emb)
+        }
+        assert "lambda_b" not in stored[rebase].config["search"]
+        assert "embedding" not in stored[rebase].config["models"]
+        assert (
+            stored[ets_2].config["search"]["lambda_b"] == 2.0
+            and "embedding" in stored[ets_2].config["models"]
+        )
+    env = {"ETSQ_DATABASE_URL": db_url}
+    from tests.helpers import cli_json
+
+    status = {r["run_id"]: r for r in cli_json("status", env=env)}
+    assert status[rebase_2]["duplicate_of"] == rebase and status[rebase]["duplicate_of"] is None
+    assert status[ets_2]["label"] == "ets W=4 λb=2 · sim"
+    rows_out = {r["run_id"]: r for r in cli_json("aggregate", env=env)}
+    assert rows_out[bon_emb]["duplicate_of"] == bon and rows_out[bon_emb]["label"] == "bon W=4 · sim"
+    command.downgrade(alembic_config(db_url), "0006")
+    with session_scope(db_url) as s:
+        configs = dict(s.execute(select(m.Run.id, m.Run.config)).tuples().all())
+        assert configs[rebase]["search"]["lambda_b"] == 1.0 and configs[bon]["models"]["embedding"] is None
+    upgrade(db_url)
+    assert found("rebase", lambda_b=2.0) == rebase
+    with session_scope(db_url) as s:
+        assert s.get_one(m.Run, rebase_2).duplicate_of == rebase

@@ -15,6 +15,7 @@ import numpy as np
 from etsq.errors import UserError
 from etsq.results.evaluate import combos_of, run_records, select_runs
 from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean, significant
+from etsq.store.labels import shown_label, sim_note
 from etsq.store.session import ensure_schema, session_scope
 
 RESAMPLES = 10_000
@@ -44,7 +45,10 @@ def _ratio(base: float | None, other: float | None) -> float | None:
 
 
 def _describe(run: RunInfo) -> dict[str, Any]:
-    return {"run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width}
+    return {
+        "run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width,
+        "label": run.label, "backend": run.backend, "duplicate_of": run.duplicate_of,
+    }  # fmt: skip
 
 
 def _figure_means(records: Sequence[ProblemRecord]) -> dict[str, float | None]:
@@ -90,9 +94,11 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     """The comparison as a few lines of text: the accuracy difference, then one line per figure."""
     b, o = result["base"], result["other"]
     low, high = result["accuracy_diff_ci95"]
+    note = sim_note([b, o])
     lines = [
-        f"BASE  run {b['run_id']}: {b['method']} W={b['width']} {b['dataset']}",
-        f"OTHER run {o['run_id']}: {o['method']} W={o['width']} {o['dataset']}",
+        *([f"({note})"] if note else []),
+        f"BASE  run {b['run_id']}: {shown_label(b)} {b['dataset']}",
+        f"OTHER run {o['run_id']}: {shown_label(o)} {o['dataset']}",
         f"{result['n_common']} problems finished by both ({result['agg']} / {result['vote']})",
         f"accuracy: base {result['accuracy_base']:.3f}, other {result['accuracy_other']:.3f}, "
         f"difference {result['accuracy_diff']:+.3f} (95% CI {low:+.3f} .. {high:+.3f}; paired bootstrap, "

@@ -40,6 +40,7 @@ from etsq.results.table import (
 )
 from etsq.store import schema as m
 from etsq.store.jobs import job_seconds
+from etsq.store.labels import run_backend, run_label
 from etsq.store.runs import run_ids
 from etsq.store.session import ensure_schema, session_scope
 from etsq.store.statuses import JobStatus
@@ -96,7 +97,8 @@ def select_runs(s: Session, filt: RunFilter) -> list[RunInfo]:
 
 def _info(run: m.Run) -> RunInfo:
     source = "reference" if is_imported(run.config) else "etsq"
-    return RunInfo(run.id, run.dataset, run.method, run.width, source)
+    label, backend = run_label(run.config), run_backend(run.config)
+    return RunInfo(run.id, run.dataset, run.method, run.width, source, label, backend, run.duplicate_of)
 
 
 # --------------------------------------------------------------------------- jobs

@@ -18,6 +18,7 @@ from typing import Any
 
 from etsq.results.evaluate import DepthFigures, depth_profile, evaluate
 from etsq.results.table import TABLE_COLUMNS, partial_notes, significant
+from etsq.store.labels import shown_label, sim_note, without_width
 from etsq.store.session import session_scope
 
 _DPI = 110
@@ -41,12 +42,12 @@ def _pyplot() -> Any:
 
 
 def _series(rows: Sequence[dict[str, Any]], x: str) -> dict[str, list[dict[str, Any]]]:
-    """Rows by (dataset, method), each sorted by width: one line of a plot per method."""
+    """Rows by (dataset, label but its width), each sorted by width: one line of a plot per method
+    and parameter setting."""
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["n_problems"] and row.get(x) is not None:
-            source = ", reference" if row.get("source") == "reference" else ""
-            out[f"{row['method']} ({row['dataset']}{source})"].append(row)
+            out[f"{without_width(_label(row), row['width'])} ({row['dataset']})"].append(row)
     return {label: sorted(points, key=lambda r: r["width"]) for label, points in sorted(out.items())}
 
 
@@ -126,8 +127,12 @@ def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+def _label(row: dict[str, Any]) -> str:
+    return str(row.get("label") or f"{row['method']} W={row['width']}")
+
+
 def _run_title(run: dict[str, Any]) -> str:
-    return f"run {run['run_id']} ({run['method']} W={run['width']}, {run['dataset']})"
+    return f"run {run['run_id']} ({_label(run)}, {run['dataset']})"
 
 
 def _save(plt: Any, fig: Any, path: Path, caption: str) -> Figure:
@@ -150,10 +155,15 @@ def _cell(value: Any, column: str = "") -> str:
     return html.escape(str(value))
 
 
+def _value(row: dict[str, Any], column: str) -> Any:
+    return shown_label(row) if column == "label" else row.get(column)
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(row.get(c), c)}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{_cell(_value(row, c), c)}</td>" for c in TABLE_COLUMNS) + "</tr>"
+        for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -177,13 +187,15 @@ def _page(rows: Sequence[dict[str, Any]], figures: Sequence[Figure], agg: str, v
         for f in figures
     )
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sim = sim_note(rows)
+    title = html.escape(f"etsq report ({sim})" if sim else "etsq report")
     return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>etsq report</title>'
-        f"<style>{_STYLE}</style></head><body><h1>etsq report</h1>"
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
         f"<p>{len({r['run_id'] for r in rows})} runs; answers chosen by <b>{agg}</b> step aggregation and "
         f"<b>{vote}</b> vote; written {stamp}. Figures are means per finished problem (README, "
         f'"Results").</p>{notes}<h2>Plots</h2>{images or "<p>No run has results to plot yet.</p>"}'
-        f"<h2>Results</h2>{_table(rows)}</body></html>"
+        f"<h2>Results{html.escape(f' ({sim})' if sim else '')}</h2>{_table(rows)}</body></html>"
     )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from etsq.store.labels import shown_label
+
 SIG3 = -3  # a SHORT_COLUMNS digits value: three significant figures (times, whose scale varies by width)
 
 
@@ -27,14 +29,14 @@ def significant(value: float, figures: int = 3) -> str:
 
 # Columns of the printed table and the report (JSON and CSV carry every key of a row).
 TABLE_COLUMNS = (
-    "run_id", "dataset", "method", "width", "agg", "vote", "n_problems", "n_total", "accuracy", "coverage",
-    "n_failed", "kv_before", "kv_after", "kv_peak", "server_kv_peak", "tokens", "policy_calls", "prm_calls",
-    "seconds", "nodes_per_s",
+    "run_id", "label", "dataset", "method", "width", "agg", "vote", "n_problems", "n_total", "accuracy",
+    "coverage", "n_failed", "kv_before", "kv_after", "kv_peak", "server_kv_peak", "tokens", "policy_calls",
+    "prm_calls", "seconds", "nodes_per_s",
 )  # fmt: skip
 # The terminal's narrower headers: (header, key, digits after the point; None for text; SIG3 for three
 # significant figures).
 SHORT_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("run", "run_id", None), ("dataset", "dataset", None), ("method", "method", None), ("W", "width", None),
+    ("run", "run_id", None), ("dataset", "dataset", None), ("label", "shown_label", None),
     ("agg", "agg", None), ("vote", "vote", None), ("done", "n_problems", None), ("of", "n_total", None),
     ("acc", "accuracy", 3), ("cover", "coverage", 3), ("failed", "n_failed", None),
     ("kv_before", "kv_before", 0), ("kv_after", "kv_after", 0), ("kv_peak", "kv_peak", 0),
@@ -83,6 +85,9 @@ class RunInfo:
     method: str
     width: int
     source: str  # "etsq", or "reference" for an imported run
+    label: str = ""  # etsq.store.labels.run_label: what sets the run apart
+    backend: str | None = None  # its models' backend ("sim": synthetic)
+    duplicate_of: int | None = None  # the older run of its identity (migration 0006)
 
 
 @dataclass
@@ -132,7 +137,7 @@ def summarise(
     shared = _figures(records, counts)
     base = {
         "run_id": run.run_id, "dataset": run.dataset, "method": run.method, "width": run.width,
-        "source": run.source,
+        "source": run.source, "label": run.label, "backend": run.backend, "duplicate_of": run.duplicate_of,
     }  # fmt: skip
     rows = []
     for i, (agg, vote) in enumerate(combos):
@@ -192,7 +197,7 @@ def short_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
     for row in rows:
         cells = {}
         for header, key, digits in SHORT_COLUMNS:
-            value = row.get(key)
+            value = shown_label(row) if key == "shown_label" else row.get(key)
             if value is None:
                 cells[header] = "-"
             else:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from etsq.errors import UserError
 from etsq.results.aggregate import equivalent
 from etsq.store import schema as m
+from etsq.store.labels import run_backend, run_label
 from etsq.store.runs import run_ids
 from etsq.store.session import ensure_schema, session_scope
 
@@ -84,9 +85,13 @@ def tree_page(url: str, run_id: int, problem: str) -> str:
     with session_scope(url) as s:
         job = _job(s, run_id, problem)
         run = job.run
-        title = f"run {run.id}: {run.method} W={run.width}, {run.dataset} / {job.problem.problem_id}"
+        label = run_label(run.config)
+        title = f"run {run.id}: {label}, {run.dataset} / {job.problem.problem_id}"
+        if run_backend(run.config) == "sim":
+            title += " (sim backend: synthetic models)"
         data = {
             "title": title,
+            "label": label,
             "gold": job.problem.answer,
             "status": str(job.status),
             "nodes": _nodes(s, job),

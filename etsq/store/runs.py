@@ -18,10 +18,11 @@ from etsq.datasets import Dataset, Problem, load_dataset
 from etsq.errors import UserError
 from etsq.models.config import ModelConfig
 from etsq.search.config import SearchConfig
-from etsq.search.methods import get_method
+from etsq.search.methods import get_method, stored_models, stored_search
 from etsq.settings import Settings
 from etsq.store import schema as m
 from etsq.store.jobs import close_run_if_done, finish_values, job_seconds
+from etsq.store.labels import run_backend, run_label
 from etsq.store.session import ensure_schema, rows_affected, session_scope
 from etsq.store.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
 
@@ -52,20 +53,33 @@ class RunSpec:
         validation.number("limit", self.limit)
 
     def config(self, data: Dataset) -> dict[str, Any]:
-        """What the run stores: the dataset's canonical name, its problems' hash, both configs."""
+        """What the run stores: the dataset's canonical name, its problems' hash, both configs
+        (the search and model fields its method reads, and no other)."""
         return {
             "dataset": data.source,
             "data_hash": data.content_hash,
             "problems": len(data),
             "limit": self.limit,
-            "search": self.search.to_dict(),
-            "models": self.models.to_dict(),
+            **self.settings(),
         }
+
+    def settings(self) -> dict[str, Any]:
+        """The stored search and model configs: what, with the problems, identifies the run."""
+        return {
+            "search": stored_search(self.search),
+            "models": stored_models(self.search.method, self.models.to_dict()),
+        }
+
+    @property
+    def label(self) -> str:
+        """The run's short label (`etsq.store.labels.run_label`)."""
+        return run_label(self.settings())
 
 
 # A run is its problems (by content: ids, questions, answers after --limit) searched with one
 # configuration: how the dataset was spelled and the limit that selected the problems are not part
-# of it.  Migration 0005 computes the same identity for runs stored before; keep the two in step.
+# of it; nor are the parameters its method does not read (`etsq.search.methods.stored_search`).
+# Migrations 0005 and 0006 compute the same identity for runs stored before; keep them in step.
 IDENTITY_KEYS = ("data_hash", "search", "models")
 
 
@@ -225,6 +239,9 @@ def run_summary(s: Session, run_id: int) -> dict[str, Any]:
         "dataset": run.dataset,
         "method": run.method,
         "width": run.width,
+        "label": run_label(run.config),
+        "backend": run_backend(run.config),
+        "duplicate_of": run.duplicate_of,
         "status": RunStatus.of(counts).value,
         "problems": sum(counts.values()),
         "problems_done": counts.get(JobStatus.DONE, 0),

@@ -82,6 +82,10 @@ class Run(Base):
     versions: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set by migration 0006 on a run stored before whose identity became that of an older run (a
+    # parameter its method never read told them apart): the older run is the one a resubmission
+    # resumes.  New runs never get one, since identity is unique.
+    duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
