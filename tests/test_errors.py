@@ -180,6 +180,10 @@ def test_a_closed_postgres_port_is_one_line(tmp_path: Path) -> None:
         redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
         redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
         redis.ResponseError("NOREPLICAS Not enough good replicas to write."),
+        redis.ResponseError(
+            "Error running script (call to f_ef7a): @user_script:2: @user_script: 2: "
+            "-NOREPLICAS Not enough good replicas to write."
+        ),
         kombu.exceptions.OperationalError("[Errno 111] Connection refused"),
         ConnectionRefusedError(111, "Connection refused"),
         TimeoutError("timed out"),

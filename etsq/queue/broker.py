@@ -124,9 +124,11 @@ def check_broker(url: str, timeout: float = 2.0) -> None:
 
 
 # Refusals a Redis server answers a well-formed command with because of its own state, not the command:
-# not enough replicas, a failed snapshot, a replica's master down.  (redis-py raises classes of its own
-# for out of memory, read-only, no permission and loading.)
-_REFUSALS = ("NOREPLICAS", "MISCONF", "MASTERDOWN")
+# not enough replicas, a failed snapshot, a replica's master down, out of memory, read-only, no
+# permission, loading, busy with a script.  redis-py raises classes of its own for some, but inside a
+# Lua script (kombu publishes through one) each comes back as a ResponseError naming the code:
+# "Error running script ...: -NOREPLICAS Not enough good replicas to write."
+_REFUSAL = re.compile(r"(?:^|[\s-])(NOREPLICAS|MISCONF|MASTERDOWN|OOM|READONLY|NOPERM|LOADING|BUSY)\b")
 _NETWORK_ERRNOS = frozenset(
     {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
 )
@@ -158,7 +160,7 @@ def broker_fault(exc: BaseException) -> bool:
     ):
         return True
     if isinstance(exc, redis.ResponseError):
-        return str(exc).split(" ", 1)[0] in _REFUSALS
+        return _REFUSAL.search(str(exc)) is not None
     if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
         return True
     return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
