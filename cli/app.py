@@ -70,12 +70,20 @@ class EtsqGroup(click.Group):
 
 
 def _user_error(exc: BaseException) -> bool:
-    """Whether the user caused the failure (and can fix it); anything else is a bug."""
-    from sqlalchemy.exc import SQLAlchemyError  # imported only once something failed
+    """Whether the user caused the failure (and can fix it); anything else is a bug.
 
-    if isinstance(exc, (click.ClickException, EtsqError, SQLAlchemyError)):
+    Of the database's errors only the operational ones are the user's (cannot connect, locked, disk
+    full, read-only, permission: `etsq.store.faults`); an IntegrityError or a ProgrammingError is a bug.
+    """
+    if isinstance(exc, (click.ClickException, EtsqError)):
         return True
-    return isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
+    if isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if type(exc).__module__.startswith("sqlalchemy"):
+        from etsq.store.faults import user_fault  # imported only once something failed
+
+        return user_fault(exc)
+    return False
 
 
 def _debug(argv: list[str]) -> bool:

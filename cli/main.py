@@ -17,7 +17,8 @@ from cli import results
 from cli.app import EtsqGroup, pass_settings, print_json, table
 from cli.broker import broker
 from cli.servers import servers
-from etsq.models.config import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, ModelConfig
+from etsq.models.backends import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, backends_help
+from etsq.models.config import ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
 from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS
@@ -130,8 +131,7 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
     type=click.Choice(BACKEND_NAMES),
     default="local",
     show_default=True,
-    help="Where the models run: in-process, an SGLang server, an OpenAI-compatible server, "
-    "or 'sim' (synthetic; load tests only).",
+    help=backends_help(),
 )
 @click.option("--policy-url", default=None, help="Policy server URL (sglang/openai) [default: the worker's].")
 @click.option("--prm-url", default=None, help="PRM server URL [default: the policy server].")
@@ -297,7 +297,7 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
     "--backend",
     type=click.Choice(REMOTE_BACKENDS),
     default=None,
-    help="Server kind for runs that name none; checked at start with --policy-url.",
+    help="What --policy-url serves; its servers are checked at start.",
 )
 @click.option("--policy-url", default=None, help="Policy server for runs that name none (checked at start).")
 @click.option("--prm-url", default=None, help="PRM server for runs that name none [default: --policy-url].")

@@ -173,13 +173,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "ETSQ_HTTP_TIMEOUT", "http_timeout_s", _seconds, "`600`", "seconds one model-server request may take"
     ),
-    Variable(
-        "ETSQ_BACKEND",
-        "backend",
-        _text,
-        "unset",
-        "model-server backend for runs that name none (`etsq worker --backend` sets it)",
-    ),
     Variable("ETSQ_POLICY_URL", "policy_url", _text, "unset", "policy server for runs that name none"),
     Variable("ETSQ_PRM_URL", "prm_url", _text, "unset", "PRM server for runs that name none"),
     Variable(
@@ -213,8 +206,7 @@ class Settings:
     torch_threads: int | None = None  # None: one fewer than this process's CPUs
     http_retries: int = 6
     http_timeout_s: float = 600.0
-    # Model servers for runs that leave them unset (`etsq worker --backend/--policy-url/--prm-url`).
-    backend: str | None = None
+    # Model servers for runs that leave them unset (`etsq worker --policy-url/--prm-url`).
     policy_url: str | None = None
     prm_url: str | None = None
     gpu: str | None = None
@@ -238,10 +230,6 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (None leaves a field as it is)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.home / "cache"
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -19,7 +19,7 @@ from types import TracebackType
 
 from etsq import validation
 from etsq.datasets import Dataset
-from etsq.errors import EtsqError, PermanentError, TransientError, UserError
+from etsq.errors import PermanentError, TransientError, UserError
 from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
 from etsq.queue.app import Connection, connect
@@ -116,7 +116,7 @@ def _store_and_enqueue(conn: Connection, spec: RunSpec, data: Dataset, queues: l
     jobs = queued_jobs(url, run_id, conn.settings.queue)
     try:
         enqueue(conn.app, jobs)
-    except EtsqError:
+    except Exception:  # a refusing broker, or a bug: either way no run is left without its messages
         delete_run(url, run_id)
         raise
     return Submitted(spec, run_id, True, len(jobs), len(data))

@@ -233,7 +233,7 @@ def test_the_printed_urls_serve_etsq_sglang_client(home: Path, tiny_model: Path)
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
     urls = {"policy_url": argv[argv.index("--policy-url") + 1], "prm_url": argv[argv.index("--prm-url") + 1]}
-    settings = Settings.for_home(home, backend="sglang", **urls)
+    settings = Settings.for_home(home, **urls)
     lines = check_servers(ModelConfig.create("sglang", prm_family="judge"), settings)
     assert lines == [
         f"policy: {tiny_model} at {urls['policy_url']}",

@@ -13,20 +13,18 @@ from typing import Any
 
 from etsq import validation
 from etsq.errors import ConfigError, ModelError
+from etsq.models.backends import (
+    BACKEND_NAMES,
+    PRM_APIS,
+    REMOTE_BACKENDS,
+    Backend,
+    get_backend,
+    remote_choices,
+)
 from etsq.models.prm_families import get_family
 
-BACKEND_NAMES = ("local", "sglang", "openai", "sim")  # sim: synthetic, for load and fault tests
-REMOTE_BACKENDS = ("sglang", "openai")
-PRM_APIS = ("logprob", "fork")  # SGLang: stock /generate logprobs, or the reference fork's forward_only
-DEFAULT_POLICY = "smollm2"
-
-# The stored fields of each backend, in the order they are written.
-_STORED: dict[str, tuple[str, ...]] = {
-    "sim": ("backend", "synthetic", "policy", "prm", "sim_latency_s", "sim_answer_every", "embedding"),
-    "local": ("backend", "policy", "prm", "prm_family", "embedding"),
-    "sglang": ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding"),
-    "openai": ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding"),
-}
+# Re-exported: the backends' names, the remote ones and the PRM APIs are read off their records.
+__all__ = ["BACKEND_NAMES", "PRM_APIS", "REMOTE_BACKENDS", "ModelConfig"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +62,16 @@ class ModelConfig:
         if self.is_remote:
             self._check_remote()
         elif self.policy_url or self.prm_url:
-            raise ConfigError(
-                f"--policy-url/--prm-url need --backend sglang or --backend openai, not {self.backend}"
-            )
+            raise ConfigError(f"--policy-url/--prm-url need {remote_choices()}, not {self.backend}")
 
     def _check_remote(self) -> None:
-        if self.backend == "openai" and self.prm_api != "logprob":
-            raise ConfigError("--prm-api fork is the SGLang reference fork's; use --backend sglang")
+        if self.prm_api not in self.kind.prm_apis:
+            serve = " or ".join(
+                f"--backend {b}" for b in REMOTE_BACKENDS if self.prm_api in get_backend(b).prm_apis
+            )
+            raise ConfigError(
+                f"--prm-api {self.prm_api} is not what {self.backend} servers answer; use {serve}"
+            )
 
     @classmethod
     def create(cls, backend: str = "local", **options: Any) -> ModelConfig:
@@ -79,13 +80,13 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model options {', '.join(sorted(unknown))}")
         cfg = cls(backend=backend, **{k: v for k, v in options.items() if v is not None})
-        if backend == "sim":
-            return replace(cfg, policy="sim", prm="sim")
+        kind = cfg.kind
+        if kind.synthetic:
+            return replace(cfg, policy=kind.name, prm=kind.name)
         cfg = replace(cfg, prm_revision=get_family(cfg.prm_family).revision)
-        if backend == "local":
-            policy = cfg.policy or DEFAULT_POLICY
-            return replace(cfg, policy=policy, prm=cfg.prm or policy)
-        return replace(cfg, prm=cfg.prm or cfg.policy, prm_url=cfg.prm_url or cfg.policy_url)
+        policy = cfg.policy or kind.default_policy
+        cfg = replace(cfg, policy=policy, prm=cfg.prm or kind.default_prm or policy)
+        return replace(cfg, prm_url=cfg.prm_url or cfg.policy_url) if kind.remote else cfg
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -95,7 +96,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         values = {**{f.name: getattr(self, f.name) for f in fields(self)}, "synthetic": True}
-        stored = {key: values[key] for key in _STORED[self.backend]}
+        stored = {key: values[key] for key in self.kind.stored}
         if (self.prm_revision or 1) > 1:  # revision 1 is what runs stored before revisions existed
             stored["prm_revision"] = self.prm_revision
         return stored
@@ -113,14 +114,19 @@ class ModelConfig:
             )
 
     @property
+    def kind(self) -> Backend:
+        """The backend's record (`etsq.models.backends.BACKENDS`)."""
+        return get_backend(self.backend)
+
+    @property
     def is_remote(self) -> bool:
-        return self.backend in REMOTE_BACKENDS
+        return self.kind.remote
 
     @property
     def is_synthetic(self) -> bool:
-        return self.backend == "sim"
+        return self.kind.synthetic
 
-    def with_servers(self, backend: str | None, policy_url: str | None, prm_url: str | None) -> ModelConfig:
+    def with_servers(self, policy_url: str | None, prm_url: str | None) -> ModelConfig:
         """Fill a run's unset server URLs from a worker's defaults (`etsq worker --policy-url ...`)."""
         if not self.is_remote:
             return self

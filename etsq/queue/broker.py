@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import importlib.util
 import json
 import os
@@ -36,8 +35,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from etsq import procs
 from etsq.errors import BrokerUnavailable, UserError
+from etsq.procs import free_local_port
 from etsq.settings import Settings
+
+__all__ = ["free_local_port"]  # re-exported: tests and helpers take a free port from here
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
 START_TIMEOUT_S = 10.0
@@ -114,8 +117,53 @@ def check_broker(url: str, timeout: float = 2.0) -> None:
             client.ping()
         finally:
             client.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or broker_fault(exc)):  # ValueError: a malformed URL
+            raise
         raise BrokerUnavailable(f"cannot reach broker {redact_url(url)}: {_one_line(exc)}") from exc
+
+
+# Refusals a Redis server answers a well-formed command with because of its own state, not the command:
+# not enough replicas, a failed snapshot, a replica's master down, out of memory, read-only, no
+# permission, loading, busy with a script.  redis-py raises classes of its own for some, but inside a
+# Lua script (kombu publishes through one) each comes back as a ResponseError naming the code:
+# "Error running script ...: -NOREPLICAS Not enough good replicas to write."
+_REFUSAL = re.compile(r"(?:^|[\s-])(NOREPLICAS|MISCONF|MASTERDOWN|OOM|READONLY|NOPERM|LOADING|BUSY)\b")
+_NETWORK_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+def broker_fault(exc: BaseException) -> bool:
+    """Whether `exc` is the broker's or the network's fault (a one-line `BrokerUnavailable`), not a bug.
+
+    Yes: a connection refused, reset or timed out (redis-py's, kombu's, the socket's), a host that
+    cannot be resolved or reached, a server that does not speak Redis, and a Redis that refuses work
+    because of its own state (out of memory, read-only, not enough replicas, no permission, loading).
+    No: anything else from kombu or redis (an encoding error, a wrong command or key type), which is
+    etsq's bug and keeps its traceback.
+    """
+    from kombu.exceptions import ConnectionError as KombuConnectionError
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    if isinstance(exc, (KombuConnectionError, KombuOperationalError)):
+        return True
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)):
+        return True  # ConnectionError includes authentication, busy loading and max clients
+    if isinstance(
+        exc,
+        (
+            redis.exceptions.OutOfMemoryError,
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.NoPermissionError,
+        ),
+    ):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        return _REFUSAL.search(str(exc)) is not None
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
 
 
 def redact_url(url: str) -> str:
@@ -290,7 +338,7 @@ def _server_pid(port: int, conf: Path) -> int | None:
 
 def _start_daemon(rdir: Path) -> dict[str, Any]:
     previous = _previous_port(rdir)
-    port = previous if previous is not None and _port_free(previous) else free_local_port()
+    port = previous if previous is not None and procs.port_free(previous) else free_local_port()
     conf = _write_config(rdir, port)
     started = time.monotonic()
     result = subprocess.run(
@@ -329,17 +377,6 @@ def _previous_port(rdir: Path) -> int | None:
     return int(match.group(1)) if match and 0 < int(match.group(1)) < 65536 else None
 
 
-def _port_free(port: int) -> bool:
-    # SO_REUSEADDR as Redis binds: a port whose old connections linger in TIME_WAIT is free to it.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _write_config(rdir: Path, port: int) -> Path:
     settings = {
         "daemonize": "yes",
@@ -352,7 +389,7 @@ def _write_config(rdir: Path, port: int) -> Path:
     }
     conf = rdir / "redis.conf"
     text = "".join(f"{key} {_quote(value)}\n" for key, value in settings.items())
-    _atomic_write(conf, text)
+    procs.atomic_write_text(conf, text, fsync=True)
     return conf.resolve()
 
 
@@ -371,16 +408,8 @@ def _wait_for_server(port: int, conf: Path, log: Path) -> int:
         time.sleep(_POLL_S)
     raise BrokerUnavailable(
         f"embedded redis-server did not answer on 127.0.0.1:{port} within "
-        f"{START_TIMEOUT_S:.0f} s: {_last_log_line(log)}"
+        f"{START_TIMEOUT_S:.0f} s: {procs.last_log_line(log, f'no log at {log}', f'empty log at {log}')}"
     )
-
-
-def _last_log_line(log: Path) -> str:
-    try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return f"no log at {log}"
-    return lines[-1] if lines else f"empty log at {log}"
 
 
 def _shutdown(port: int, pid: int) -> None:
@@ -389,10 +418,8 @@ def _shutdown(port: int, pid: int) -> None:
     try:
         _client(f"redis://127.0.0.1:{port}/0", 2.0).shutdown()
     except (redis.RedisError, OSError):
-        _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, 10.0):
-        _signal(pid, signal.SIGKILL)
-        _wait_gone(pid, 2.0)
+        procs.send_signal(pid, signal.SIGTERM)
+    procs.kill_after(pid, _is_redis_process, 10.0)
 
 
 def _stop_orphan(rdir: Path) -> bool:
@@ -402,10 +429,7 @@ def _stop_orphan(rdir: Path) -> bool:
     pid = _read_pidfile(rdir / "redis.pid")
     if pid is None or not _is_redis_process(pid) or not _runs_in(pid, rdir):
         return False
-    _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, 10.0):
-        _signal(pid, signal.SIGKILL)
-        _wait_gone(pid, 2.0)
+    procs.terminate(pid, _is_redis_process, 10.0)
     return True
 
 
@@ -433,52 +457,18 @@ def _runs_in(pid: int, rdir: Path) -> bool:
         return False
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _is_redis_process(pid):
-            return True
-        time.sleep(_POLL_S)
-    return False
-
-
 # --------------------------------------------------------------------------
 # Small shared helpers
-
-
-def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def _locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` so concurrent CLIs start one server, not two."""
-    with open(path, "a+b") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() > deadline:
-                    raise BrokerUnavailable(
-                        f"timed out after {timeout:.0f} s waiting for lock {path}"
-                    ) from exc
-                time.sleep(_POLL_S)
-        try:
+    try:
+        with procs.file_lock(path, timeout, _POLL_S):
             yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except procs.LockBusy as exc:
+        raise BrokerUnavailable(str(exc)) from exc
 
 
 def _read_record(rdir: Path) -> dict[str, Any] | None:
@@ -496,14 +486,5 @@ def _read_record(rdir: Path) -> dict[str, Any] | None:
 
 
 def _write_record(rdir: Path, record: dict[str, Any]) -> None:
-    _atomic_write(rdir / "redis.json", json.dumps(record, indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
     # Readers never see a half-written file: write a sibling, fsync, rename.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    procs.atomic_write_json(rdir / "redis.json", record, fsync=True)

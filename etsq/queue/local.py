@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from etsq import procs
 from etsq.settings import Settings
 
 
@@ -18,19 +18,10 @@ def worker_env(settings: Settings, broker: str) -> dict[str, str]:
 
 def start_local_worker(settings: Settings, broker: str, log_path: Path) -> subprocess.Popen[bytes]:
     """A real Celery worker in a child process, logging to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, env=worker_env(settings, broker), stdout=log, stderr=subprocess.STDOUT)
+    return procs.spawn(cmd, log_path, worker_env(settings, broker))
 
 
 def stop_local_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """Warm shutdown (SIGTERM lets the current task finish), then kill if it hangs."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    procs.stop_child(proc, timeout)

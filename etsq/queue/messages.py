@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from etsq.errors import BrokerUnavailable
+from etsq.queue.broker import broker_fault
 from etsq.settings import Settings
 from etsq.store.jobs import requeue_stale
 from etsq.store.runs import queued_jobs
@@ -33,7 +34,9 @@ def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
         with app.producer_or_acquire() as producer:
             for job_id, queue in jobs:
                 app.send_task(TASK_NAME, args=[job_id], queue=queue, producer=producer)
-    except Exception as exc:  # kombu raises many connection error types
+    except Exception as exc:
+        if not broker_fault(exc):
+            raise  # a bug: its traceback
         raise BrokerUnavailable(f"cannot enqueue jobs: {_one_line(exc)}") from exc
 
 
@@ -41,6 +44,8 @@ def live_workers(app: Any, timeout: float = 1.5) -> list[str]:
     try:
         replies = app.control.ping(timeout=timeout) or []
     except Exception as exc:  # a broker that answers PING may still refuse the broadcast
+        if not broker_fault(exc):
+            raise  # a bug: its traceback
         raise BrokerUnavailable(f"cannot ask the broker for live workers: {_one_line(exc)}") from exc
     return sorted(name for reply in replies for name in reply)
 
@@ -50,6 +55,8 @@ def live_queues(app: Any, timeout: float = 1.5) -> list[str]:
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
     except Exception as exc:
+        if not broker_fault(exc):
+            raise  # a bug: its traceback
         raise BrokerUnavailable(f"cannot ask the broker for live workers: {_one_line(exc)}") from exc
     names = {q["name"] for queues in replies.values() for q in queues}
     return sorted(name for name in names if not name.endswith("pidbox"))
@@ -85,12 +92,16 @@ def waiting_job_ids(broker_url: str, queues: Iterable[str]) -> set[int]:
     """Ids of the jobs whose search message waits (not yet delivered) in one of `queues`."""
     try:
         client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
-        try:
-            return {job_id for queue in queues for job_id in _queued_ids(client, queue)}
-        finally:
-            client.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
+    except ValueError as exc:  # a malformed URL
         raise BrokerUnavailable(f"cannot read the queue: {_one_line(exc)}") from exc
+    try:
+        return {job_id for queue in queues for job_id in _queued_ids(client, queue)}
+    except Exception as exc:
+        if not broker_fault(exc):
+            raise  # a bug: its traceback
+        raise BrokerUnavailable(f"cannot read the queue: {_one_line(exc)}") from exc
+    finally:
+        client.close()
 
 
 def _queued_ids(client: redis.Redis, queue: str) -> Iterator[int]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from etsq import validation
 from etsq.errors import ConfigError
-from etsq.models.backends import check_servers
-from etsq.models.config import REMOTE_BACKENDS, ModelConfig
+from etsq.models.backends import REMOTE_BACKENDS, check_servers, remote_choices
+from etsq.models.config import ModelConfig
 from etsq.queue.app import connect
 from etsq.settings import Settings
 from etsq.store.session import ensure_schema
@@ -61,12 +61,10 @@ def worker_settings(settings: Settings, opts: WorkerOptions, report: Callable[[s
             raise ConfigError("--backend and --prm-url need --policy-url")
         return bound
     if opts.backend not in REMOTE_BACKENDS:
-        raise ConfigError("--policy-url needs --backend sglang or --backend openai")
+        raise ConfigError(f"--policy-url needs {remote_choices()}")
     validation.server_url("--policy-url", opts.policy_url)
     validation.server_url("--prm-url", opts.prm_url)
-    bound = bound.with_(
-        backend=opts.backend, policy_url=opts.policy_url, prm_url=opts.prm_url or opts.policy_url
-    )
+    bound = bound.with_(policy_url=opts.policy_url, prm_url=opts.prm_url or opts.policy_url)
     models = ModelConfig.create(opts.backend, prm_family=opts.prm_family)
     for line in check_servers(models, bound):
         report(line)

@@ -10,11 +10,11 @@ replace a device node with a file.
 from __future__ import annotations
 
 import json
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from etsq.errors import UserError
+from etsq.procs import atomic_write_text
 
 FORMATS = ("jsonl", "reference")
 
@@ -34,7 +34,8 @@ def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
 
 
 def write_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Write `lines` to `path` through a temporary sibling; on any error the sibling is removed.
+    """Write `lines` to `path` through a temporary sibling (`etsq.procs.atomic_file`); on any error
+    the sibling is removed.
 
     Raises UserError naming the path when it cannot be written (no such directory, no permission,
     a full device).
@@ -42,26 +43,6 @@ def write_atomically(path: Path, lines: Iterable[str]) -> None:
     if str(path) in ("", "."):
         raise UserError("the output file name is empty")
     try:
-        if _is_special(path):
-            _write(path, lines)
-            return
-        tmp = path.with_name(path.name + ".part")
-        try:
-            _write(tmp, lines)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(path, lines)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _is_special(path: Path) -> bool:
-    try:
-        return not stat.S_ISREG(path.stat().st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _write(path: Path, lines: Iterable[str]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.writelines(lines)

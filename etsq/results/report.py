@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from etsq.procs import atomic_file, atomic_write_text
 from etsq.results.evaluate import DepthFigures, depth_profile, evaluate
 from etsq.results.table import TABLE_COLUMNS, partial_notes, significant
 from etsq.store.labels import shown_label, sim_note, without_width
@@ -137,8 +138,11 @@ def _run_title(run: dict[str, Any]) -> str:
 
 def _save(plt: Any, fig: Any, path: Path, caption: str) -> Figure:
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    try:
+        with atomic_file(path, binary=True) as handle:
+            fig.savefig(handle, dpi=_DPI, format="png")
+    finally:
+        plt.close(fig)
     return Figure(path.name, caption)
 
 
@@ -200,7 +204,11 @@ def _page(rows: Sequence[dict[str, Any]], figures: Sequence[Figure], agg: str, v
 
 
 def write_report(url: str, wanted: list[int] | None, out: Path, agg: str, vote: str) -> list[Path]:
-    """Write `out/index.html` and its plots; returns the files, index.html first."""
+    """Write `out/index.html` and its plots; returns the files, index.html first.
+
+    Each file is written beside its target and renamed into place, the page after its plots: a
+    failed report leaves no half-written file, and the page never names a plot that is missing.
+    """
     rows = evaluate(url, wanted, [agg], [vote])
     with session_scope(url) as s:
         depths = {row["run_id"]: depth_profile(s, row["run_id"]) for row in rows}
@@ -214,5 +222,5 @@ def write_report(url: str, wanted: list[int] | None, out: Path, agg: str, vote: 
         if depths[row["run_id"]]:
             figures.append(_time_depths(plt, row, depths[row["run_id"]], out))
     index = out / "index.html"
-    index.write_text(_page(rows, figures, agg, vote), encoding="utf-8")
+    atomic_write_text(index, _page(rows, figures, agg, vote))  # last: its plots are all in place
     return [index, *(out / f.file for f in figures)]

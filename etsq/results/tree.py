@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from etsq.errors import UserError
+from etsq.procs import atomic_write_text
 from etsq.results.aggregate import equivalent
 from etsq.store import schema as m
 from etsq.store.labels import run_backend, run_label
@@ -103,10 +104,4 @@ def tree_page(url: str, run_id: int, problem: str) -> str:
 
 def write_tree(url: str, run_id: int, problem: str, out: Path) -> None:
     """Write the page to `out` through a temporary sibling: no half-written file on failure."""
-    page = tree_page(url, run_id, problem)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(out, tree_page(url, run_id, problem))

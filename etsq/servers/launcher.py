@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import shlex
@@ -27,12 +26,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
 
+from etsq import procs
 from etsq.errors import UserError
+from etsq.procs import alive, last_log_line, proc_start_ticks, session_members
 from etsq.settings import Settings
+
+# Re-exported: `etsq servers` and its tests read a server's process state from here.
+__all__ = ["alive", "last_log_line", "proc_start_ticks", "session_members"]
 
 ROLES = ("policy", "prm")
 HEALTH_PATH = "/health"
@@ -41,7 +45,6 @@ PORTS_PER_GPU = 10  # gpuN's servers listen on 30000 + 10 N and the port after i
 START_TIMEOUT_S = 1800.0  # a first start may download the weights
 STOP_TIMEOUT_S = 30.0
 _POLL_S = 0.25
-_LOG_LINE_CHARS = 300
 
 Report = Callable[[str], None]
 
@@ -260,30 +263,6 @@ def _split(option: str, text: str) -> list[str]:
 # --------------------------------------------------------------------------- processes
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name: state, ppid, pgrp, session, ... (Linux)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks, which tells a reused pid from ours."""
-    fields = _stat(pid)
-    return None if fields is None else int(fields[19])
-
-
-def alive(pid: int, start_ticks: int | None) -> bool:
-    """Whether the recorded process still runs (a zombie or a reused pid does not count)."""
-    if not Path("/proc/self/stat").exists():  # no procfs: ask the kernel whether the pid exists
-        return _pid_exists(pid)
-    fields = _stat(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return False
-    return start_ticks is None or int(fields[19]) == start_ticks
-
-
 def current_boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -291,55 +270,10 @@ def current_boot_id() -> str | None:
         return None
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def session_members(pid: int, start_ticks: int | None) -> list[int]:
-    """The live processes of the session the server leads (it and what it spawned, e.g. SGLang's
-    scheduler), started no earlier than the server, so a reused session id is not mistaken for it."""
-    if not Path("/proc/self/stat").exists():
-        return [pid] if _pid_exists(pid) else []
-    members = []
-    for entry in Path("/proc").iterdir():
-        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if fields is None or fields[0] in ("Z", "X") or int(fields[3]) != pid:
-            continue
-        if start_ticks is None or int(fields[19]) >= start_ticks:
-            members.append(int(entry.name))
-    return members
-
-
 def stop_server(pid: int, start_ticks: int | None, timeout_s: float) -> None:
     """SIGTERM the server's process group, then SIGKILL whatever of its session is left after
     `timeout_s` (a leader that exits may leave its children behind, holding GPU memory)."""
-    leader = alive(pid, start_ticks)
-    if leader:
-        _signal(pid, signal.SIGTERM, group=True)
-    # What a dead leader left behind has nobody to shut it down in order: no point waiting.
-    _end_session(pid, start_ticks, timeout_s if leader else 0)
-
-
-def _end_session(pid: int, start_ticks: int | None, grace_s: float) -> None:
-    deadline = time.monotonic() + grace_s
-    while session_members(pid, start_ticks) and time.monotonic() < deadline:
-        time.sleep(_POLL_S / 2)
-    for member in session_members(pid, start_ticks):
-        _signal(member, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while session_members(pid, start_ticks) and time.monotonic() < deadline:
-        time.sleep(_POLL_S / 2)
-
-
-def _signal(pid: int, sig: signal.Signals, group: bool = False) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    procs.stop_session(pid, start_ticks, timeout_s)
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
@@ -351,48 +285,21 @@ def healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def last_log_line(path: str) -> str:
-    try:
-        lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
-    except OSError:
-        return "(no log)"
-    text = next((line for line in reversed(lines) if line), "(no output)")
-    return text if len(text) <= _LOG_LINE_CHARS else text[: _LOG_LINE_CHARS - 3] + "..."
-
-
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0" if host in ("", "::") else host, port))
-        except socket.gaierror as exc:
-            raise ServerError(f"--host {host}: {exc.strerror}") from None
-        except OSError:
-            return False
-    return True
-
-
-def _open_log(path: Path) -> BinaryIO:
-    if path.exists():  # keep the previous start's log beside the new one
-        path.replace(path.with_name(path.name + ".1"))
-    return open(path, "wb")
+    try:
+        return procs.port_free(port, host)
+    except socket.gaierror as exc:
+        raise ServerError(f"--host {host}: {exc.strerror}") from None
 
 
 def _spawn(spec: ServerSpec, gpu: int) -> subprocess.Popen[bytes]:
-    """Start one server in a new session (it outlives this command), pinned to `gpu`."""
+    """Start one server in a new session (it outlives this command), pinned to `gpu`; the previous
+    start's log is kept beside the new one."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-    with _open_log(Path(spec.log)) as log:
-        try:
-            return subprocess.Popen(
-                spec.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
-        except OSError as exc:
-            raise ServerError(f"{spec.role} server: cannot run {spec.argv[0]!r}: {exc.strerror}") from None
+    try:
+        return procs.spawn(spec.argv, Path(spec.log), env, new_session=True, keep_previous_log=True)
+    except OSError as exc:
+        raise ServerError(f"{spec.role} server: cannot run {spec.argv[0]!r}: {exc.strerror}") from None
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], spec: ServerSpec, plan: Plan) -> None:
@@ -430,10 +337,10 @@ def _gpu_lock(settings: Settings, gpu: int | str) -> Iterator[Path]:
     """Hold the GPU's lock: one `etsq servers` command at a time works on a GPU."""
     folder = gpu_dir(settings, gpu)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+b") as handle:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            stack.enter_context(procs.file_lock(folder / ".lock"))
+        except procs.LockBusy:
             raise ServerError(f"another `etsq servers` command is working on GPU {gpu}") from None
         yield folder
 
@@ -453,13 +360,7 @@ def read_record(folder: Path) -> Record | None:
 
 
 def _write_record(folder: Path, record: Record) -> None:
-    path = _record_path(folder)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    procs.atomic_write_json(_record_path(folder), record.to_json())
 
 
 def records(settings: Settings) -> list[Record]:
@@ -565,6 +466,6 @@ def _stop_record(record: Record, timeout_s: float) -> None:
     live = [alive(s.pid, s.start_ticks) for s in record.servers]
     for server, running in zip(record.servers, live, strict=True):  # SIGTERM all: side-by-side shutdown
         if running:
-            _signal(server.pid, signal.SIGTERM, group=True)
+            procs.send_signal(server.pid, signal.SIGTERM, group=True)
     for server, running in zip(record.servers, live, strict=True):
-        _end_session(server.pid, server.start_ticks, timeout_s if running else 0)
+        procs.end_session(server.pid, server.start_ticks, timeout_s if running else 0)

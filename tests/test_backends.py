@@ -1,0 +1,58 @@
+"""One record per backend: every fact about a backend is read off `BACKENDS`, and a run stores exactly
+what it stored before the records existed (its identity hashes these dicts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli.main import cli as etsq_group
+from etsq.errors import ConfigError
+from etsq.models.backends import BACKEND_NAMES, BACKENDS, REMOTE_BACKENDS, get_backend
+from etsq.models.config import ModelConfig
+from tests.helpers import cli
+
+# The stored model configs as main stored them before the records (f7b29b6): a change here changes
+# every run's identity.
+STORED = {
+    "local": '{"backend": "local", "policy": "smollm2", "prm": "smollm2", "prm_family": "judge", '
+    '"embedding": null, "prm_revision": 2}',
+    "sim": '{"backend": "sim", "synthetic": true, "policy": "sim", "prm": "sim", "sim_latency_s": 0.0, '
+    '"sim_answer_every": 4, "embedding": null}',
+    "sglang": '{"backend": "sglang", "policy_url": "http://h:1", "prm_url": "http://h:1", "policy": null, '
+    '"prm": null, "prm_family": "judge", "prm_api": "logprob", "embedding": null, "prm_revision": 2}',
+    "openai": '{"backend": "openai", "policy_url": "http://h:1", "prm_url": "http://h:1", "policy": null, '
+    '"prm": null, "prm_family": "judge", "prm_api": "logprob", "embedding": null, "prm_revision": 2}',
+}
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_a_backend_stores_what_it_stored_before(name: str) -> None:
+    urls = {"policy_url": "http://h:1"} if get_backend(name).remote else {}
+    assert json.dumps(ModelConfig.create(name, **urls).to_dict()) == STORED[name]
+
+
+def test_the_names_remote_ones_and_help_come_from_the_records() -> None:
+    assert tuple(BACKENDS) == BACKEND_NAMES and set(STORED) == set(BACKENDS)
+    assert tuple(b.name for b in BACKENDS.values() if b.remote) == REMOTE_BACKENDS
+    submit = " ".join(cli("submit", "--help").stdout.split())
+    for backend in BACKENDS.values():
+        assert f"{backend.name}: {' '.join(backend.help.split())}" in submit
+    worker = " ".join(cli("worker", "--help").stdout.split())
+    assert f"--backend [{'|'.join(REMOTE_BACKENDS)}]" in worker
+    assert "ETSQ_BACKEND" not in " ".join(etsq_group.help or "")
+
+
+def test_urls_and_prm_apis_are_checked_against_the_record() -> None:
+    for backend in BACKENDS.values():
+        if not backend.remote:
+            with pytest.raises(ConfigError, match="need --backend sglang or --backend openai"):
+                ModelConfig.create(backend.name, policy_url="http://h:1")
+        for api in ("logprob", "fork"):
+            urls = {"policy_url": "http://h:1"} if backend.remote else {}
+            if not backend.remote or api in backend.prm_apis:
+                ModelConfig.create(backend.name, prm_api=api, **urls)
+            else:
+                with pytest.raises(ConfigError, match=f"--prm-api {api} .* use --backend sglang"):
+                    ModelConfig.create(backend.name, prm_api=api, **urls)
