@@ -8,8 +8,10 @@ The group turns every user-caused failure into one `etsq: error:` line and exit 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -20,14 +22,51 @@ from cli.servers import servers
 from etsq.models.backends import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, backends_help
 from etsq.models.config import ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
-from etsq.search.config import SearchConfig
+from etsq.search.config import COSTS, SearchConfig
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
+from etsq.validation import LIMITS
 
-_SEARCH_KEYS = (
-    "method", "width", "seed", "temperature", "softmax_temp", "max_step_tokens", "max_tokens", "max_depth",
-    "lambda_b", "lambda_s", "cost", "cluster_threshold", "beam_k", "dvts_subtrees",
-)  # fmt: skip
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Every SearchConfig field is one option: its default from the dataclass, its type and lower bound from
+# etsq.validation.LIMITS (the full range is checked when the config is built), its help from either.
+_NOT_OPTIONS = ("method", "step_delimiter", "extra")
+_SEARCH_KEYS = ("method", *(f.name for f in fields(SearchConfig) if f.name not in _NOT_OPTIONS))
+_DEFAULT_RULES = {
+    "lambda_s": "by width",
+    "beam_k": "ceil(sqrt(remaining))",
+    "dvts_subtrees": "ceil(sqrt(W))",
+}
+_HELP = {
+    "width": "Budget W: leaves per problem.",
+    "softmax_temp": "REBASE/ETS/particle weight temperature T.",
+    "cost": "ETS: node KV cost, uniform 1/(M+N) (paper) or the tokens a node holds.",
+}
+
+
+def _search_option(name: str) -> Callable[[F], F]:
+    """The click option of one SearchConfig field, restating none of its default or range."""
+    default = SearchConfig.__dataclass_fields__[name].default
+    limit = LIMITS.get(name)
+    kind: Any = click.Choice(COSTS) if name == "cost" else float
+    if limit is not None and limit.integer:
+        kind = click.IntRange(min=int(limit.low))
+    help_text = _HELP.get(name) or (limit.meaning[:1].upper() + limit.meaning[1:] + "." if limit else "")
+    if name in _DEFAULT_RULES:
+        help_text += f" [default: {_DEFAULT_RULES[name]}]"
+    flag = "--" + name.replace("_", "-")
+    return click.option(flag, type=kind, default=default, show_default=default is not None, help=help_text)
+
+
+def search_options(command: F) -> F:
+    """Every search option, in SearchConfig's field order."""
+    for name in reversed(_SEARCH_KEYS[1:]):
+        command = _search_option(name)(command)
+    return command
+
+
+_MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
 _MODEL_KEYS = {
     "policy_model": "policy", "prm_model": "prm", "prm_family": "prm_family", "embedding_model": "embedding",
     "policy_url": "policy_url", "prm_url": "prm_url", "prm_api": "prm_api", "sim_latency": "sim_latency_s",
@@ -84,52 +123,12 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
 @cli.command()
 @click.argument("dataset")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="rebase", show_default=True)
-@click.option(
-    "--width", type=click.IntRange(min=1), default=16, show_default=True, help="Budget W: leaves per problem."
-)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N problems.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--temperature", type=float, default=1.0, show_default=True, help="Policy sampling temperature."
-)
-@click.option(
-    "--softmax-temp", type=float, default=0.2, show_default=True, help="REBASE/ETS weight temperature T."
-)
-@click.option("--max-step-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--max-depth", type=click.IntRange(min=1), default=25, show_default=True)
-@click.option("--lambda-b", type=float, default=1.0, show_default=True, help="ETS: KV-cost weight.")
-@click.option("--lambda-s", type=float, default=None, help="ETS: coverage weight [default: by width].")
-@click.option(
-    "--cost",
-    type=click.Choice(["uniform", "tokens"]),
-    default="uniform",
-    show_default=True,
-    help="ETS: node KV cost, uniform 1/(M+N) (paper) or the tokens a node holds.",
-)
-@click.option(
-    "--cluster-threshold",
-    type=float,
-    default=0.05,
-    show_default=True,
-    help="ETS: cosine-distance cut of the step clusters.",
-)
-@click.option(
-    "--beam-k",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Beam: kept nodes [default: ceil(sqrt(remaining))].",
-)
-@click.option(
-    "--dvts-subtrees",
-    type=click.IntRange(min=1),
-    default=None,
-    help="DVTS: subtrees [default: ceil(sqrt(W))].",
-)
+@search_options
 @click.option(
     "--backend",
     type=click.Choice(BACKEND_NAMES),
-    default="local",
+    default=_MODEL_DEFAULTS["backend"],
     show_default=True,
     help=backends_help(),
 )
@@ -138,21 +137,21 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
 @click.option(
     "--prm-api",
     type=click.Choice(PRM_APIS),
-    default="logprob",
+    default=_MODEL_DEFAULTS["prm_api"],
     show_default=True,
     help="SGLang PRM requests: stock logprobs, or the reference fork's forward_only.",
 )
 @click.option(
     "--sim-latency",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=_MODEL_DEFAULTS["sim_latency_s"],
     show_default=True,
     help="sim backend: seconds each request takes.",
 )
 @click.option(
     "--sim-answer-every",
     type=click.IntRange(min=1),
-    default=4,
+    default=_MODEL_DEFAULTS["sim_answer_every"],
     show_default=True,
     help="sim backend: about one step in N ends its trajectory.",
 )
@@ -162,7 +161,12 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
     help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.",
 )
 @click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
-@click.option("--prm-family", type=click.Choice(sorted(PRM_FAMILIES)), default="judge", show_default=True)
+@click.option(
+    "--prm-family",
+    type=click.Choice(sorted(PRM_FAMILIES)),
+    default=_MODEL_DEFAULTS["prm_family"],
+    show_default=True,
+)
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
 @click.option(
     "--queue", default=None, help="Send every job here [default: spread over live workers' queues]."
