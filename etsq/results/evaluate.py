@@ -240,8 +240,8 @@ def _record(
     )
 
 
-def _imported(record: ProblemRecord, config: dict[str, Any]) -> ProblemRecord:
-    """An imported run's figures come from its file and stats.log, not from its partial tree."""
+def _measured(record: ProblemRecord, config: dict[str, Any]) -> ProblemRecord:
+    """Figures the run's config holds (an imported run's file and stats.log) replace those of its tree."""
     for name, value in problem_figures(config, record.key).items():
         setattr(record, name, value)
     return record
@@ -258,7 +258,7 @@ def run_records(
     for job_id, rows in _stream_nodes(s, run.run_id):
         if job_id in jobs:
             record = _record(job_id, jobs[job_id], tally_tree(rows), kv.get(job_id), combos)
-            records.append(_imported(record, config) if run.source == "reference" else record)
+            records.append(_measured(record, config))
     return RunRecords(run, records, counts)
 
 

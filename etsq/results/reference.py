@@ -294,7 +294,10 @@ def is_imported(config: dict[str, Any]) -> bool:
 
 def problem_figures(config: dict[str, Any], key: str) -> dict[str, float | None]:
     """An imported problem's figures: its own total_tokens, and stats.log's run totals spread
-    evenly over the file's problems (the reference records no per-problem KV, calls or time)."""
+    evenly over the file's problems (the reference records no per-problem KV, calls or time).
+    Nothing for a run etsq searched: its figures come from its tree."""
+    if not is_imported(config):
+        return {}
     stats, n = config.get("stats"), config["n_problems"]
     tokens = config["total_tokens"].get(key)
 
