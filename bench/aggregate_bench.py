@@ -35,7 +35,7 @@ from sqlalchemy import insert  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from etsq.store import schema as m  # noqa: E402
-from etsq.store.session import get_engine, upgrade  # noqa: E402
+from etsq.store.session import Store, get_engine, upgrade  # noqa: E402
 
 NODE_COLUMNS = (
     "id", "job_id", "parent_id", "depth", "path", "text", "step_tokens", "cum_tokens", "score", "terminal",
@@ -211,7 +211,7 @@ def measure(url: str) -> dict[str, Any]:
     from etsq.results.evaluate import evaluate
 
     t0 = time.perf_counter()
-    rows = evaluate(url, None, ["all"], ["all"])
+    rows = evaluate(Store.open(url), None, ["all"], ["all"])
     seconds = time.perf_counter() - t0
     return {
         "seconds": round(seconds, 2),

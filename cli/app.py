@@ -12,12 +12,15 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from etsq.errors import EtsqError
 from etsq.settings import Settings
+
+if TYPE_CHECKING:
+    from etsq.store.session import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +47,15 @@ def pass_settings(command: F) -> F:
         return command(app.settings, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def open_store(settings: Settings) -> Store:
+    """The command's database (`etsq.store.session.Store`): one per process, its schema brought up
+    to date on first use, so a command that refuses its input first creates no database.  Imported
+    here, not at start-up: the database layer costs ~0.5 s to import."""
+    from etsq.store.session import Store
+
+    return Store.open(settings.database_url)
 
 
 class EtsqGroup(click.Group):

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from cli import results
-from cli.app import EtsqGroup, pass_settings, print_json, table
+from cli.app import EtsqGroup, open_store, pass_settings, print_json, table
 from cli.broker import broker
 from cli.servers import servers
 from etsq.models.backends import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, backends_help
@@ -212,7 +212,9 @@ def submit(
     from etsq.submit import submit as submit_runs
 
     ignored = _ignored_options(opts["method"])
-    submission = submit_runs(settings, [_run_spec(dataset, limit, opts)], queue, check_servers=not no_check)
+    store = open_store(settings)
+    spec = _run_spec(dataset, limit, opts)
+    submission = submit_runs(settings, store, [spec], queue, check_servers=not no_check)
     for line in ignored:  # after the submission: a refused one says only why (one line)
         click.echo(line, err=True)
     run = submission.runs[0]
@@ -225,14 +227,14 @@ def submit(
         print_json({"run_id": run.run_id, "created": run.created, "jobs": run.jobs_enqueued})
     else:
         click.echo(run.run_id)
-    return _wait(submission.connection, run.run_id) if wait else 0
+    return _wait(submission.connection, store, run.run_id) if wait else 0
 
 
-def _wait(conn: Any, run_id: int) -> int:
+def _wait(conn: Any, store: Any, run_id: int) -> int:
     """Follow the run to its end; 1 when problems failed (counted on stderr), else 0."""
     from etsq.submit import RunWaiter
 
-    with RunWaiter(conn, run_id) as waiter:
+    with RunWaiter(conn, store, run_id) as waiter:
         if waiter.worker_log is not None:
             click.echo(f"no worker is listening; starting one (log: {waiter.worker_log})", err=True)
         updates = waiter.follow()
@@ -271,9 +273,11 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
     from etsq.store.runs import statuses
     from etsq.watch import Watch
 
-    rows = statuses(settings.database_url, list(runs) or None)
+    store = open_store(settings)
+    with store.session() as s:
+        rows = statuses(s, list(runs) or None)
     if watch:
-        Watch(settings.database_url, list(runs) or None).run()
+        Watch(store, list(runs) or None).run()
     elif as_json:
         print_json(rows)
     else:
@@ -324,7 +328,12 @@ def worker(settings: Settings, **options: Any) -> None:
     """
     from etsq.queue.serve import WorkerOptions, serve
 
-    serve(settings, WorkerOptions(**options), lambda line: click.echo(f"etsq worker: {line}", err=True))
+    serve(
+        settings,
+        open_store(settings),
+        WorkerOptions(**options),
+        lambda line: click.echo(f"etsq worker: {line}", err=True),
+    )
 
 
 @cli.command()
@@ -364,7 +373,7 @@ def sweep(
         return
     from etsq.submit import submit as submit_runs
 
-    runs = submit_runs(settings, specs, queue, check_servers=not no_check).runs
+    runs = submit_runs(settings, open_store(settings), specs, queue, check_servers=not no_check).runs
     rows = [
         {"run_id": r.run_id, "dataset": r.spec.dataset, "method": r.spec.search.method,
          "width": r.spec.search.width, "label": r.spec.label, "backend": r.spec.models.backend,
@@ -397,7 +406,7 @@ def _print_plan(
 ) -> None:
     from etsq.submit import plan
 
-    planned = plan(settings, specs, queue, check)
+    planned = plan(settings, open_store(settings), specs, queue, check)
     rows = [
         {"run_id": p.run_id, "dataset": p.spec.dataset, "method": p.spec.search.method,
          "width": p.spec.search.width, "label": p.spec.label, "backend": p.spec.models.backend,
@@ -441,7 +450,8 @@ def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
     """
     from etsq.submit import resume_run
 
-    done = resume_run(settings, run)
+    store = open_store(settings)
+    done = resume_run(settings, store, run)
     counts = {"enqueued": done.resumed.enqueued, "already_queued": done.resumed.already_waiting}
     if as_json:
         print_json({"run_id": run, **counts, "workers_listening": done.listening})
@@ -450,7 +460,7 @@ def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
             f"run {run}: {counts['enqueued']} jobs enqueued, {counts['already_queued']} already queued"
         )
     if wait:
-        return _wait(done.connection, run)
+        return _wait(done.connection, store, run)
     if not done.listening and done.resumed.enqueued + done.resumed.already_waiting:
         click.echo(
             f"no worker is listening on {done.connection.describe()}: start `etsq worker` "
@@ -472,7 +482,9 @@ def cancel(settings: Settings, run: int) -> None:
     """
     from etsq.store.runs import cancel_run
 
-    click.echo(f"run {run}: {cancel_run(settings.database_url, run)} jobs cancelled")
+    with open_store(settings).session() as s:
+        cancelled = cancel_run(s, run)
+    click.echo(f"run {run}: {cancelled} jobs cancelled")
 
 
 @cli.group()

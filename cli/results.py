@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.app import pass_settings, print_json, table
+from cli.app import open_store, pass_settings, print_json, table
 from etsq.results.aggregate import AGGS, VOTES
 from etsq.results.export import FORMATS
 from etsq.results.table import ProblemFilter, RunFilter
@@ -78,7 +78,7 @@ def aggregate(
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     rows = evaluate(
-        settings.database_url,
+        open_store(settings),
         list(runs) or None,
         aggs,
         votes,
@@ -115,7 +115,7 @@ def compare(settings: Settings, base: int, other: int, agg: str, vote: str, as_j
     from etsq.results.compare import compare as compare_runs
     from etsq.results.compare import comparison_lines
 
-    result = compare_runs(settings.database_url, base, other, agg, vote)
+    result = compare_runs(open_store(settings), base, other, agg, vote)
     if as_json:
         print_json(result)
     else:
@@ -147,7 +147,7 @@ def report(settings: Settings, runs: tuple[int, ...], out: Path, agg: str, vote:
     """
     from etsq.results.report import write_report
 
-    files = write_report(settings.database_url, list(runs) or None, out, agg, vote)
+    files = write_report(open_store(settings), list(runs) or None, out, agg, vote)
     if as_json:
         print_json({"index": str(files[0]), "files": [str(f) for f in files]})
     else:
@@ -172,7 +172,7 @@ def tree(settings: Settings, run: int, problem: str, out: Path) -> None:
     """
     from etsq.results.tree import write_tree
 
-    write_tree(settings.database_url, run, problem, out)
+    write_tree(open_store(settings), run, problem, out)
     click.echo(out)
 
 
@@ -198,7 +198,7 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
     """
     from etsq.results.export import export_lines, write_atomically
 
-    lines = export_lines(settings.database_url, run, fmt)
+    lines = export_lines(open_store(settings), run, fmt)
     if output is None:
         for line in lines:
             click.echo(line, nl=False)
@@ -236,9 +236,10 @@ def import_run(
       etsq import outputs/ets_16_math500.json --dataset math500 --method ets --width 16 \\
           --stats outputs/stats.log
     """
-    from etsq.results.reference import ImportSpec, import_reference
+    from etsq.results.reference import ImportSpec
+    from etsq.results.reference_runs import import_reference
 
-    run_id, created = import_reference(settings.database_url, ImportSpec(file, dataset, method, width, stats))
+    run_id, created = import_reference(open_store(settings), ImportSpec(file, dataset, method, width, stats))
     if not created:
         click.echo(f"run {run_id} holds this file already", err=True)
     if as_json:

@@ -36,6 +36,7 @@ from etsq.store.runs import (
     queued_jobs,
     statuses,
 )
+from etsq.store.session import Store
 
 # A submit-time server check fails fast: two attempts, and no request may take minutes.
 CHECK_ATTEMPTS = 2
@@ -96,28 +97,36 @@ def check_model_servers(models: ModelConfig, settings: Settings) -> None:
 
 
 def submit(
-    settings: Settings, specs: list[RunSpec], queue: str | None = None, check_servers: bool = True
+    settings: Settings,
+    store: Store,
+    specs: list[RunSpec],
+    queue: str | None = None,
+    check_servers: bool = True,
 ) -> Submission:
     """Store and enqueue every spec's run; nothing is written unless every spec is valid."""
     validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
     conn = connect(settings)
     queues = target_queues(conn.app, queue, settings.queue)
-    runs = [_store_and_enqueue(conn, spec, d, queues) for spec, d in zip(specs, data, strict=True)]
+    runs = [_store_and_enqueue(conn, store, spec, d, queues) for spec, d in zip(specs, data, strict=True)]
     return Submission(runs, conn)
 
 
-def _store_and_enqueue(conn: Connection, spec: RunSpec, data: Dataset, queues: list[str]) -> Submitted:
+def _store_and_enqueue(
+    conn: Connection, store: Store, spec: RunSpec, data: Dataset, queues: list[str]
+) -> Submitted:
     """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
-    url = conn.settings.database_url
-    run_id, created = create_run(url, spec, data, queues)
+    run_id, created = create_run(store, spec, data, queues)
     if not created:
-        return Submitted(spec, run_id, False, resume(conn.app, conn.settings, run_id).enqueued, len(data))
-    jobs = queued_jobs(url, run_id, conn.settings.queue)
+        enqueued = resume(conn.app, conn.settings, store, run_id).enqueued
+        return Submitted(spec, run_id, False, enqueued, len(data))
+    with store.session() as s:
+        jobs = queued_jobs(s, run_id, conn.settings.queue)
     try:
         enqueue(conn.app, jobs)
     except Exception:  # a refusing broker, or a bug: either way no run is left without its messages
-        delete_run(url, run_id)
+        with store.session() as s:
+            delete_run(s, run_id)
         raise
     return Submitted(spec, run_id, True, len(jobs), len(data))
 
@@ -132,13 +141,17 @@ class Planned:
 
 
 def plan(
-    settings: Settings, specs: list[RunSpec], queue: str | None = None, check_servers: bool = True
+    settings: Settings,
+    store: Store,
+    specs: list[RunSpec],
+    queue: str | None = None,
+    check_servers: bool = True,
 ) -> list[Planned]:
     """What `submit` would do, without touching the broker or writing a run (`sweep --dry-run`)."""
     validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
-    url = settings.database_url
-    return [Planned(spec, len(d), find_run(url, spec, d)) for spec, d in zip(specs, data, strict=True)]
+    with store.session() as s:
+        return [Planned(spec, len(d), find_run(s, spec, d)) for spec, d in zip(specs, data, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -148,11 +161,12 @@ class ResumedRun:
     listening: bool  # a worker answered on the broker
 
 
-def resume_run(settings: Settings, run_id: int) -> ResumedRun:
+def resume_run(settings: Settings, store: Store, run_id: int) -> ResumedRun:
     """Enqueue a run's unfinished jobs that have no message waiting (UserError for an unknown run)."""
-    statuses(settings.database_url, [run_id])  # a clear error for an unknown run, before the broker
+    with store.session() as s:
+        statuses(s, [run_id])  # a clear error for an unknown run, before the broker
     conn = connect(settings)
-    resumed = resume(conn.app, conn.settings, run_id)
+    resumed = resume(conn.app, conn.settings, store, run_id)
     return ResumedRun(resumed, conn, bool(live_workers(conn.app)))
 
 
@@ -170,8 +184,8 @@ class RunWaiter:
     own broker has their own workers, and a second one would compete for their GPUs.
     """
 
-    def __init__(self, conn: Connection, run_id: int, interval_s: float = 1.0) -> None:
-        self.conn, self.run_id, self.interval_s = conn, run_id, interval_s
+    def __init__(self, conn: Connection, store: Store, run_id: int, interval_s: float = 1.0) -> None:
+        self.conn, self.store, self.run_id, self.interval_s = conn, store, run_id, interval_s
         self.worker: Popen[bytes] | None = None
         self.worker_log: Path | None = None
 
@@ -191,7 +205,8 @@ class RunWaiter:
             raise UserError(
                 f"the local worker exited with status {self.worker.returncode}; see {self.worker_log}"
             )
-        return Progress(*progress(self.conn.settings.database_url, self.run_id))
+        with self.store.session() as s:
+            return Progress(*progress(s, self.run_id))
 
     def follow(self) -> Iterator[Progress]:
         """The run's progress now, then every `interval_s` until every job is finished."""

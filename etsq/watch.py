@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from etsq.store.labels import shown_label
 from etsq.store.runs import mean_job_seconds, run_ids, run_summary, running_depths
-from etsq.store.session import session_scope
+from etsq.store.session import Store
 from etsq.store.statuses import RunStatus
 
 
@@ -23,8 +23,8 @@ def _eta(summary: dict[str, Any], mean_s: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def snapshot(url: str, wanted: list[int] | None) -> list[dict[str, Any]]:
-    with session_scope(url) as s:
+def snapshot(store: Store, wanted: list[int] | None) -> list[dict[str, Any]]:
+    with store.session() as s:
         rows = []
         for rid in run_ids(s, wanted):
             row = run_summary(s, rid)
@@ -37,8 +37,8 @@ def snapshot(url: str, wanted: list[int] | None) -> list[dict[str, Any]]:
 class Watch:
     """Redraws every `interval` seconds until every watched run is finished."""
 
-    def __init__(self, url: str, wanted: list[int] | None, interval: float = 2.0) -> None:
-        self.url, self.wanted, self.interval = url, wanted, interval
+    def __init__(self, store: Store, wanted: list[int] | None, interval: float = 2.0) -> None:
+        self.store, self.wanted, self.interval = store, wanted, interval
         self.last: dict[int, tuple[float, int]] = {}
 
     def _rate(self, row: dict[str, Any]) -> float:
@@ -65,9 +65,9 @@ class Watch:
         return Group(bars)
 
     def run(self) -> None:
-        rows = snapshot(self.url, self.wanted)
+        rows = snapshot(self.store, self.wanted)
         with Live(self.render(rows), refresh_per_second=4) as live:
             while any(RunStatus(r["status"]).active for r in rows):
                 time.sleep(self.interval)
-                rows = snapshot(self.url, self.wanted)
+                rows = snapshot(self.store, self.wanted)
                 live.update(self.render(rows))

@@ -19,6 +19,7 @@ from etsq.search.methods import get_method
 from etsq.search.tree import Tree
 from etsq.settings import Settings
 from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
+from etsq.store.session import Store
 
 # Small enough that a whole search over the tiny model takes well under a second.
 FAST = {"max_step_tokens": 6, "max_tokens": 30, "max_depth": 6}
@@ -48,9 +49,16 @@ def store_run(
 ) -> tuple[int, list[int]]:
     """A new run stored with its jobs queued (nothing enqueued): (run id, job ids)."""
     spec = RunSpec(dataset=dataset, search=cfg, models=tiny_models(model), limit=limit)
-    run_id, created = create_run(url, spec, load_problems(Settings.from_env(), spec), ["etsq"])
+    store = Store.open(url)
+    run_id, created = create_run(store, spec, load_problems(Settings.from_env(), spec), ["etsq"])
     assert created, "tests store each configuration once"
-    return run_id, [job_id for job_id, _ in queued_jobs(url, run_id, "etsq")]
+    return run_id, queued_ids(store, run_id)
+
+
+def queued_ids(store: Store, run_id: int) -> list[int]:
+    """The ids of the run's queued jobs."""
+    with store.session() as s:
+        return [job_id for job_id, _ in queued_jobs(s, run_id, "etsq")]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -127,3 +128,48 @@ def test_importing_the_celery_app_starts_nothing_and_writes_nothing(tmp_path: Pa
     assert (sockets, children) == (0, 0)  # no broker connection, no redis-server or other child
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(home) not in ps  # no embedded redis-server was spawned for this home
+
+
+# Modules that read or write the database: below the command edge they take a Store or a Session.
+# (etsq/queue/broker.py's URLs are the broker's.)
+_DATABASE_MODULES = (
+    "etsq/store/", "etsq/results/", "etsq/queue/execute.py", "etsq/queue/tasks.py", "etsq/queue/janitor.py",
+    "etsq/queue/serve.py", "etsq/queue/messages.py", "etsq/watch.py", "etsq/submit.py", "etsq/sweep.py",
+)  # fmt: skip
+# The worker entry opens its Store from the Settings it is given (Celery hands a task a job id).
+_READS_DATABASE_URL = {
+    "etsq/settings.py",
+    "etsq/queue/execute.py",
+    "etsq/queue/tasks.py",
+    "etsq/queue/janitor.py",
+}
+
+
+def _name(node: ast.AST) -> str:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+
+
+def _url_offenders(rel: str, tree: ast.AST) -> list[str]:
+    found: list[str] = []
+    if not rel.startswith(_DATABASE_MODULES):
+        return found
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            found += [f"{rel}:{node.lineno} {node.name}(url)" for a in args if a.arg == "url"]
+        if _name(node) in {"session_scope", "get_engine", "upgrade"}:
+            found.append(f"{rel}:{node.lineno} uses {_name(node)}")
+        if _name(node) == "database_url" and rel not in _READS_DATABASE_URL:
+            found.append(f"{rel}:{node.lineno} reads settings.database_url")
+    return found
+
+
+def test_no_function_below_the_command_edge_takes_a_database_url() -> None:
+    """Only `etsq/store/session.py` turns a URL into an Engine; the CLI and the worker entry open one
+    `Store` per process and pass it (or its sessions) down, so a caller can compose writes."""
+    offenders = []
+    for path in sorted((REPO / "etsq").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel != "etsq/store/session.py":
+            offenders += _url_offenders(rel, ast.parse(path.read_text(encoding="utf-8")))
+    assert offenders == []

@@ -489,15 +489,16 @@ def test_the_worker_refuses_a_stored_value_as_submit_would(tmp_path: Path) -> No
     from etsq.search.config import SearchConfig
     from etsq.settings import Settings
     from etsq.store import schema as m
-    from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
-    from etsq.store.session import session_scope, upgrade
+    from etsq.store.runs import RunSpec, create_run, load_problems
+    from etsq.store.session import Store, session_scope, upgrade
+    from tests.helpers import queued_ids
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     upgrade(url)
     settings = Settings.from_env().with_(database_url=url)
     spec = RunSpec("gsm8k", SearchConfig(method="ets", width=4), ModelConfig.create("sim"), limit=2)
-    run_id, _ = create_run(url, spec, load_problems(settings, spec), ["etsq"])
-    first, second = (job_id for job_id, _ in queued_jobs(url, run_id, "etsq"))
+    run_id, _ = create_run(Store.open(url), spec, load_problems(settings, spec), ["etsq"])
+    first, second = queued_ids(Store.open(url), run_id)
     assert run_job(first, settings.with_(max_width=2)) == "failed"
     with session_scope(url) as s:
         run = s.get_one(m.Run, run_id)

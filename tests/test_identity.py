@@ -15,9 +15,10 @@ from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS, SEARCH_PARAMS, SHARED_PARAMS, ignored_params, stored_search
 from etsq.settings import Settings
 from etsq.store.labels import run_label, shown_label, sim_note, without_width
-from etsq.store.runs import RunSpec, config_hash, create_run, load_problems, queued_jobs
+from etsq.store.runs import RunSpec, config_hash, create_run, load_problems
+from etsq.store.session import Store
 from etsq.sweep import sweep_grid
-from tests.helpers import cli, cli_json
+from tests.helpers import cli, cli_json, queued_ids
 
 
 def test_every_method_reads_known_fields_beyond_the_shared_ones() -> None:
@@ -129,9 +130,9 @@ def _sim_run(url: str, **search: object) -> int:
         limit=1,
     )
     settings = Settings.from_env().with_(database_url=url)
-    run_id, created = create_run(url, spec, load_problems(settings, spec), ["etsq"])
+    run_id, created = create_run(Store.open(url), spec, load_problems(settings, spec), ["etsq"])
     assert created
-    for job_id, _ in queued_jobs(url, run_id, "etsq"):
+    for job_id in queued_ids(Store.open(url), run_id):
         assert run_job(job_id, settings) == "done"
     return run_id
 

@@ -19,7 +19,7 @@ from etsq.store import schema as m
 from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
 from etsq.store.jobs import LeaseLost, claim_job
 from etsq.store.runs import export_jobs, statuses
-from etsq.store.session import get_engine, session_scope
+from etsq.store.session import Store, get_engine, session_scope
 from etsq.store.trees import DepthWriter, load_tree
 from tests.helpers import store_run, tiny_config
 
@@ -49,7 +49,8 @@ def test_jobs_store_complete_trees(db_url: str, tiny_model: Path) -> None:
             job = s.get_one(m.Job, job_id)
             assert (job.status, job.attempts) == ("done", 1)
         assert s.get_one(m.Run, run_id).model_info is not None
-    [summary] = statuses(db_url, [run_id])
+    with Store.open(db_url).session() as s:
+        [summary] = statuses(s, [run_id])
     assert (summary["status"], summary["problems_done"]) == ("done", 2)
 
 
@@ -65,10 +66,11 @@ def test_evaluate_and_export_read_only_stored_nodes(db_url: str, tiny_model: Pat
     run_id, job_ids = store_run(db_url, tiny_model, tiny_config("bon", width=3), limit=2)
     for job_id in job_ids:
         run_job(job_id, _settings(db_url))
-    rows = evaluate(db_url, [run_id], ["last", "prod"], ["bon", "majority", "weighted"])
+    rows = evaluate(Store.open(db_url), [run_id], ["last", "prod"], ["bon", "majority", "weighted"])
     assert len(rows) == 6
     assert all(r["n_problems"] == 2 and 0 <= r["n_correct"] <= 2 for r in rows)
-    exported = list(export_jobs(db_url, run_id))
+    with Store.open(db_url).session() as s:
+        exported = list(export_jobs(s, run_id))
     assert [e["problem_id"] for e in exported] == ["gsm8k-0", "gsm8k-1"]
     assert all(sum(n["parent_id"] is None for n in e["nodes"]) == 1 for e in exported)
 
@@ -196,10 +198,10 @@ def _depth_zero(tree: Tree, texts: list[str]) -> DepthCommit:
 
 def test_a_depth_commits_its_nodes_marks_and_job_row_at_once(db_url: str, tiny_model: Path) -> None:
     _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
-    claim = claim_job(db_url, job_id, stale_after_s=60)
+    claim = claim_job(Store.open(db_url), job_id, stale_after_s=60)
     assert claim is not None
     tree = Tree("prompt", 5)
-    DepthWriter(db_url, job_id, claim.lease)(tree, _depth_zero(tree, AWKWARD_TEXTS))
+    DepthWriter(Store.open(db_url), job_id, claim.lease)(tree, _depth_zero(tree, AWKWARD_TEXTS))
     stored = {n.path: n for n in _nodes(db_url, job_id)}
     assert [stored[n.path].id for n in tree.nodes] == [n.db_id for n in tree.nodes]
     assert [stored[n.path].text for n in tree.nodes[1:]] == AWKWARD_TEXTS
@@ -214,10 +216,10 @@ def test_a_depth_commits_its_nodes_marks_and_job_row_at_once(db_url: str, tiny_m
 
 def test_a_commit_under_a_lost_lease_writes_nothing(db_url: str, tiny_model: Path) -> None:
     _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
-    assert claim_job(db_url, job_id, stale_after_s=60) is not None
+    assert claim_job(Store.open(db_url), job_id, stale_after_s=60) is not None
     tree = Tree("prompt", 5)
     with pytest.raises(LeaseLost, match="no longer ours"):
-        DepthWriter(db_url, job_id, "someone-else")(tree, _depth_zero(tree, ["a\n\n", "b\n\n"]))
+        DepthWriter(Store.open(db_url), job_id, "someone-else")(tree, _depth_zero(tree, ["a\n\n", "b\n\n"]))
     assert _nodes(db_url, job_id) == []
     with session_scope(db_url) as s:
         assert s.get_one(m.Job, job_id).depth == 0
@@ -288,5 +290,5 @@ def test_search_time_counts_the_depths_not_the_pause_between_attempts(
         span = (job.finished_at - job.started_at).total_seconds()
         searched = job.search_s
     assert first < searched <= span - 1.5
-    [row] = evaluate(db_url, [run_id], ["last"], ["weighted"])
+    [row] = evaluate(Store.open(db_url), [run_id], ["last"], ["weighted"])
     assert row["seconds"] == pytest.approx(searched)

@@ -20,9 +20,10 @@ from etsq.queue.execute import run_job
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
 from etsq.store import schema as m
-from etsq.store.runs import RunSpec, create_run, find_run, load_problems, queued_jobs
+from etsq.store.runs import RunSpec, create_run, find_run, load_problems
 from etsq.store.schema import Base
-from etsq.store.session import current_revision, get_engine, session_scope, upgrade
+from etsq.store.session import Store, current_revision, get_engine, session_scope, upgrade
+from tests.helpers import queued_ids
 
 
 def test_head_schema_matches_models(db_url: str) -> None:
@@ -60,8 +61,8 @@ def test_rebuilding_the_jobs_table_keeps_every_node(db_url: str) -> None:
 
     settings = Settings.from_env().with_(database_url=db_url)
     spec = RunSpec("gsm8k", SearchConfig(method="rebase", width=4), ModelConfig.create("sim"), limit=2)
-    run_id, _ = create_run(db_url, spec, load_problems(settings, spec), ["etsq"])
-    for job_id, _ in queued_jobs(db_url, run_id, "etsq"):
+    run_id, _ = create_run(Store.open(db_url), spec, load_problems(settings, spec), ["etsq"])
+    for job_id in queued_ids(Store.open(db_url), run_id):
         assert run_job(job_id, settings) == "done"
     before = _node_count(db_url)
     assert before > 10
@@ -135,7 +136,8 @@ def test_0005_identifies_existing_runs_by_their_stored_problems(db_url: str, tmp
         spec = RunSpec(
             dataset, SearchConfig(method="rebase", width=4, **changes), ModelConfig.create("sim"), limit
         )
-        return find_run(db_url, spec, load_problems(settings, spec))
+        with Store.open(db_url).session() as s:
+            return find_run(s, spec, load_problems(settings, spec))
 
     assert found("gsm8k", 2) == typed
     assert found("GSM8K", 2) == typed
@@ -195,7 +197,8 @@ def test_0007_identifies_runs_by_what_their_method_reads(db_url: str) -> None:
 
     def found(method: str, **changes: Any) -> int | None:
         spec = RunSpec("gsm8k", SearchConfig(method=method, width=4, **changes), ModelConfig.create("sim"), 2)
-        return find_run(db_url, spec, load_problems(settings, spec))
+        with Store.open(db_url).session() as s:
+            return find_run(s, spec, load_problems(settings, spec))
 
     assert found("rebase") == found("rebase", lambda_b=2.0) == rebase
     assert (found("ets"), found("ets", lambda_b=2.0)) == (ets, ets_2)

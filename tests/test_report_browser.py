@@ -16,9 +16,9 @@ from etsq.queue.execute import run_job
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
 from etsq.store import schema as m
-from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
-from etsq.store.session import session_scope
-from tests.helpers import cli, cli_json
+from etsq.store.runs import RunSpec, create_run, load_problems
+from etsq.store.session import Store, session_scope
+from tests.helpers import cli, cli_json, queued_ids
 from tests.test_results import sim_run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -111,8 +111,8 @@ def wide_tree(tmp_path: Path) -> tuple[str, int, int]:
     search = SearchConfig(method="rebase", width=256, seed=1, max_depth=20)
     spec = RunSpec("gsm8k", search, ModelConfig.create("sim", sim_answer_every=12), limit=1)
     settings = Settings.from_env().with_(database_url=url)
-    run_id, _ = create_run(url, spec, load_problems(settings, spec), ["etsq"])
-    [(job_id, _)] = queued_jobs(url, run_id, "etsq")
+    run_id, _ = create_run(Store.open(url), spec, load_problems(settings, spec), ["etsq"])
+    [job_id] = queued_ids(Store.open(url), run_id)
     assert run_job(job_id, settings) == "done"
     with session_scope(url) as s:
         nodes = int(s.scalar(select(func.count()).select_from(m.Node).where(m.Node.job_id == job_id)) or 0)

@@ -18,9 +18,9 @@ from etsq.results.compare import RESAMPLES, paired_bootstrap
 from etsq.search.config import SearchConfig
 from etsq.settings import Settings
 from etsq.store import schema as m
-from etsq.store.runs import RunSpec, cancel_run, create_run, load_problems, queued_jobs
-from etsq.store.session import session_scope
-from tests.helpers import cli, cli_json, one_error_line, store_run, tiny_config
+from etsq.store.runs import RunSpec, cancel_run, create_run, load_problems
+from etsq.store.session import Store, session_scope
+from tests.helpers import cli, cli_json, one_error_line, queued_ids, store_run, tiny_config
 
 
 def sim_run(url: str, method: str = "rebase", width: int = 4, limit: int = 3, dataset: str = "gsm8k",
@@ -29,8 +29,8 @@ def sim_run(url: str, method: str = "rebase", width: int = 4, limit: int = 3, da
     search = SearchConfig(method=method, width=width, seed=seed, max_depth=8)
     spec = RunSpec(dataset=dataset, search=search, models=ModelConfig.create("sim"), limit=limit)
     settings = Settings.from_env().with_(database_url=url)
-    run_id, _ = create_run(url, spec, load_problems(settings, spec), ["etsq"])
-    for job_id, _ in queued_jobs(url, run_id, "etsq")[:finish]:
+    run_id, _ = create_run(Store.open(url), spec, load_problems(settings, spec), ["etsq"])
+    for job_id in queued_ids(Store.open(url), run_id)[:finish]:
         assert run_job(job_id, settings) == "done"
     return run_id
 
@@ -144,7 +144,8 @@ def test_a_run_in_progress_counts_its_done_problems_and_says_so(db_url: str) -> 
         f"run {run_id}: 2 of 3 problems done (0 failed); its figures cover the done problems only"
         in result.stderr
     )
-    cancel_run(db_url, run_id)  # nothing left to wait for: no longer partial
+    with Store.open(db_url).session() as s:
+        cancel_run(s, run_id)  # nothing left to wait for: no longer partial
     [row] = cli_json("aggregate", env=_env(db_url))
     assert (row["n_problems"], row["n_total"], row["partial"]) == (2, 3, False)
 
@@ -251,8 +252,9 @@ def test_failed_problems_are_counted_not_graded(tmp_path: Path) -> None:
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
     run_id = sim_run(url, limit=3, finish=2)
-    [(job_id, _)] = queued_jobs(url, run_id, "etsq")
-    fail_job(url, job_id, "ModelError: no label tokens")
+    [job_id] = queued_ids(Store.open(url), run_id)
+    with Store.open(url).session() as s:
+        fail_job(s, job_id, "ModelError: no label tokens")
     result = cli("aggregate", "--json", env=_env(url))
     [row] = json.loads(result.stdout)
     assert (row["n_problems"], row["n_failed"], row["n_total"], row["partial"]) == (2, 1, 3, False)

@@ -21,9 +21,9 @@ from etsq.queue.broker import free_local_port, stop_local_redis
 from etsq.queue.execute import run_job
 from etsq.settings import Settings
 from etsq.store import schema as m
-from etsq.store.runs import RunSpec, create_run, load_problems, queued_jobs
-from etsq.store.session import session_scope
-from tests.helpers import FAST, cli, etsq, one_error_line, tiny_config
+from etsq.store.runs import RunSpec, create_run, load_problems
+from etsq.store.session import Store, session_scope
+from tests.helpers import FAST, cli, etsq, one_error_line, queued_ids, tiny_config
 from tests.model_servers import start_sglang_standin
 from tests.services import HttpServiceHandle
 from tests.tinymodel import build_tiny_model
@@ -154,8 +154,8 @@ def _server_models(url: str, **extra: Any) -> ModelConfig:
 
 def test_a_job_whose_server_is_down_is_retried_not_failed(db_url: str) -> None:
     spec = RunSpec("gsm8k", tiny_config(), _server_models(f"http://127.0.0.1:{free_local_port()}"), limit=1)
-    run_id, _ = create_run(db_url, spec, load_problems(Settings.from_env(), spec), ["etsq"])
-    [(job_id, _)] = queued_jobs(db_url, run_id, "etsq")
+    run_id, _ = create_run(Store.open(db_url), spec, load_problems(Settings.from_env(), spec), ["etsq"])
+    [job_id] = queued_ids(Store.open(db_url), run_id)
     settings = Settings.from_env().with_(database_url=db_url, http_retries=1)
     with pytest.raises(TransientError, match="ConnectError"):
         run_job(job_id, settings)

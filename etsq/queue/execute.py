@@ -31,7 +31,7 @@ from etsq.store.jobs import (
     release_job,
     search_config,
 )
-from etsq.store.session import session_scope
+from etsq.store.session import Store
 from etsq.store.trees import DepthWriter, load_tree
 from etsq.validation import check_width
 
@@ -50,14 +50,14 @@ def load_embedder(model: str | None) -> Embedder:
     return embedder
 
 
-def _record_model_info(url: str, run_id: int, policy: Policy, prm: PRM) -> None:
-    with session_scope(url) as s:
+def _record_model_info(store: Store, run_id: int, policy: Policy, prm: PRM) -> None:
+    with store.session() as s:
         run = s.get_one(m.Run, run_id)
         if run.model_info is None:
             run.model_info = {"policy": vars(policy.info), "prm": vars(prm.info)}
 
 
-def build_searcher(claim: Claim, settings: Settings) -> Searcher:
+def build_searcher(claim: Claim, settings: Settings, store: Store) -> Searcher:
     """The searcher of a claimed job; server-backed models are checked to answer first.
 
     A server that went down makes the job retry (TransientError) instead of failing it.
@@ -67,7 +67,7 @@ def build_searcher(claim: Claim, settings: Settings) -> Searcher:
     models = ModelConfig.from_dict(claim.config["models"])
     models.check_prm_revision()
     policy, prm = load_models(models, settings)
-    _record_model_info(settings.database_url, claim.run_id, policy, prm)
+    _record_model_info(store, claim.run_id, policy, prm)
     method = get_method(cfg.method)
     embedder = load_embedder(models.embedding) if method.needs_embedder else None
     return Searcher(claim.question, claim.key, policy, prm, cfg, method.select, embedder)
@@ -79,36 +79,42 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     Raises TransientError (job released: retry it) and ShutdownRequested (job released:
     enqueue it again); returns "skipped" when the job is finished or a live worker holds it.
     """
-    url = settings.database_url
-    claim = claim_job(url, job_id, settings.stale_after_s, worker, settings.gpu)
+    store = Store.open(settings.database_url)  # the worker's one Store: its schema is checked once
+    claim = claim_job(store, job_id, settings.stale_after_s, worker, settings.gpu)
     if claim is None:
         return "skipped"
     try:
-        search_claimed(url, claim, build_searcher(claim, settings), settings.heartbeat_s)
+        search_claimed(store, claim, build_searcher(claim, settings, store), settings.heartbeat_s)
         return "done"
     except LeaseLost:
         return "lost"
     except (TransientError, ShutdownRequested):
-        release_job(url, job_id, claim.lease)
+        _release(store, claim)
         raise
     except OperationalError as exc:
-        release_job(url, job_id, claim.lease)
+        _release(store, claim)
         raise TransientError(f"database: {exc.orig}") from exc
     except Exception as exc:  # any other fault is permanent for this job
-        return _fail(url, claim, exc)
+        return _fail(store, claim, exc)
 
 
-def _fail(url: str, claim: Claim, exc: BaseException) -> str:
+def _release(store: Store, claim: Claim) -> None:
+    with store.session() as s:
+        release_job(s, claim.job_id, claim.lease)
+
+
+def _fail(store: Store, claim: Claim, exc: BaseException) -> str:
     log.exception("job %s failed", claim.job_id)
-    fail_job(url, claim.job_id, f"{type(exc).__name__}: {exc}", claim.lease)
+    with store.session() as s:
+        fail_job(s, claim.job_id, f"{type(exc).__name__}: {exc}", claim.lease)
     return "failed"
 
 
-def search_claimed(url: str, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
+def search_claimed(store: Store, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
     """Run (or resume) the claimed job's search to completion, one committed depth at a time."""
-    with session_scope(url) as s:
+    with store.session() as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    with Heartbeat(url, claim.job_id, claim.lease, heartbeat_s):
-        writer = DepthWriter(url, claim.job_id, claim.lease, stop=STOP)
+    with Heartbeat(store, claim.job_id, claim.lease, heartbeat_s):
+        writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP)
         searcher.run(tree, writer, start_depth=depth)

@@ -14,6 +14,7 @@ from typing import Any
 from etsq.queue.messages import enqueue
 from etsq.settings import Settings
 from etsq.store.jobs import requeue_stale
+from etsq.store.session import Store
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 class Janitor(threading.Thread):
     """Sweeps every ETSQ_JANITOR_S seconds until stopped."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, settings: Settings, store: Store | None = None) -> None:
         super().__init__(name="etsq-janitor", daemon=True)
         self.app, self.settings = app, settings
+        self.store = store or Store.open(settings.database_url)  # the worker's one Store
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -34,7 +36,8 @@ class Janitor(threading.Thread):
 
     def sweep(self) -> None:
         try:
-            stale = requeue_stale(self.settings.database_url, self.settings.stale_after_s)
+            with self.store.session() as s:
+                stale = requeue_stale(s, self.settings.stale_after_s)
             if stale:
                 log.warning("re-enqueueing %d jobs of dead workers: %s", len(stale), [j for j, _ in stale])
                 default = self.app.conf.task_default_queue

@@ -22,6 +22,7 @@ from etsq.queue.broker import broker_fault
 from etsq.settings import Settings
 from etsq.store.jobs import requeue_stale
 from etsq.store.runs import queued_jobs
+from etsq.store.session import Store
 
 TASK_NAME = "etsq.search_job"
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority names a priority list
@@ -77,11 +78,11 @@ class Resumed:
     already_waiting: int
 
 
-def resume(app: Any, settings: Settings, run_id: int) -> Resumed:
+def resume(app: Any, settings: Settings, store: Store, run_id: int) -> Resumed:
     """Enqueue every job of the run that is waiting or whose worker died, unless its message waits."""
-    url = settings.database_url
-    requeue_stale(url, settings.stale_after_s, run_id)
-    jobs = queued_jobs(url, run_id, settings.queue)
+    with store.session() as s:
+        requeue_stale(s, settings.stale_after_s, run_id)
+        jobs = queued_jobs(s, run_id, settings.queue)
     waiting = waiting_job_ids(str(app.conf.broker_url), {queue for _, queue in jobs})
     missing = [(job_id, queue) for job_id, queue in jobs if job_id not in waiting]
     enqueue(app, missing)

@@ -18,7 +18,7 @@ from etsq.models.backends import REMOTE_BACKENDS, check_servers, remote_choices
 from etsq.models.config import ModelConfig
 from etsq.queue.app import connect
 from etsq.settings import Settings
-from etsq.store.session import ensure_schema
+from etsq.store.session import Store
 
 # Problems searched at once: servers need many requests in flight to batch well, while in-process
 # models already use every core (and the GPU) for one.
@@ -92,9 +92,12 @@ def celery_worker_argv(settings: Settings, opts: WorkerOptions) -> list[str]:
     ]
 
 
-def serve(settings: Settings, opts: WorkerOptions, report: Callable[[str], None]) -> None:
-    """Run a Celery worker until it is shut down (SIGTERM: the job in hand commits, then requeues)."""
-    ensure_schema(settings.database_url)
+def serve(settings: Settings, store: Store, opts: WorkerOptions, report: Callable[[str], None]) -> None:
+    """Run a Celery worker until it is shut down (SIGTERM: the job in hand commits, then requeues).
+
+    `store` is the database of `settings`: its schema is brought up to date before anything else, and
+    the worker's jobs (`etsq.queue.execute.run_job`) share it, in this process."""
+    store.ensure_schema()
     bound = worker_settings(settings, opts, report)
     if opts.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu  # read by CUDA itself, in this process

@@ -10,6 +10,7 @@ from etsq.queue.execute import run_job
 from etsq.queue.messages import TASK_NAME
 from etsq.settings import Settings
 from etsq.store.jobs import ShutdownRequested, fail_job
+from etsq.store.session import Store
 
 __all__ = ["TASK_NAME", "backoff_s", "search_job"]
 
@@ -32,6 +33,7 @@ def search_job(task: Any, job_id: int) -> str:
     except TransientError as exc:
         if task.request.retries >= settings.job_retries:
             reason = f"gave up after {task.request.retries} retries: {exc}"
-            fail_job(settings.database_url, job_id, reason)
+            with Store.open(settings.database_url).session() as s:
+                fail_job(s, job_id, reason)
             return "failed"
         raise task.retry(exc=exc, countdown=backoff_s(settings, task.request.retries)) from exc

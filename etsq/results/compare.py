@@ -16,7 +16,7 @@ from etsq.errors import UserError
 from etsq.results.evaluate import combos_of, run_records, select_runs
 from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean, significant
 from etsq.store.labels import shown_label, sim_note
-from etsq.store.session import ensure_schema, session_scope
+from etsq.store.session import Store
 
 RESAMPLES = 10_000
 SEED = 0
@@ -55,11 +55,10 @@ def _figure_means(records: Sequence[ProblemRecord]) -> dict[str, float | None]:
     return {name: mean([getattr(r, name) for r in records]) for name in RATIO_FIGURES}
 
 
-def compare(url: str, base_id: int, other_id: int, agg: str, vote: str) -> dict[str, Any]:
+def compare(store: Store, base_id: int, other_id: int, agg: str, vote: str) -> dict[str, Any]:
     """BASE against OTHER on the problems both finished (matched by problem, not by position)."""
-    ensure_schema(url)
     [combo] = combos_of([agg], [vote])
-    with session_scope(url) as s:
+    with store.session() as s:
         runs = {r.run_id: r for r in select_runs(s, RunFilter(runs=(base_id, other_id)))}
         base = run_records(s, runs[base_id], [combo])
         other = run_records(s, runs[other_id], [combo])

@@ -42,7 +42,7 @@ from etsq.store import schema as m
 from etsq.store.jobs import job_seconds
 from etsq.store.labels import run_backend, run_label
 from etsq.store.runs import run_ids
-from etsq.store.session import ensure_schema, session_scope
+from etsq.store.session import Store
 from etsq.store.statuses import JobStatus
 
 STREAM_ROWS = 10_000  # rows per fetch from the (server-side) cursor
@@ -240,8 +240,8 @@ def _record(
     )
 
 
-def _imported(record: ProblemRecord, config: dict[str, Any]) -> ProblemRecord:
-    """An imported run's figures come from its file and stats.log, not from its partial tree."""
+def _measured(record: ProblemRecord, config: dict[str, Any]) -> ProblemRecord:
+    """Figures the run's config holds (an imported run's file and stats.log) replace those of its tree."""
     for name, value in problem_figures(config, record.key).items():
         setattr(record, name, value)
     return record
@@ -258,7 +258,7 @@ def run_records(
     for job_id, rows in _stream_nodes(s, run.run_id):
         if job_id in jobs:
             record = _record(job_id, jobs[job_id], tally_tree(rows), kv.get(job_id), combos)
-            records.append(_imported(record, config) if run.source == "reference" else record)
+            records.append(_measured(record, config))
     return RunRecords(run, records, counts)
 
 
@@ -275,7 +275,7 @@ def combos_of(aggs: Sequence[str], votes: Sequence[str]) -> list[Combo]:
 
 
 def evaluate(
-    url: str,
+    store: Store,
     wanted: list[int] | None,
     aggs: Sequence[str],
     votes: Sequence[str],
@@ -286,11 +286,10 @@ def evaluate(
 
     With a --level / --subject filter, runs none of whose problems match are left out.
     """
-    ensure_schema(url)
     combos = combos_of(aggs, votes)
     run_filter = replace(runs or RunFilter(), runs=tuple(wanted or ()))
     problem_filter = problems or ProblemFilter()
-    with session_scope(url) as s:
+    with store.session() as s:
         results = [run_records(s, run, combos, problem_filter) for run in select_runs(s, run_filter)]
     if problem_filter.active:
         if results and not any(r.counts.total for r in results):

@@ -12,25 +12,39 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from etsq.errors import UserError
 from etsq.procs import atomic_write_text
 
+if TYPE_CHECKING:
+    from etsq.store.session import Store
+
 FORMATS = ("jsonl", "reference")
 
 
-def export_lines(url: str, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
+def export_lines(store: Store, run_id: int, fmt: str = "jsonl") -> Iterator[str]:
     """The export of a run, line by line (UserError for an unknown run, raised before the first line)."""
     # Imported here: the CLI reads FORMATS at start-up, and the database layer costs ~0.5 s to import.
-    from etsq.results.reference import reference_chunks, reference_entries
-    from etsq.store.runs import export_jobs, statuses
+    from etsq.store.runs import statuses
 
-    statuses(url, [run_id])
-    if fmt == "reference":
-        return reference_chunks(reference_entries(url, run_id))
-    if fmt != "jsonl":
+    with store.session() as s:
+        statuses(s, [run_id])
+    if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return (json.dumps(obj, ensure_ascii=False) + "\n" for obj in export_jobs(url, run_id))
+    return _lines(store, run_id, fmt)
+
+
+def _lines(store: Store, run_id: int, fmt: str) -> Iterator[str]:
+    from etsq.results.reference import reference_chunks
+    from etsq.results.reference_runs import reference_entries
+    from etsq.store.runs import export_jobs
+
+    with store.session() as s:
+        if fmt == "reference":
+            yield from reference_chunks(reference_entries(s, run_id))
+        else:
+            yield from (json.dumps(obj, ensure_ascii=False) + "\n" for obj in export_jobs(s, run_id))
 
 
 def write_atomically(path: Path, lines: Iterable[str]) -> None:

@@ -1,4 +1,7 @@
-"""The reference implementation's output format, in (`etsq import`) and out (`export --format reference`).
+"""The reference implementation's output format, read and written: no database here.
+
+`etsq import` (`etsq.results.reference_runs`) stores a file read here through the store's run path;
+`export --format reference` writes a run back in this format.
 
 The reference writes one JSON list per run, one object per problem:
 `{"id", "question", "model_answer": [{"text", "step_scores"}], "ground_truth_answer", "total_tokens"}`,
@@ -19,18 +22,11 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from typing import Any, NamedTuple
 
 from etsq.answers import extract_answer, gold_answer
 from etsq.datasets import FILENAMES
 from etsq.errors import UserError
-from etsq.store import schema as m
-from etsq.store.runs import config_hash, package_versions, run_ids
-from etsq.store.session import ensure_schema, session_scope
-from etsq.store.statuses import JobStatus
 
 SOURCE = "reference"
 _STATS_LINES = {
@@ -255,12 +251,15 @@ def problem_key(dataset: str, entry_id: int) -> str:
     return f"{dataset}-{entry_id}" if dataset in FILENAMES else str(entry_id)
 
 
-def _gold(entry: Entry) -> str:
+def gold(entry: Entry) -> str:
+    """The answer stored for the problem."""
     # A GSM8K-style solution ends in `#### 72`; any other ground truth is the answer itself.
     return gold_answer(entry.ground_truth, "") if "####" in entry.ground_truth else entry.ground_truth.strip()
 
 
-def _config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] | None) -> dict[str, Any]:
+def run_config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] | None) -> dict[str, Any]:
+    """An imported run's config: its identity (the file's and stats.log's content, the options it
+    came with) and what the reference measured, which the imported tree lacks."""
     digest = hashlib.sha256(spec.file.read_bytes())
     if spec.stats is not None:
         digest.update(spec.stats.read_bytes())
@@ -281,110 +280,8 @@ def _config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] | No
         "total_tokens": {k: e.total_tokens for k, e in zip(keys, entries, strict=True)},
         # Ground truths that are not the stored answer (a `####` solution), for the way back out.
         "ground_truth": {
-            k: e.ground_truth for k, e in zip(keys, entries, strict=True) if e.ground_truth != _gold(e)
+            k: e.ground_truth for k, e in zip(keys, entries, strict=True) if e.ground_truth != gold(e)
         },
-    }
-
-
-def import_reference(url: str, spec: ImportSpec) -> tuple[int, bool]:
-    """Store a reference file as a run: (run id, True), or (the existing run's id, False) when this
-    file was imported with the same options before.  Checked whole before anything is written."""
-    if spec.width < 1:
-        raise UserError(f"width must be positive, got {spec.width}")
-    entries = read_reference(spec.file)
-    stats = read_stats(spec.stats) if spec.stats is not None else None
-    config = _config(spec, entries, stats)
-    ensure_schema(url)
-    with session_scope(url) as s:
-        existing = s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(config)))
-        if existing is not None:
-            return existing, False
-        run = _run_row(spec, config)
-        s.add(run)
-        s.flush()
-        for entry in entries:
-            _store_problem(s, run.id, spec.dataset, entry)
-        return run.id, True
-
-
-def _run_row(spec: ImportSpec, config: dict[str, Any]) -> m.Run:
-    return m.Run(
-        dataset=spec.dataset,
-        method=spec.method,
-        width=spec.width,
-        seed=0,
-        config=config,
-        config_hash=config_hash(config),
-        policy_model=SOURCE,
-        prm_model=SOURCE,
-        model_info={"source": SOURCE, "file": spec.file.name},
-        versions=package_versions(),
-        finished_at=m.utcnow(),
-    )
-
-
-def _problem_row(s: Session, dataset: str, entry: Entry) -> m.Problem:
-    key, gold = problem_key(dataset, entry.id), _gold(entry)
-    row = s.scalar(select(m.Problem).where(m.Problem.dataset == dataset, m.Problem.problem_id == key))
-    if row is None:
-        row = m.Problem(dataset=dataset, problem_id=key, question=entry.question, answer=gold, meta={})
-        s.add(row)
-        s.flush()
-    elif (row.question, row.answer) != (entry.question, gold):
-        raise UserError(
-            f"{dataset}/{key} is stored with another question or answer; import under another --dataset label"
-        )
-    return row
-
-
-def _store_problem(s: Session, run_id: int, dataset: str, entry: Entry) -> None:
-    nodes = answer_tree(entry)
-    now = m.utcnow()
-    job = m.Job(
-        run_id=run_id,
-        problem_id=_problem_row(s, dataset, entry).id,
-        status=JobStatus.DONE,
-        depth=max(n.depth for n in nodes),
-        finished_at=now,
-    )
-    s.add(job)
-    s.flush()
-    _insert_nodes(s, job.id, nodes)
-
-
-def _insert_nodes(s: Session, job_id: int, nodes: list[TreeNode]) -> None:
-    """Inner nodes depth by depth (parents first), then the leaves in answer order, so that the
-    leaves' ids keep the file's order of answers."""
-    ids: dict[int, int] = {}
-    inner = [i for i, n in enumerate(nodes) if not n.terminal]
-    for depth in sorted({nodes[i].depth for i in inner}):
-        _insert(s, job_id, nodes, [i for i in inner if nodes[i].depth == depth], ids)
-    _insert(s, job_id, nodes, [i for i, n in enumerate(nodes) if n.terminal], ids)
-
-
-def _insert(s: Session, job_id: int, nodes: list[TreeNode], batch: list[int], ids: dict[int, int]) -> None:
-    rows = [_node_row(job_id, nodes[i], ids) for i in batch]
-    stmt = insert(m.Node).returning(m.Node.id, sort_by_parameter_order=True)
-    for i, db_id in zip(batch, s.scalars(stmt, rows).all(), strict=True):
-        ids[i] = db_id
-
-
-def _node_row(job_id: int, node: TreeNode, ids: dict[int, int]) -> dict[str, Any]:
-    # Token counts are not in the file: 0 here; the run's figures come from total_tokens and stats.log.
-    return {
-        "job_id": job_id,
-        "parent_id": None if node.parent is None else ids[node.parent],
-        "depth": node.depth,
-        "path": node.path,
-        "text": node.text,
-        "step_tokens": 0,
-        "cum_tokens": 0,
-        "score": node.score,
-        "terminal": node.terminal,
-        "terminal_reason": "answer" if node.terminal and node.answer else None,
-        "answer": node.answer,
-        "kept": None if node.terminal else True,
-        "n_children": None if node.terminal else len(node.children),
     }
 
 
@@ -397,7 +294,10 @@ def is_imported(config: dict[str, Any]) -> bool:
 
 def problem_figures(config: dict[str, Any], key: str) -> dict[str, float | None]:
     """An imported problem's figures: its own total_tokens, and stats.log's run totals spread
-    evenly over the file's problems (the reference records no per-problem KV, calls or time)."""
+    evenly over the file's problems (the reference records no per-problem KV, calls or time).
+    Nothing for a run etsq searched: its figures come from its tree."""
+    if not is_imported(config):
+        return {}
     stats, n = config.get("stats"), config["n_problems"]
     tokens = config["total_tokens"].get(key)
 
@@ -429,57 +329,61 @@ def reference_id(dataset: str, key: str, position: int) -> int:
     return int(key) if re.fullmatch(r"-?\d+", key) else position
 
 
-ExportRow = tuple[int, int | None, str, float | None, bool, int]  # id, parent, text, score, terminal, tokens
+class ExportRow(NamedTuple):
+    """What the export reads of one stored node."""
+
+    id: int
+    parent_id: int | None
+    text: str
+    score: float | None
+    terminal: bool
+    step_tokens: int
 
 
 def _leaf_paths(rows: list[ExportRow]) -> list[dict[str, Any]]:
     """{text: the whole path's text, step_scores} of every leaf, in id order: model_answer."""
-    by_id = {row[0]: row for row in rows}
+    by_id = {row.id: row for row in rows}
     out = []
-    for node_id, *_, terminal, _ in sorted(rows):
-        if not terminal:
+    for leaf in sorted(rows):
+        if not leaf.terminal:
             continue
         texts: list[str] = []
         scores: list[float] = []
-        current: ExportRow | None = by_id[node_id]
+        current: ExportRow | None = leaf
         while current is not None:
-            texts.append(current[2])
-            if current[1] is not None and current[3] is not None:
-                scores.append(current[3])
-            current = by_id[current[1]] if current[1] is not None else None
+            texts.append(current.text)
+            if current.parent_id is not None and current.score is not None:
+                scores.append(current.score)
+            current = by_id[current.parent_id] if current.parent_id is not None else None
         out.append({"text": "".join(reversed(texts)), "step_scores": scores[::-1]})
     return out
 
 
-def _export_entry(s: Session, run: m.Run, job: m.Job, position: int) -> dict[str, Any]:
-    n = m.Node
-    q = select(n.id, n.parent_id, n.text, n.score, n.terminal, n.step_tokens).where(n.job_id == job.id)
-    rows = list(s.execute(q).tuples())
-    key, config = job.problem.problem_id, run.config
-    truth, tokens = job.problem.answer, sum(row[5] for row in rows if row[1] is not None)
+@dataclass(frozen=True)
+class StoredProblem:
+    """What the export reads of one finished problem of a run besides its nodes."""
+
+    key: str  # the dataset's problem id
+    question: str
+    answer: str  # the stored gold answer
+
+
+def export_entry(
+    dataset: str, config: dict[str, Any], problem: StoredProblem, rows: list[ExportRow], position: int
+) -> dict[str, Any]:
+    """One finished problem in the reference's shape; an imported run gives back its file's ground
+    truth and total_tokens."""
+    truth, tokens = problem.answer, sum(row.step_tokens for row in rows if row.parent_id is not None)
     if is_imported(config):
-        truth = config["ground_truth"].get(key, truth)
-        tokens = int(config["total_tokens"].get(key, 0))
+        truth = config["ground_truth"].get(problem.key, truth)
+        tokens = int(config["total_tokens"].get(problem.key, 0))
     return {
-        "id": reference_id(run.dataset, key, position),
-        "question": job.problem.question,
+        "id": reference_id(dataset, problem.key, position),
+        "question": problem.question,
         "model_answer": _leaf_paths(rows),
         "ground_truth_answer": truth,
         "total_tokens": tokens,
     }
-
-
-def reference_entries(url: str, run_id: int) -> Iterator[dict[str, Any]]:
-    """The run's finished problems in the reference's shape, one at a time."""
-    ensure_schema(url)
-    with session_scope(url) as s:
-        run_ids(s, [run_id])
-        run = s.get_one(m.Run, run_id)
-        jobs = s.scalars(
-            select(m.Job).where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE).order_by(m.Job.id)
-        )
-        for position, job in enumerate(jobs):
-            yield _export_entry(s, run, job, position)
 
 
 def reference_chunks(entries: Iterator[dict[str, Any]]) -> Iterator[str]:

@@ -22,7 +22,7 @@ from etsq.results.aggregate import equivalent
 from etsq.store import schema as m
 from etsq.store.labels import run_backend, run_label
 from etsq.store.runs import run_ids
-from etsq.store.session import ensure_schema, session_scope
+from etsq.store.session import Store
 
 _TEMPLATE = Path(__file__).with_name("tree.html")
 
@@ -80,10 +80,9 @@ def _nodes(s: Session, job: m.Job) -> list[dict[str, Any]]:
     return out
 
 
-def tree_page(url: str, run_id: int, problem: str) -> str:
+def tree_page(store: Store, run_id: int, problem: str) -> str:
     """The HTML page of `problem`'s tree in run `run_id`."""
-    ensure_schema(url)
-    with session_scope(url) as s:
+    with store.session() as s:
         job = _job(s, run_id, problem)
         run = job.run
         label = run_label(run.config)
@@ -102,6 +101,6 @@ def tree_page(url: str, run_id: int, problem: str) -> str:
     return template.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 
-def write_tree(url: str, run_id: int, problem: str, out: Path) -> None:
+def write_tree(store: Store, run_id: int, problem: str, out: Path) -> None:
     """Write the page to `out` through a temporary sibling: no half-written file on failure."""
-    atomic_write_text(out, tree_page(url, run_id, problem))
+    atomic_write_text(out, tree_page(store, run_id, problem))

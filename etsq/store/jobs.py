@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from etsq.errors import EtsqError
 from etsq.search.config import SearchConfig
 from etsq.store import schema as m
-from etsq.store.session import rows_affected, session_scope
+from etsq.store.session import Store, rows_affected
 from etsq.store.statuses import FINISHED, JobStatus
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,11 @@ def _claimable(now: datetime, stale_after_s: float) -> ColumnElement[bool]:
 
 
 def claim_job(
-    url: str, job_id: int, stale_after_s: float, worker: str | None = None, gpu: str | None = None
+    store: Store, job_id: int, stale_after_s: float, worker: str | None = None, gpu: str | None = None
 ) -> Claim | None:
     """Take the job with a fresh lease; None when it is finished, missing, or held by a live worker."""
     lease, now = str(uuid.uuid4()), m.utcnow()
-    with session_scope(url) as s:
+    with store.session() as s:
         taken = rows_affected(
             s,
             update(m.Job)
@@ -102,9 +102,9 @@ def claim_job(
         )
 
 
-def heartbeat(url: str, job_id: int, lease: str) -> bool:
+def heartbeat(store: Store, job_id: int, lease: str) -> bool:
     """Refresh the job's heartbeat; False when the lease was lost (reclaimed or cancelled)."""
-    with session_scope(url) as s:
+    with store.session() as s:
         stmt = (
             update(m.Job)
             .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
@@ -113,29 +113,27 @@ def heartbeat(url: str, job_id: int, lease: str) -> bool:
         return rows_affected(s, stmt) > 0
 
 
-def release_job(url: str, job_id: int, lease: str) -> None:
+def release_job(s: Session, job_id: int, lease: str) -> None:
     """Hand a running job back to the queue (retry, shutdown): its committed depths stay."""
-    with session_scope(url) as s:
-        s.execute(
-            update(m.Job)
-            .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
-            .values(status=JobStatus.QUEUED, lease=None, heartbeat_at=None)
-        )
+    s.execute(
+        update(m.Job)
+        .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, lease=None, heartbeat_at=None)
+    )
 
 
-def requeue_stale(url: str, stale_after_s: float, run_id: int | None = None) -> list[tuple[int, str | None]]:
+def requeue_stale(
+    s: Session, stale_after_s: float, run_id: int | None = None
+) -> list[tuple[int, str | None]]:
     """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue."""
     cond = [m.Job.status == JobStatus.RUNNING, _stale(m.utcnow(), stale_after_s)]
     if run_id is not None:
         cond.append(m.Job.run_id == run_id)
-    with session_scope(url) as s:
-        rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
-        if rows:
-            ids = [job_id for job_id, _ in rows]
-            s.execute(
-                update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None)
-            )
-        return rows
+    rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
+    if rows:
+        ids = [job_id for job_id, _ in rows]
+        s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None))
+    return rows
 
 
 _JOBS = m.Base.metadata.tables["jobs"]
@@ -164,20 +162,19 @@ def _finish(s: Session, job: m.Job, status: JobStatus, error: str | None = None)
     close_run_if_done(s.connection(), job.run_id)
 
 
-def fail_job(url: str, job_id: int, reason: str, lease: str | None = None) -> None:
+def fail_job(s: Session, job_id: int, reason: str, lease: str | None = None) -> None:
     """Record a permanent failure (unless another worker holds the job now); the run goes on."""
-    with session_scope(url) as s:
-        job = s.get(m.Job, job_id)
-        if job is None or job.status in FINISHED or (lease is not None and job.lease not in (lease, None)):
-            return
-        _finish(s, job, JobStatus.FAILED, reason[:4000])
+    job = s.get(m.Job, job_id)
+    if job is None or job.status in FINISHED or (lease is not None and job.lease not in (lease, None)):
+        return
+    _finish(s, job, JobStatus.FAILED, reason[:4000])
 
 
 class Heartbeat:
     """A background thread that keeps a running job's heartbeat fresh between depth commits."""
 
-    def __init__(self, url: str, job_id: int, lease: str, every_s: float) -> None:
-        self.args, self.every_s = (url, job_id, lease), every_s
+    def __init__(self, store: Store, job_id: int, lease: str, every_s: float) -> None:
+        self.args, self.every_s = (store, job_id, lease), every_s
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 

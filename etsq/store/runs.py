@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -23,7 +24,7 @@ from etsq.settings import Settings
 from etsq.store import schema as m
 from etsq.store.jobs import close_run_if_done, finish_values, job_seconds
 from etsq.store.labels import run_backend, run_label
-from etsq.store.session import ensure_schema, rows_affected, session_scope
+from etsq.store.session import Store, rows_affected
 from etsq.store.statuses import FINISHED, UNFINISHED, JobStatus, RunStatus
 
 RECORDED_PACKAGES = (
@@ -112,7 +113,16 @@ def load_problems(settings: Settings, spec: RunSpec, loaded: dict[str, Dataset] 
     return cache[spec.dataset].head(spec.limit)
 
 
-def _problem_row(s: Session, namespace: str, p: Problem) -> m.Problem:
+# What a submission is told when a problem's id is stored with another question or answer.
+DATA_CHANGED = (
+    "differs from the row of that id stored by an earlier run (the data changed under the same name); "
+    "keep the earlier data in ETSQ_DATA_DIR or submit the new data as a .jsonl file"
+)
+
+
+def problem_row(s: Session, namespace: str, p: Problem, clash: str = DATA_CHANGED) -> m.Problem:
+    """The stored row of problem `p` under `namespace`, added now if missing; a UserError
+    `namespace/id clash` when a row of that id holds another question or answer."""
     row = s.scalar(
         select(m.Problem).where(m.Problem.dataset == namespace, m.Problem.problem_id == p.problem_id)
     )
@@ -122,92 +132,102 @@ def _problem_row(s: Session, namespace: str, p: Problem) -> m.Problem:
         )
         s.add(row)
     elif (row.question, row.answer) != (p.question, p.answer):
-        raise UserError(
-            f"{namespace}/{p.problem_id} differs from the row of that id stored by an earlier run "
-            "(the data changed under the same name); keep the earlier data in ETSQ_DATA_DIR or submit "
-            "the new data as a .jsonl file"
-        )
+        raise UserError(f"{namespace}/{p.problem_id} {clash}")
     return row
 
 
-def create_run(url: str, spec: RunSpec, data: Dataset, queues: list[str]) -> tuple[int, bool]:
+def create_run(store: Store, spec: RunSpec, data: Dataset, queues: list[str]) -> tuple[int, bool]:
     """The run of this configuration: (id, True) when stored now, (id, False) when it existed.
 
     The config hash is unique, so concurrent submissions of one configuration make one run;
     the loser of the race rolls back and finds the winner's run.
     """
-    ensure_schema(url)
+    insert = functools.partial(_insert_run, spec=spec, data=data, queues=queues)
+    return store_run(store, spec.config(data), insert, spec.dataset)
+
+
+def store_run(
+    store: Store, config: dict[str, Any], insert: Callable[[Session, dict[str, Any]], m.Run], name: str
+) -> tuple[int, bool]:
+    """The run of `config`'s identity: (id, False) when stored already, else (id, True) after
+    `insert` built its row (with its jobs) in a transaction of its own.
+
+    The config hash is unique, so concurrent stores of one identity make one run: the loser of the
+    race rolls back and finds the winner's run.  Submitted and imported runs are stored through here.
+    """
+    wanted = config_hash(config)
     for _ in range(3):
-        existing = find_run(url, spec, data)
+        with store.session() as s:
+            existing = s.scalar(select(m.Run.id).where(m.Run.config_hash == wanted))
         if existing is not None:
             return existing, False
         try:
-            return _insert_run(url, spec, data, queues), True
+            with store.session() as s:
+                run = insert(s, config)
+                s.add(run)
+                s.flush()
+                return run.id, True
         except IntegrityError:
             continue  # a concurrent submit inserted the same run or problems first
-    raise UserError(f"could not store the run of {spec.dataset!r}: conflicting concurrent submissions")
+    raise UserError(f"could not store the run of {name!r}: conflicting concurrent submissions")
 
 
-def find_run(url: str, spec: RunSpec, data: Dataset) -> int | None:
+def find_run(s: Session, spec: RunSpec, data: Dataset) -> int | None:
     """The stored run of these problems and this configuration, if any."""
-    ensure_schema(url)
-    with session_scope(url) as s:
-        return s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(spec.config(data))))
+    return s.scalar(select(m.Run.id).where(m.Run.config_hash == config_hash(spec.config(data))))
 
 
-def _insert_run(url: str, spec: RunSpec, data: Dataset, queues: list[str]) -> int:
-    config = spec.config(data)
-    with session_scope(url) as s:
-        rows = [_problem_row(s, data.namespace, p) for p in data]
-        run = m.Run(
-            dataset=data.name,
-            method=spec.search.method,
-            width=spec.search.width,
-            seed=spec.search.seed,
-            config=config,
-            config_hash=config_hash(config),
-            policy_model=spec.models.label("policy"),
-            prm_model=spec.models.label("prm"),
-            versions=package_versions(),
-        )
-        # Round-robin over the queues with live workers keeps every GPU's servers busy.
-        run.jobs = [m.Job(problem=row, queue=queues[i % len(queues)]) for i, row in enumerate(rows)]
-        s.add(run)
-        s.flush()
-        return run.id
+def _insert_run(
+    s: Session, config: dict[str, Any], *, spec: RunSpec, data: Dataset, queues: list[str]
+) -> m.Run:
+    rows = [problem_row(s, data.namespace, p) for p in data]
+    run = run_row(config, data.name, spec.search.method, spec.search.width, spec.search.seed)
+    run.policy_model, run.prm_model = spec.models.label("policy"), spec.models.label("prm")
+    # Round-robin over the queues with live workers keeps every GPU's servers busy.
+    run.jobs = [m.Job(problem=row, queue=queues[i % len(queues)]) for i, row in enumerate(rows)]
+    return run
 
 
-def queued_jobs(url: str, run_id: int, default_queue: str) -> list[tuple[int, str]]:
+def run_row(config: dict[str, Any], dataset: str, method: str, width: int, seed: int) -> m.Run:
+    """A run's row: its stored config, the identity hashed from it, and the packages it ran with."""
+    return m.Run(
+        dataset=dataset,
+        method=method,
+        width=width,
+        seed=seed,
+        config=config,
+        config_hash=config_hash(config),
+        versions=package_versions(),
+    )
+
+
+def queued_jobs(s: Session, run_id: int, default_queue: str) -> list[tuple[int, str]]:
     """(job id, queue) of the run's jobs waiting for a worker: what resume enqueues."""
-    with session_scope(url) as s:
-        q = select(m.Job.id, m.Job.queue).where(m.Job.run_id == run_id, m.Job.status == JobStatus.QUEUED)
-        return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
+    q = select(m.Job.id, m.Job.queue).where(m.Job.run_id == run_id, m.Job.status == JobStatus.QUEUED)
+    return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
 
 
-def cancel_run(url: str, run_id: int) -> int:
+def cancel_run(s: Session, run_id: int) -> int:
     """Mark every unfinished job cancelled; running ones stop at their next depth commit."""
-    ensure_schema(url)
-    with session_scope(url) as s:
-        run_ids(s, [run_id])
-        n = rows_affected(
-            s,
-            update(m.Job)
-            .where(m.Job.run_id == run_id, m.Job.status.in_(UNFINISHED))
-            .values(**finish_values(JobStatus.CANCELLED)),
-        )
-        if n:  # a finished run keeps the time it finished
-            close_run_if_done(s.connection(), run_id)
-        return n
+    run_ids(s, [run_id])
+    n = rows_affected(
+        s,
+        update(m.Job)
+        .where(m.Job.run_id == run_id, m.Job.status.in_(UNFINISHED))
+        .values(**finish_values(JobStatus.CANCELLED)),
+    )
+    if n:  # a finished run keeps the time it finished
+        close_run_if_done(s.connection(), run_id)
+    return n
 
 
-def delete_run(url: str, run_id: int) -> None:
+def delete_run(s: Session, run_id: int) -> None:
     """Remove a run that was never enqueued: its jobs, and the problem rows no other run uses."""
-    with session_scope(url) as s:
-        problem_ids = list(s.scalars(select(m.Job.problem_id).where(m.Job.run_id == run_id)))
-        s.execute(delete(m.Job).where(m.Job.run_id == run_id))
-        s.execute(delete(m.Run).where(m.Run.id == run_id))
-        still_used = select(m.Job.problem_id).where(m.Job.problem_id.in_(problem_ids))
-        s.execute(delete(m.Problem).where(m.Problem.id.in_(problem_ids), m.Problem.id.not_in(still_used)))
+    problem_ids = list(s.scalars(select(m.Job.problem_id).where(m.Job.run_id == run_id)))
+    s.execute(delete(m.Job).where(m.Job.run_id == run_id))
+    s.execute(delete(m.Run).where(m.Run.id == run_id))
+    still_used = select(m.Job.problem_id).where(m.Job.problem_id.in_(problem_ids))
+    s.execute(delete(m.Problem).where(m.Problem.id.in_(problem_ids), m.Problem.id.not_in(still_used)))
 
 
 def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:
@@ -277,34 +297,30 @@ def mean_job_seconds(s: Session, run_id: int) -> float | None:
     return sum(spans) / len(spans) if spans else None
 
 
-def statuses(url: str, wanted: list[int] | None = None) -> list[dict[str, Any]]:
-    ensure_schema(url)
-    with session_scope(url) as s:
-        return [run_summary(s, rid) for rid in run_ids(s, wanted)]
+def statuses(s: Session, wanted: list[int] | None = None) -> list[dict[str, Any]]:
+    """The summary of the `wanted` runs (each checked to exist), or of every run."""
+    return [run_summary(s, rid) for rid in run_ids(s, wanted)]
 
 
-def progress(url: str, run_id: int) -> tuple[int, int, int]:
+def progress(s: Session, run_id: int) -> tuple[int, int, int]:
     """(finished, failed, total) jobs of a run: what a progress bar shows.
 
     Cancelled jobs count as finished.
     """
-    with session_scope(url) as s:
-        done_or_failed = case((m.Job.status.in_(FINISHED), 1), else_=0)
-        failed = case((m.Job.status == JobStatus.FAILED, 1), else_=0)
-        row = s.execute(
-            select(func.sum(done_or_failed), func.sum(failed), func.count()).where(m.Job.run_id == run_id)
-        ).one()
-        return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+    done_or_failed = case((m.Job.status.in_(FINISHED), 1), else_=0)
+    failed = case((m.Job.status == JobStatus.FAILED, 1), else_=0)
+    row = s.execute(
+        select(func.sum(done_or_failed), func.sum(failed), func.count()).where(m.Job.run_id == run_id)
+    ).one()
+    return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
 
-def export_jobs(url: str, run_id: int) -> Iterator[dict[str, Any]]:
+def export_jobs(s: Session, run_id: int) -> Iterator[dict[str, Any]]:
     """One JSON-able object per problem of the run, with its whole tree."""
-    ensure_schema(url)
-    with session_scope(url) as s:
-        run_ids(s, [run_id])
-        jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id)).all()
-        for job in jobs:
-            yield _export_job(s, job)
+    run_ids(s, [run_id])
+    jobs = s.scalars(select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id)).all()
+    for job in jobs:
+        yield _export_job(s, job)
 
 
 def _export_job(s: Session, job: m.Job) -> dict[str, Any]:

@@ -1,16 +1,26 @@
-"""Database engines and sessions, and bringing the schema to the newest Alembic revision."""
+"""The store seam: one `Store` per database per process, its sessions, and the schema brought to the
+newest Alembic revision once.
+
+The command edge (`cli/`, the worker entry) opens the Store from `Settings.database_url`; everything
+below it takes the Store (functions that run their own transactions: a claim, a depth commit) or a
+`Session` from `store.session()` (functions a caller may compose into one transaction).  Opening a
+Store touches nothing: the first session or transaction brings the schema up to date, so a command
+that refuses its input before it reads the database creates no database.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
-from functools import cache
+from contextlib import AbstractContextManager
+from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
+from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,14 +72,70 @@ def get_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+class Store:
+    """One database: its Engine, its sessions, and its schema, brought up to date once per process.
+
+    `Store.open(url)` returns this process's Store of `url` (one Engine and connection pool per
+    database, shared by every thread).  Nothing is connected or created until the first `session()`
+    or `begin()`, which first applies any pending migration (under the migration lock); later ones
+    do not check again.
+    """
+
+    _open: ClassVar[dict[str, Store]] = {}
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._schema_lock = threading.Lock()
+        self._schema_checked = False
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """This process's Store of `url`."""
+        with cls._open_lock:
+            store = cls._open.get(url)
+            if store is None:
+                store = cls._open[url] = cls(url)
+            return store
+
+    def ensure_schema(self) -> None:
+        """Apply pending migrations, once per process: what every command does before its first read."""
+        with self._schema_lock:
+            if not self._schema_checked:
+                upgrade(self.url)
+                self._schema_checked = True
+
+    @property
+    def engine(self) -> Engine:
+        """The Engine, with the schema up to date."""
+        self.ensure_schema()
+        return get_engine(self.url)
+
+    @cached_property
+    def _sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> AbstractContextManager[Session]:
+        """A session whose work is committed on success and rolled back on any error."""
+        self.ensure_schema()
+        return _scope(self._sessions)
+
+    def begin(self) -> AbstractContextManager[Connection]:
+        """A Core connection in a transaction: committed on success, rolled back on any error."""
+        return self.engine.begin()
+
+    @classmethod
+    def _forget_schema(cls, url: str) -> None:
+        """The schema of `url` changed under this process (`upgrade` to another revision)."""
+        with cls._open_lock:
+            store = cls._open.get(url)
+        if store is not None:
+            store._schema_checked = False
 
 
 @contextlib.contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session whose work is committed on success and rolled back on any error."""
-    session = get_sessionmaker(url)()
+def _scope(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    session = sessions()
     try:
         yield session
         session.commit()
@@ -78,6 +144,12 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def session_scope(url: str) -> AbstractContextManager[Session]:
+    """A session on `url` with no schema check: for tools and tests that look at a database at any
+    revision (migrations).  Code under the command edge uses a `Store`."""
+    return _scope(sessionmaker(get_engine(url), expire_on_commit=False))
 
 
 def rows_affected(s: Session, stmt: Executable) -> int:
@@ -152,6 +224,8 @@ def upgrade(url: str, revision: str = "head") -> None:
         raise UserError("the revision to upgrade to is empty; give one, or head")
     if revision == "head" and is_up_to_date(url):
         return
+    if revision != "head":
+        Store._forget_schema(url)
     _check_current_known(url)
     with _migration_lock(url):
         try:
@@ -170,8 +244,3 @@ def _check_current_known(url: str) -> None:
             f"the database is at revision {current!r}, which this etsq does not know: a newer etsq "
             f"migrated it; upgrade etsq (this one knows revisions up to {scripts.get_current_head()})"
         )
-
-
-def ensure_schema(url: str) -> None:
-    """Called by every command that touches the database."""
-    upgrade(url)

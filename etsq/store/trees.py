@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from etsq.datasets import Problem
 from etsq.errors import PermanentError
 from etsq.search.loop import DepthCommit
 from etsq.search.tree import Node, Tree
 from etsq.store import schema as m
 from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
 from etsq.store.jobs import LeaseLost, ShutdownRequested, close_run_if_done, finish_values
-from etsq.store.session import get_engine
+from etsq.store.runs import problem_row, run_row, store_run
+from etsq.store.session import Store
 from etsq.store.statuses import JobStatus
 
 _JOBS = m.Base.metadata.tables["jobs"]
@@ -124,8 +128,8 @@ class DepthWriter:
     frontier's marks one UPDATE (etsq.store.bulk), the selection row one insert.
     """
 
-    def __init__(self, url: str, job_id: int, lease: str, stop: threading.Event | None = None) -> None:
-        self.url, self.job_id, self.lease = url, job_id, lease
+    def __init__(self, store: Store, job_id: int, lease: str, stop: threading.Event | None = None) -> None:
+        self.store, self.job_id, self.lease = store, job_id, lease
         self.stop = stop or threading.Event()  # set: stop after the depth in hand (worker shutdown)
         self.since = time.perf_counter()  # the depth in hand's wall time is counted from here
 
@@ -136,7 +140,7 @@ class DepthWriter:
             raise ShutdownRequested(f"job {self.job_id}: worker shutting down after depth {rec.depth}")
 
     def _commit(self, tree: Tree, rec: DepthCommit) -> None:
-        with get_engine(self.url).begin() as conn:
+        with self.store.begin() as conn:
             run_id = self._advance_job(conn, rec)
             if tree.root.db_id is None:
                 self._insert(conn, tree, [tree.root])
@@ -186,3 +190,96 @@ def _marks(tree: Tree, rec: DepthCommit) -> list[Mark]:
         assert db_id is not None, "frontier nodes are stored at an earlier depth"
         marks.append(Mark(db_id, n > 0, n, rec.selection.clusters.get(i)))
     return marks
+
+
+# --------------------------------------------------------------------------- finished trees, stored whole
+
+
+@dataclass(frozen=True)
+class GivenNode:
+    """A node of a tree that arrives whole (an imported run): `parent` is its parent's position in
+    the problem's list of nodes, which lists parents before their children."""
+
+    parent: int | None
+    depth: int
+    path: str
+    text: str
+    score: float | None
+    terminal: bool
+    answer: str | None
+    children: int  # how many nodes name this one as parent
+
+
+@dataclass(frozen=True)
+class FinishedProblem:
+    """One problem of a finished run and its whole tree."""
+
+    problem: Problem
+    nodes: Sequence[GivenNode]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run that arrives finished (`etsq import`): its identity config, row fields and problems."""
+
+    config: dict[str, Any]
+    dataset: str  # the run's dataset label, and its problems' namespace
+    method: str
+    width: int
+    models: str  # the policy and PRM model label
+    model_info: dict[str, Any]
+    problems: Sequence[FinishedProblem]
+    clash: str  # the error's text when a problem's id is stored with another question or answer
+
+
+def store_finished_run(store: Store, given: FinishedRun) -> tuple[int, bool]:
+    """Store a finished run with its trees, through the same path as a submitted run
+    (`etsq.store.runs.store_run`, `problem_row`): (id, True), or (the stored run's id, False) when
+    a run of its identity exists.  One transaction: the run, its done jobs and every node."""
+
+    def insert(s: Session, config: dict[str, Any]) -> m.Run:
+        run = run_row(config, given.dataset, given.method, given.width, seed=0)
+        run.policy_model = run.prm_model = given.models
+        run.model_info, run.finished_at = given.model_info, m.utcnow()
+        for item in given.problems:
+            row = problem_row(s, given.dataset, item.problem, clash=given.clash)
+            depth = max(n.depth for n in item.nodes)
+            run.jobs.append(m.Job(problem=row, status=JobStatus.DONE, depth=depth, finished_at=m.utcnow()))
+        s.add(run)
+        s.flush()
+        conn = s.connection()
+        for job, item in zip(run.jobs, given.problems, strict=True):
+            _insert_whole(conn, job.id, item.nodes)
+        return run
+
+    return store_run(store, given.config, insert, given.dataset)
+
+
+def _insert_whole(conn: Connection, job_id: int, nodes: Sequence[GivenNode]) -> None:
+    """Inner nodes depth by depth (parents first), then the leaves in list order, so that the leaves'
+    ids keep their order in the list; inner nodes are marked kept with their child counts."""
+    ids: dict[int, int] = {}
+    inner = [i for i, n in enumerate(nodes) if not n.terminal]
+    batches = [[i for i in inner if nodes[i].depth == d] for d in sorted({nodes[i].depth for i in inner})]
+    for batch in [*batches, [i for i, n in enumerate(nodes) if n.terminal]]:
+        rows = [_given_row(job_id, nodes[i], ids) for i in batch]
+        ids.update(zip(batch, insert_nodes(conn, rows), strict=True))
+    mark_nodes(conn, [Mark(ids[i], True, nodes[i].children, None) for i in inner])
+
+
+def _given_row(job_id: int, node: GivenNode, ids: dict[int, int]) -> NodeRow:
+    return NodeRow(
+        job_id=job_id,
+        parent_id=None if node.parent is None else ids[node.parent],
+        depth=node.depth,
+        path=node.path,
+        text=node.text,
+        # A tree that arrives whole carries no token counts (an import's run config has its own).
+        step_tokens=0,
+        cum_tokens=0,
+        score=node.score,
+        terminal=node.terminal,
+        terminal_reason="answer" if node.terminal and node.answer else None,
+        finish_reason=None,
+        answer=node.answer,
+    )
