@@ -13,16 +13,8 @@ import pytest
 from etsq.datasets import load_dataset
 from etsq.errors import UserError
 from etsq.testbed import arith
-from etsq.testbed.build import (
-    SMALL,
-    TestbedError,
-    build,
-    build_key,
-    built_paths,
-    shipped_paths,
-    shipped_root,
-    testbed_paths,
-)
+from etsq.testbed import build as tb  # (its testbed_* names would be collected as tests)
+from etsq.testbed.build import SMALL, build, build_key, built_paths, shipped_paths, shipped_root
 from etsq.testbed.tokenizer import BAD, GOOD, SHEPHERD_TAG, build_tokenizer, prompt
 from tests.helpers import cli, one_error_line
 
@@ -156,7 +148,7 @@ def test_unwritable_home_is_a_user_error(tmp_path: Path) -> None:
 
 def test_home_under_a_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(TestbedError, match="cannot"):
+    with pytest.raises(tb.TestbedError, match="cannot"):
         build(tmp_path / "file" / "home", config=SMALL)
     line = one_error_line(cli("testbed", "build", "--small", env={"ETSQ_HOME": str(tmp_path / "file" / "h")}))
     assert "testbed" in line
@@ -164,8 +156,8 @@ def test_home_under_a_file_is_a_user_error(tmp_path: Path) -> None:
 
 def test_missing_build_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("etsq.testbed.build.shipped_paths", lambda: None)
-    with pytest.raises(TestbedError, match="etsq testbed build"):
-        testbed_paths(tmp_path)
+    with pytest.raises(tb.TestbedError, match="etsq testbed build"):
+        tb.testbed_paths(tmp_path)
 
 
 # ---------------------------------------------------------------------------- the shipped models
@@ -179,7 +171,7 @@ def test_shipped_weights_match_the_training_code() -> None:
     assert [p.name for p in shipped_root().iterdir()] == [build_key()]
     size = sum(f.stat().st_size for f in shipped.root.rglob("*") if f.is_file())
     assert size < 8_000_000
-    assert testbed_paths(Path("/nonexistent")) == shipped
+    assert tb.testbed_paths(Path("/nonexistent")) == shipped
 
 
 def test_rebase_searches_an_arith_problem_with_the_shipped_models() -> None:

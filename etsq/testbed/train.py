@@ -37,16 +37,16 @@ class TrainConfig:
     hidden: int = 128
     layers: int = 4
     heads: int = 4  # head_dim 32: vLLM's CPU attention wants multiples of 32
-    intermediate: int = 256
-    policy_steps: int = 700
+    intermediate: int = 384
+    policy_steps: int = 850
     policy_batch: int = 64
-    policy_lr: float = 4e-3
-    prm_problems: int = 1000  # training problems the policy samples solutions of for the PRM
+    policy_lr: float = 3e-3
+    prm_problems: int = 800  # training problems the policy samples solutions of for the PRM
     prm_samples: int = 4  # samples per problem
-    prm_steps: int = 300
+    prm_steps: int = 250
     prm_batch: int = 64
     prm_lr: float = 1e-3
-    warmup: int = 40
+    warmup: int = 50
     threads: int = 2
 
     def to_dict(self) -> dict[str, Any]:
