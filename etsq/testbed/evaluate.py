@@ -122,10 +122,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--prm-samples", type=int, default=4)
-    parser.add_argument("--home", type=Path, default=Path.home() / ".local/share/etsq")
+    parser.add_argument("--home", type=Path, help="where `etsq testbed build` put it (default: ETSQ_HOME)")
     parser.add_argument("--root", type=Path, help="a build directory (default: the shipped/built default)")
     args = parser.parse_args(argv)
-    paths = TestbedPaths(args.root) if args.root else testbed_paths(args.home)
+    if args.root:
+        paths = TestbedPaths(args.root)
+    else:
+        from etsq.settings import Settings
+
+        paths = testbed_paths(args.home or Settings.from_env().home)
     figures = evaluate(paths, args.problems, args.samples, args.prm_samples)
     print(json.dumps({"build": str(paths.root), **figures.to_dict()}, indent=2))
 

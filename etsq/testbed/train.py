@@ -38,7 +38,7 @@ class TrainConfig:
     layers: int = 4
     heads: int = 4  # head_dim 32: vLLM's CPU attention wants multiples of 32
     intermediate: int = 384
-    policy_steps: int = 850
+    policy_steps: int = 900
     policy_batch: int = 64
     policy_lr: float = 3e-3
     prm_problems: int = 800  # training problems the policy samples solutions of for the PRM
@@ -111,24 +111,18 @@ def policy_example(tokenizer: Any, problem: arith.Problem) -> tuple[list[int], l
     return head + body, [-100] * len(head) + body
 
 
-def policy_batches(
-    tokenizer: Any, stream: Iterator[arith.Problem], size: int, bucket: int = 8
-) -> Iterator[dict[str, Any]]:
-    """Batches of `size` examples; each run of `bucket` batches is cut from length-sorted examples,
-    so a batch holds examples of about one length and little compute goes to padding."""
+def policy_batches(tokenizer: Any, stream: Iterator[arith.Problem], size: int) -> Iterator[dict[str, Any]]:
+    """Batches of `size` fresh training problems, right-padded.
+
+    (Sorting runs of batches by length wastes less compute on padding, but measured slower to learn.)
+    """
     while True:
-        examples = sorted((policy_example(tokenizer, next(stream)) for _ in range(size * bucket)), key=len_of)
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            yield {
-                "input_ids": pad_right([e[0] for e in chunk], tokenizer.pad_token_id),
-                "attention_mask": pad_right([[1] * len(e[0]) for e in chunk], 0),
-                "labels": pad_right([e[1] for e in chunk], -100),
-            }
-
-
-def len_of(example: tuple[list[int], list[int]]) -> int:
-    return len(example[0])
+        examples = [policy_example(tokenizer, next(stream)) for _ in range(size)]
+        yield {
+            "input_ids": pad_right([e[0] for e in examples], tokenizer.pad_token_id),
+            "attention_mask": pad_right([[1] * len(e[0]) for e in examples], 0),
+            "labels": pad_right([e[1] for e in examples], -100),
+        }
 
 
 def lm_loss(model: Any, batch: dict[str, Any]) -> Any:
