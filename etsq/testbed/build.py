@@ -172,9 +172,7 @@ def _train_into(
     prm = train_prm(config, policy, tokenizer, seed, progress)
     stage("prm")
     for name, model in (("policy", policy), ("prm", prm)):
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
+        save_checkpoint(model, tokenizer, root / name)
     manifest = {
         "key": root.name.split("-")[0].lstrip("."),
         "seed": seed,
@@ -185,6 +183,20 @@ def _train_into(
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     stage("saved")
+
+
+def save_checkpoint(model: Any, tokenizer: Any, path: Path) -> None:
+    """Model (float16 weights: half the size; loaders cast to float32 on a CPU) and tokenizer."""
+    import torch
+
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(torch.float16).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    # The generic class name: transformers 4.x (and servers pinned to it) load it as well as 5.x.
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def ship(home: Path, progress: Callable[[str], None] | None = None) -> TestbedPaths:

@@ -70,10 +70,11 @@ def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 
 def load(path: Path) -> tuple[Any, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return model, tokenizer
 
 

@@ -41,9 +41,9 @@ class TrainConfig:
     policy_steps: int = 900
     policy_batch: int = 64
     policy_lr: float = 3e-3
-    prm_problems: int = 800  # training problems the policy samples solutions of for the PRM
+    prm_problems: int = 600  # training problems the policy samples solutions of for the PRM
     prm_samples: int = 4  # samples per problem
-    prm_steps: int = 250
+    prm_steps: int = 150
     prm_batch: int = 64
     prm_lr: float = 1e-3
     warmup: int = 50
