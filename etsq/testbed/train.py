@@ -43,9 +43,9 @@ class TrainConfig:
     policy_lr: float = 3e-3
     prm_problems: int = 600  # training problems the policy samples solutions of for the PRM
     prm_samples: int = 4  # samples per problem
-    prm_steps: int = 150
+    prm_steps: int = 400
     prm_batch: int = 64
-    prm_lr: float = 1e-3
+    prm_lr: float = 3e-3
     warmup: int = 50
     threads: int = 2
 
@@ -312,11 +312,19 @@ def prm_examples(
 
 
 def prm_encode(tokenizer: Any, example: Labelled) -> tuple[list[int], list[int]]:
-    """Token ids of the shepherd text, and per position the label (1 good, 0 bad, -100 no tag)."""
-    ids = tokenizer.encode(shepherd_text(example.question, example.steps), add_special_tokens=True)
+    """Token ids of the shepherd text, and per position the label (1 good, 0 bad, -100 elsewhere).
+
+    Encoded piece by piece so that each label sits on its step's own tag, even when a sampled step
+    contains the tag text itself; the pre-tokenizer never merges across these pieces, so the ids
+    are those of the whole text.
+    """
     tag = tokenizer.convert_tokens_to_ids(SHEPHERD_TAG)
-    labels = iter(example.labels)
-    targets = [int(next(labels)) if t == tag else -100 for t in ids]
+    ids: list[int] = tokenizer.encode(f"{example.question} ", add_special_tokens=True)
+    targets = [-100] * len(ids)
+    for k, (step, label) in enumerate(zip(example.steps, example.labels, strict=True)):
+        piece = tokenizer.encode(("\n" if k else "") + step.strip(), add_special_tokens=False)
+        ids += [*piece, tag]
+        targets += [-100] * len(piece) + [int(label)]
     return ids, targets
 
 
