@@ -19,8 +19,8 @@ def testbed() -> None:
     \b
     Examples:
       etsq testbed build --json
-      etsq submit arith --method rebase --width 16 --limit 20 --policy testbed \\
-          --prm testbed-prm --prm-family math-shepherd --wait
+      etsq submit arith --method rebase --width 16 --limit 20 --policy-model testbed \\
+          --prm-model testbed-prm --prm-family math-shepherd --wait
     """
 
 
