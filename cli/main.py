@@ -19,6 +19,7 @@ from cli import results
 from cli.app import EtsqGroup, open_store, pass_settings, print_json, table
 from cli.broker import broker
 from cli.servers import servers
+from cli.testbed import testbed
 from etsq.models.backends import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, backends_help
 from etsq.models.config import ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
@@ -505,6 +506,7 @@ def db_upgrade(settings: Settings, revision: str) -> None:
 
 cli.add_command(broker)
 cli.add_command(servers)
+cli.add_command(testbed)
 cli.add_command(results.aggregate)
 cli.add_command(results.compare)
 cli.add_command(results.report)

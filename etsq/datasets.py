@@ -1,9 +1,9 @@
 """Datasets: benchmark problems (question + ground-truth answer) loaded from JSON-lines files.
 
-Built-in names: `math500` (the MATH test split of PRM800K) and `gsm8k` (GSM8K test), in any case.
-Both ship inside the package (`etsq/data/`, sources and MIT licences in `etsq/data/NOTICE`);
-a file of the same name in `ETSQ_DATA_DIR` is read instead.  Any existing `*.jsonl` path is loaded
-as a generic dataset.
+Built-in names: `math500` (the MATH test split of PRM800K), `gsm8k` (GSM8K test) and `arith` (the
+testbed's synthetic arithmetic, etsq.testbed.arith), in any case.  All ship inside the package
+(`etsq/data/`, sources and MIT licences in `etsq/data/NOTICE`); a file of the same name in
+`ETSQ_DATA_DIR` is read instead.  Any existing `*.jsonl` path is loaded as a generic dataset.
 
 A dataset is identified by its content: `content_hash` covers every problem's id, question and
 answer, in order, so the same data under any spelling (`GSM8K`, `./x.jsonl`, its absolute path)
@@ -26,12 +26,17 @@ from typing import Any, overload
 from etsq.answers import gold_answer
 from etsq.errors import DatasetError
 
-FILENAMES: dict[str, str] = {"math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl"}
+FILENAMES: dict[str, str] = {
+    "math500": "math500.jsonl",
+    "gsm8k": "gsm8k_test.jsonl",
+    "arith": "arith_test.jsonl",  # the testbed's synthetic split (etsq.testbed.arith)
+}
 # content_hash of the shipped files (tests/test_datasets.py checks them): that content is stored
 # under the plain built-in name, as every run before content hashes stored it.
 SHIPPED_HASHES: dict[str, str] = {
     "gsm8k": "48cc54a36d1ae478bd113a61d1ba9256ef62b4eed119364e74251771899373e5",
     "math500": "8383219ce43d70a9e4e3d4cc6684ed50b1e2e1860c9ead7305c780bbb6764464",
+    "arith": "684cdd693aed6eba56bce9fe1075d884debf196942eda26603f9f5dc5f3d0a75",
 }
 NAMESPACE_HASH_CHARS = 12
 MAX_ID_CHARS = 150  # problems.problem_id holds 200; the file's stem goes into positional ids

@@ -172,7 +172,7 @@ def test_gsm8k_row_without_marker_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_unknown_name_missing_file_directory_empty_file_and_bad_bytes(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="known: gsm8k, math500"):
+    with pytest.raises(DatasetError, match="known: arith, gsm8k, math500"):
         load_dataset("aime", None)
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(str(tmp_path / "absent.jsonl"), None)

@@ -1,4 +1,4 @@
-"""Model specs to loaded models: "smollm2", a local directory or a Hugging Face hub id.
+"""Model specs to loaded models: "smollm2", "testbed"/"testbed-prm", a local directory or a hub id.
 
 `load_local_models` keeps a process-wide cache keyed by resolved path, so a long-lived worker loads
 each model once, and a policy and PRM naming the same model share one set of weights.
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from etsq.models.local import LoadedModel
 
 SMOLLM2_SPEC = "smollm2"
+TESTBED_SPECS = ("testbed", "testbed-prm")  # etsq.testbed.build.SPECS
 
 _loaded: dict[str, LoadedModel] = {}
 _lock = threading.Lock()
@@ -35,6 +36,10 @@ def resolve_model_path(spec: str, home: Path) -> str:
     """Where to load `spec` from: the converted default, an existing directory, or a hub id as given."""
     if spec == SMOLLM2_SPEC:
         return str(ensure_smollm2(Path(home)))
+    if spec in TESTBED_SPECS:  # the testbed's tiny arith models: shipped, or built by `etsq testbed build`
+        from etsq.testbed.build import testbed_paths
+
+        return str(testbed_paths(Path(home)).model(spec))
     local = Path(spec).expanduser()
     if local.is_dir():
         return str(local.resolve())
