@@ -40,13 +40,17 @@ _METHOD_MODEL_FIELDS = {"embedding"}
 # --------------------------------------------------------------------------- pairing
 
 
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def pairing_axes(config: dict[str, Any]) -> dict[str, Any]:
     """What two runs must share to be paired: their problems, the shared search fields and models.
 
     The method and the method's own parameters are left out: they are what a pair compares.
     """
-    search = config.get("search") if isinstance(config.get("search"), dict) else {}
-    models = config.get("models") if isinstance(config.get("models"), dict) else {}
+    search, models = _section(config, "search"), _section(config, "models")
     axes: dict[str, Any] = {"problems": config.get("data_hash") or config.get("dataset")}
     for name in SHARED_PARAMS:
         if name != "method" and name in search:
@@ -81,7 +85,7 @@ def _axis_order(key: str) -> tuple[int, str]:
 
 
 def _method(config: dict[str, Any]) -> str:
-    search = config.get("search") if isinstance(config.get("search"), dict) else {}
+    search = _section(config, "search")
     return str(search.get("method", config.get("method", "?")))
 
 
