@@ -158,7 +158,11 @@ def report(settings: Settings, runs: tuple[int, ...], out: Path, agg: str, vote:
 
 @click.command()
 @click.argument("run", type=int)
-@click.option("--problem", required=True, help="The problem's id, as `etsq export` shows it (e.g. gsm8k-0).")
+@click.option(
+    "--problem",
+    required=True,
+    help="The problem's id (e.g. gsm8k-0) or its index; `etsq problems RUN` lists both.",
+)
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The HTML file to write."
 )
@@ -171,6 +175,7 @@ def tree(settings: Settings, run: int, problem: str, out: Path) -> None:
     \b
     Example:
       etsq tree 3 --problem gsm8k-0 --out tree.html
+      etsq tree 3 --problem 0 --out tree.html     # the run's first problem
     """
     from etsq.results.tree import write_tree
 
@@ -196,7 +201,7 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
     \b
     Examples:
       etsq export 3 -o run3.jsonl
-      etsq export 3 --format reference -o run3_answers.json
+      etsq export 3 --format reference -o run3_answers.json   # and stats.log beside it
     """
     from etsq.results.export import export_lines, write_atomically
 
@@ -208,6 +213,18 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
             click.echo()
     else:
         write_atomically(output, lines)
+        if fmt == "reference":
+            from etsq.results.reference import stats_text
+            from etsq.results.reference_runs import reference_stats
+
+            with open_store(settings).session() as s:
+                stats = reference_stats(s, run)
+            if stats is None:
+                click.echo(f"run {run} has no KV, calls or time to write a stats.log from", err=True)
+            else:
+                target = output.parent / "stats.log"
+                write_atomically(target, [stats_text(stats)])
+                click.echo(f"wrote {target}", err=True)
 
 
 @click.command("import")
@@ -352,3 +369,26 @@ def study(
                 f"ratios are OTHER/{baseline} means per problem over the problems both finished; "
                 f"[95% CI]: paired bootstrap, {boot['resamples']} resamples, seed {boot['seed']}"
             )
+
+
+@click.command()
+@click.argument("run", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@pass_settings
+def problems(settings: Settings, run: int, as_json: bool) -> None:
+    """List RUN's problems: index and id (either is what `etsq tree --problem` takes), status, and
+    whether a finished one's answer (last / weighted) is correct.
+
+    \b
+    Example:
+      etsq problems 3 && etsq tree 3 --problem gsm8k-0 --out tree.html
+    """
+    from etsq.results.tree import problem_list
+
+    rows = problem_list(open_store(settings), run)
+    if as_json:
+        print_json(rows)
+    else:
+        for row in rows:
+            row["outcome"] = {True: "correct", False: "wrong", None: "-"}[row["correct"]]
+        table(rows, ["index", "problem", "status", "outcome", "error"])

@@ -35,6 +35,10 @@ def _job(s: Session, run_id: int, problem: str) -> m.Job:
         .where(m.Job.run_id == run_id, m.Problem.problem_id == problem)
     )
     job = s.scalar(q)
+    if job is None and problem.isdigit():  # an index: the run's problems in their stored order
+        job = s.scalar(
+            select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id).offset(int(problem)).limit(1)
+        )
     if job is None:
         known = s.scalars(
             select(m.Problem.problem_id)
@@ -104,3 +108,26 @@ def tree_page(store: Store, run_id: int, problem: str) -> str:
 def write_tree(store: Store, run_id: int, problem: str, out: Path) -> None:
     """Write the page to `out` through a temporary sibling: no half-written file on failure."""
     atomic_write_text(out, tree_page(store, run_id, problem))
+
+
+def problem_list(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """The run's problems in order: index (what `tree --problem` takes, as it takes the id), the
+    dataset's id, the job's status and, for a finished problem, whether its answer (last / weighted)
+    is correct; a failed one's error."""
+    from etsq.results.evaluate import run_records, select_runs
+    from etsq.results.table import RunFilter
+
+    with store.session() as s:
+        run_ids(s, [run_id])
+        [info] = select_runs(s, RunFilter(runs=(run_id,)))
+        graded = {r.job_id: r.correct[0] for r in run_records(s, info, [("last", "weighted")]).records}
+        q = (
+            select(m.Job.id, m.Problem.problem_id, m.Job.status, m.Job.error)
+            .join(m.Problem, m.Problem.id == m.Job.problem_id)
+            .where(m.Job.run_id == run_id)
+            .order_by(m.Job.id)
+        )
+        return [
+            {"index": i, "problem": key, "status": str(status), "correct": graded.get(job_id), "error": error}
+            for i, (job_id, key, status, error) in enumerate(s.execute(q))
+        ]
