@@ -84,6 +84,19 @@ def _nodes(s: Session, job: m.Job) -> list[dict[str, Any]]:
     return out
 
 
+def tree_records(store: Store, run_id: int, problem: str) -> list[dict[str, Any]]:
+    """One problem's nodes as plain records (root first): id (its position), parent, depth, text,
+    tokens, score, terminal, answer, correct, kept, children, cluster."""
+    with store.session() as s:
+        nodes = _nodes(s, _job(s, run_id, problem))
+    return [
+        {"id": i, "parent": None if n["p"] < 0 else n["p"], "depth": n["d"], "path": n["path"],
+         "text": n["x"], "tokens": n["tk"], "score": n["s"], "terminal": n["t"], "reason": n["r"],
+         "answer": n["a"], "correct": n["ok"], "kept": n["k"], "children": n["n"], "cluster": n["c"]}
+        for i, n in enumerate(nodes)
+    ]  # fmt: skip
+
+
 def tree_page(store: Store, run_id: int, problem: str) -> str:
     """The HTML page of `problem`'s tree in run `run_id`."""
     with store.session() as s:
