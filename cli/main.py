@@ -347,10 +347,21 @@ def worker(settings: Settings, **options: Any) -> None:
     "--no-check-servers", "no_check", is_flag=True, help="Do not check the runs' model servers answer."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for every run, starting a local worker if none listens; exit 1 if problems failed.",
+)
 @pass_settings
 def sweep(
-    settings: Settings, file: Path, queue: str | None, dry_run: bool, no_check: bool, as_json: bool
-) -> None:
+    settings: Settings,
+    file: Path,
+    queue: str | None,
+    dry_run: bool,
+    no_check: bool,
+    as_json: bool,
+    wait: bool,
+) -> int:
     """Submit every run of a sweep FILE (YAML grid); existing runs resume instead of repeating.
 
     \b
@@ -371,10 +382,12 @@ def sweep(
     specs = grid.specs
     if dry_run:
         _print_plan(settings, grid.points, specs, queue, not no_check, as_json)
-        return
+        return 0
     from etsq.submit import submit as submit_runs
 
-    runs = submit_runs(settings, open_store(settings), specs, queue, check_servers=not no_check).runs
+    store = open_store(settings)
+    submission = submit_runs(settings, store, specs, queue, check_servers=not no_check)
+    runs = submission.runs
     rows = [
         {"run_id": r.run_id, "dataset": r.spec.dataset, "method": r.spec.search.method,
          "width": r.spec.search.width, "label": r.spec.label, "backend": r.spec.models.backend,
@@ -395,6 +408,17 @@ def sweep(
         f"{sum(r.problems for r in created)} new jobs, {sum(r.jobs_enqueued for r in runs)} enqueued",
         err=True,
     )
+    if not wait:
+        return 0
+    codes = [_wait(submission.connection, store, r.run_id) for r in runs]
+    return max(codes, default=0)
+
+
+def _parameters(spec: Any) -> str:
+    """Every search parameter the run stores (its method's and the shared ones), besides the method
+    and width the label shows: what the dry run lets one check before submitting."""
+    stored = spec.settings()["search"]
+    return " ".join(f"{k}={v}" for k, v in stored.items() if k not in ("method", "width"))
 
 
 def _points(points: int, runs: int) -> str:
@@ -411,15 +435,21 @@ def _print_plan(
     rows = [
         {"run_id": p.run_id, "dataset": p.spec.dataset, "method": p.spec.search.method,
          "width": p.spec.search.width, "label": p.spec.label, "backend": p.spec.models.backend,
-         "problems": p.problems, "new": p.run_id is None}
+         "problems": p.problems, "new": p.run_id is None, "spec": p.spec}
         for p in planned
     ]  # fmt: skip
     if as_json:
-        print_json(rows)
+        print_json([{k: v for k, v in row.items() if k != "spec"} for row in rows])
     else:
         from etsq.store.labels import sim_note
 
-        table(rows, ["run_id", "dataset", "label", "problems", "new"], title=sim_note(rows))
+        for row in rows:
+            row["parameters"] = _parameters(row.pop("spec"))
+        table(
+            rows,
+            ["run_id", "dataset", "label", "backend", "parameters", "problems", "new"],
+            title=sim_note(rows),
+        )
     new = [p for p in planned if p.run_id is None]
     click.echo(
         f"dry run: {_points(points, len(planned))}{len(planned)} runs ({len(new)} new, "
@@ -509,8 +539,10 @@ cli.add_command(servers)
 cli.add_command(testbed)
 cli.add_command(results.aggregate)
 cli.add_command(results.compare)
+cli.add_command(results.study)
 cli.add_command(results.report)
 cli.add_command(results.tree)
+cli.add_command(results.problems)
 cli.add_command(results.export)
 cli.add_command(results.import_run)
 

@@ -116,6 +116,8 @@ def compare(settings: Settings, base: int, other: int, agg: str, vote: str, as_j
     from etsq.results.compare import comparison_lines
 
     result = compare_runs(open_store(settings), base, other, agg, vote)
+    for warning in result["warnings"]:
+        click.echo(f"etsq: warning: {warning}", err=True)
     if as_json:
         print_json(result)
     else:
@@ -156,7 +158,11 @@ def report(settings: Settings, runs: tuple[int, ...], out: Path, agg: str, vote:
 
 @click.command()
 @click.argument("run", type=int)
-@click.option("--problem", required=True, help="The problem's id, as `etsq export` shows it (e.g. gsm8k-0).")
+@click.option(
+    "--problem",
+    required=True,
+    help="The problem's id (e.g. gsm8k-0) or its index; `etsq problems RUN` lists both.",
+)
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The HTML file to write."
 )
@@ -169,6 +175,7 @@ def tree(settings: Settings, run: int, problem: str, out: Path) -> None:
     \b
     Example:
       etsq tree 3 --problem gsm8k-0 --out tree.html
+      etsq tree 3 --problem 0 --out tree.html     # the run's first problem
     """
     from etsq.results.tree import write_tree
 
@@ -194,7 +201,7 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
     \b
     Examples:
       etsq export 3 -o run3.jsonl
-      etsq export 3 --format reference -o run3_answers.json
+      etsq export 3 --format reference -o run3_answers.json   # and stats.log beside it
     """
     from etsq.results.export import export_lines, write_atomically
 
@@ -206,6 +213,18 @@ def export(settings: Settings, run: int, fmt: str, output: Path | None) -> None:
             click.echo()
     else:
         write_atomically(output, lines)
+        if fmt == "reference":
+            from etsq.results.reference import stats_text
+            from etsq.results.reference_runs import reference_stats
+
+            with open_store(settings).session() as s:
+                stats = reference_stats(s, run)
+            if stats is None:
+                click.echo(f"run {run} has no KV, calls or time to write a stats.log from", err=True)
+            else:
+                target = output.parent / "stats.log"
+                write_atomically(target, [stats_text(stats)])
+                click.echo(f"wrote {target}", err=True)
 
 
 @click.command("import")
@@ -246,3 +265,130 @@ def import_run(
         print_json({"run_id": run_id})
     else:
         click.echo(run_id)
+
+
+@click.command()
+@click.argument("runs", nargs=-1, type=int)
+@click.option(
+    "--sweep",
+    "sweep_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The runs of this sweep file (those stored).",
+)
+@click.option(
+    "--baseline", default="rebase", show_default=True, help="The method the others are paired with."
+)
+@click.option(
+    "--agg", "aggs", type=_AGG_CHOICES, multiple=True, help="Step aggregation [default: last]; 'all'."
+)
+@click.option(
+    "--vote", "votes", type=_VOTE_CHOICES, multiple=True, help="Answer selection [default: weighted]; 'all'."
+)
+@click.option("--dataset", "datasets", multiple=True, help="Only runs on this dataset; repeatable.")
+@click.option(
+    "--method", "methods", multiple=True, help="Only runs of this method (and the baseline); repeatable."
+)
+@click.option("--width", "widths", type=int, multiple=True, help="Only runs of this width; repeatable.")
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=100),
+    default=10_000,
+    show_default=True,
+    help="Bootstrap resamples.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the study as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print one CSV line per pair and agg x vote.")
+@pass_settings
+def study(
+    settings: Settings,
+    runs: tuple[int, ...],
+    sweep_file: Path | None,
+    baseline: str,
+    aggs: tuple[str, ...],
+    votes: tuple[str, ...],
+    datasets: tuple[str, ...],
+    methods: tuple[str, ...],
+    widths: tuple[int, ...],
+    resamples: int,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """Pair the BASELINE method's runs (default rebase) with the other methods' runs at the same width
+    and shared settings, and print one row per pair: each run's accuracy and the difference, and the
+    OTHER/BASE ratios of KV (before, after, peak), tokens, calls and seconds per problem, each with a
+    paired bootstrap 95% interval over the problems both finished.  Runs that cannot be paired are
+    named with the reason.  RUNS (default: every run), a --sweep file's runs, or filters.
+
+    \b
+    Examples:
+      etsq study                                  # every run: ets (and others) against rebase
+      etsq study --sweep sweep.yaml --json
+      etsq study 1 2 3 4 5 6 --agg all --vote all --csv > study.csv
+    """
+    from etsq.results.study import study as run_study
+    from etsq.results.study import study_table, unpaired_lines
+    from etsq.results.table import to_csv
+    from etsq.store.labels import sim_note
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    store = open_store(settings)
+    wanted = list(runs)
+    if sweep_file is not None:
+        from etsq.submit import plan
+        from etsq.sweep import sweep_grid
+
+        planned = plan(settings, store, sweep_grid(sweep_file).specs, check_servers=False)
+        missing = [p.spec.label for p in planned if p.run_id is None]
+        if missing:
+            click.echo(f"{len(missing)} runs of {sweep_file} are not stored: {', '.join(missing)}", err=True)
+        wanted += [p.run_id for p in planned if p.run_id is not None]
+        if not wanted:
+            raise click.UsageError(
+                f"no run of {sweep_file} is stored yet; run `etsq sweep {sweep_file}` first"
+            )
+    filt = RunFilter(runs=tuple(wanted), datasets=datasets, methods=methods, widths=widths)
+    result = run_study(store, filt, aggs, votes, baseline, resamples)
+    for line in unpaired_lines(result):
+        click.echo(line, err=True)
+    if as_json:
+        print_json(result)
+    elif as_csv:
+        click.echo(to_csv(result["rows"]), nl=False)
+    else:
+        headers, cells = study_table(result)
+        rows = [{"backend": r["base_backend"], "run_id": r["base_run"]} for r in result["rows"]]
+        rows += [{"backend": r["other_backend"], "run_id": r["other_run"]} for r in result["rows"]]
+        note = sim_note(rows)
+        title = f"{', '.join(sorted({r['other_method'] for r in result['rows']}) or '-')} against {baseline}"
+        table(cells, headers, title=f"{title} ({note})" if note else title)
+        if result["rows"]:
+            boot = result["bootstrap"]
+            click.echo(
+                f"ratios are OTHER/{baseline} means per problem over the problems both finished; "
+                f"[95% CI]: paired bootstrap, {boot['resamples']} resamples, seed {boot['seed']}"
+            )
+
+
+@click.command()
+@click.argument("run", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@pass_settings
+def problems(settings: Settings, run: int, as_json: bool) -> None:
+    """List RUN's problems: index and id (either is what `etsq tree --problem` takes), status, and
+    whether a finished one's answer (last / weighted) is correct.
+
+    \b
+    Example:
+      etsq problems 3 && etsq tree 3 --problem gsm8k-0 --out tree.html
+    """
+    from etsq.results.tree import problem_list
+
+    rows = problem_list(open_store(settings), run)
+    if as_json:
+        print_json(rows)
+    else:
+        for row in rows:
+            row["outcome"] = {True: "correct", False: "wrong", None: "-"}[row["correct"]]
+        table(rows, ["index", "problem", "status", "outcome", "error"])

@@ -68,14 +68,24 @@ def test_the_report_renders_every_plot(browser: Any, tmp_path: Path) -> None:
     out = tmp_path / "report"
     files = cli_json("report", "--out", str(out), env={"ETSQ_DATABASE_URL": url})["files"]
     pngs = sorted(Path(f).name for f in files if f.endswith(".png"))
-    assert len(pngs) == 6  # width, KV, one ETS run, time of three runs
+    # ratios, width, KV; per width W=4 (ets + rebase); one ETS run; time of the unpaired rebase W=2
+    assert pngs == sorted(["ratio_vs_width.png", "accuracy_vs_width.png", "accuracy_vs_kv.png", "width_4.png",
+                           "ets_run3.png", "time_run1.png"])  # fmt: skip
+    assert all(Path(f).with_suffix(".csv").exists() for f in files if f.endswith(".png"))
     view = Page(browser, out / "index.html")
     images = view.page.evaluate(
         "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
     )
     assert sorted(src for src, _, _ in images) == pngs
     assert all(complete and width > 0 for _, complete, width in images), images
-    assert view.page.locator("table tbody tr").count() == 3
+    assert view.page.locator("table:not(.study) tbody tr").count() == 3
+    assert view.page.locator("table.study tbody tr").count() == 1
+    # the page answers the study first: the ratio plot is the first image, drawn and not blank
+    first = view.page.locator("img").first
+    assert first.get_attribute("src") == "ratio_vs_width.png"
+    box = first.bounding_box()
+    assert box is not None and box["width"] > 300 and box["height"] > 200 and box["y"] < 900
+    assert view.page.locator(".note.sim").count() == 1
     assert view.errors == []
 
 

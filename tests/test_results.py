@@ -195,10 +195,10 @@ def test_report_writes_a_page_and_its_plots(tmp_path: Path) -> None:
     out = tmp_path / "report"
     files = cli_json("report", "--out", str(out), env=env)["files"]
     names = sorted(Path(f).name for f in files)
-    assert names == sorted(
-        ["index.html", "accuracy_vs_width.png", "accuracy_vs_kv.png", f"ets_run{runs[2]}.png",
-         *(f"time_run{r}.png" for r in runs)]
-    )  # fmt: skip
+    # the study first (ets W=4 against rebase W=4), then W=4's depths, then each run not in a pair
+    pngs = ["ratio_vs_width", "accuracy_vs_width", "accuracy_vs_kv", "width_4", f"ets_run{runs[2]}",
+            f"time_run{runs[0]}"]  # fmt: skip
+    assert names == sorted(["index.html", *(f"{p}.png" for p in pngs), *(f"{p}.csv" for p in pngs)])
     page = (out / "index.html").read_text()
     for name in (n for n in names if n.endswith(".png")):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{name}"' in page
@@ -244,7 +244,8 @@ def test_compare_and_report_on_tiny_model_runs(tmp_path: Path, tiny_model: Path)
     result = cli_json("compare", *map(str, runs), env=_env(url))
     assert result["n_common"] == 2 and result["ratios"]["tokens"] is not None
     files = cli_json("report", *map(str, runs), "--out", str(tmp_path / "rep"), env=_env(url))["files"]
-    assert len(files) == 5 and all(Path(f).stat().st_size > 0 for f in files)
+    # index.html; ratios, accuracy vs width and vs KV, W=3 (beam against rebase): each PNG with its CSV
+    assert len(files) == 9 and all(Path(f).stat().st_size > 0 for f in files)
 
 
 def test_failed_problems_are_counted_not_graded(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
 from etsq.errors import UserError
 from etsq.results.evaluate import combos_of, run_records, select_runs
 from etsq.results.table import ProblemRecord, RunFilter, RunInfo, mean, significant
+from etsq.store import schema as m
 from etsq.store.labels import shown_label, sim_note
 from etsq.store.session import Store
 
@@ -62,6 +64,8 @@ def compare(store: Store, base_id: int, other_id: int, agg: str, vote: str) -> d
         runs = {r.run_id: r for r in select_runs(s, RunFilter(runs=(base_id, other_id)))}
         base = run_records(s, runs[base_id], [combo])
         other = run_records(s, runs[other_id], [combo])
+        configs = {r.id: r.config for r in s.scalars(select(m.Run).where(m.Run.id.in_([base_id, other_id])))}
+    warnings = _warnings(base_id, other_id, configs)
     by_problem = {r.problem: r for r in base.records}
     pairs = [(by_problem[o.problem], o) for o in other.records if o.problem in by_problem]
     if not pairs:
@@ -71,6 +75,7 @@ def compare(store: Store, base_id: int, other_id: int, agg: str, vote: str) -> d
     low, high = paired_bootstrap(diffs)
     base_means, other_means = _figure_means(base_recs), _figure_means(other_recs)
     return {
+        "warnings": warnings,
         "base": _describe(base.run),
         "other": _describe(other.run),
         "agg": combo[0],
@@ -87,6 +92,19 @@ def compare(store: Store, base_id: int, other_id: int, agg: str, vote: str) -> d
         "other_means": other_means,
         "ratios": {name: _ratio(base_means[name], other_means[name]) for name in RATIO_FIGURES},
     }
+
+
+def _warnings(base_id: int, other_id: int, configs: dict[int, dict[str, Any]]) -> list[str]:
+    """What makes the comparison not a comparison of methods: one run against itself, or two runs
+    that differ in more than the method and its own parameters (`etsq.results.study.differences`)."""
+    from etsq.results.study import differences
+
+    if base_id == other_id:
+        return [f"run {base_id} is compared with itself"]
+    diff = differences(configs[base_id], configs[other_id])
+    if not diff:
+        return []
+    return [f"runs {base_id} and {other_id} differ in more than the method: {'; '.join(diff)}"]
 
 
 def comparison_lines(result: dict[str, Any]) -> list[str]:

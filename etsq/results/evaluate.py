@@ -287,6 +287,18 @@ def evaluate(
     With a --level / --subject filter, runs none of whose problems match are left out.
     """
     combos = combos_of(aggs, votes)
+    results = evaluate_runs(store, wanted, combos, runs, problems)
+    return [row for r in results for row in summarise(r.run, r.records, r.counts, combos)]
+
+
+def evaluate_runs(
+    store: Store,
+    wanted: list[int] | None,
+    combos: Sequence[Combo],
+    runs: RunFilter | None = None,
+    problems: ProblemFilter | None = None,
+) -> list[RunRecords]:
+    """Every selected run's graded records (what `evaluate` summarises into rows)."""
     run_filter = replace(runs or RunFilter(), runs=tuple(wanted or ()))
     problem_filter = problems or ProblemFilter()
     with store.session() as s:
@@ -295,7 +307,7 @@ def evaluate(
         if results and not any(r.counts.total for r in results):
             raise UserError("no problem of the selected runs has the --level / --subject asked for")
         results = [r for r in results if r.counts.total]
-    return [row for r in results for row in summarise(r.run, r.records, r.counts, combos)]
+    return results
 
 
 # --------------------------------------------------------------------------- per depth
@@ -314,6 +326,12 @@ class DepthFigures:
     select_ms: float | None
     expand_ms: float | None
     score_ms: float | None
+    # Sums over the depth's problems (divide by the run's finished problems for a mean per problem
+    # whose depths add up to its seconds): select, expand, score, commit and wall milliseconds.
+    time_sums: dict[str, float | None] | None = None
+
+
+TIME_PARTS = ("expand", "score", "select", "commit")
 
 
 def depth_profile(s: Session, run_id: int) -> list[DepthFigures]:
@@ -324,6 +342,8 @@ def depth_profile(s: Session, run_id: int) -> list[DepthFigures]:
             step.depth, func.count(), func.avg(step.kv_before), func.avg(step.kv_after),
             func.sum(step.kept_size), func.sum(step.frontier_size), func.avg(step.n_clusters),
             func.avg(step.select_ms), func.avg(step.expand_ms), func.avg(step.score_ms),
+            func.sum(step.expand_ms), func.sum(step.score_ms), func.sum(step.select_ms),
+            func.sum(step.commit_ms), func.sum(step.wall_ms),
         )
         .join(m.Job, m.Job.id == step.job_id)
         .where(m.Job.run_id == run_id, m.Job.status == JobStatus.DONE)
@@ -334,8 +354,9 @@ def depth_profile(s: Session, run_id: int) -> list[DepthFigures]:
         DepthFigures(
             depth, n, float(before), float(after), kept / frontier if frontier else None,
             _float(clusters), _float(sel), _float(exp), _float(score),
+            dict(zip((*TIME_PARTS, "wall"), map(_float, sums), strict=True)),
         )
-        for depth, n, before, after, kept, frontier, clusters, sel, exp, score in s.execute(q)
+        for depth, n, before, after, kept, frontier, clusters, sel, exp, score, *sums in s.execute(q)
     ]  # fmt: skip
 
 

@@ -169,6 +169,15 @@ def read_stats(path: Path) -> dict[str, float]:
     return found
 
 
+def stats_text(stats: dict[str, float]) -> str:
+    """A stats.log as the reference writes it: its four lines, which `read_stats` reads back."""
+    lines = []
+    for label, (name, kind) in _STATS_LINES.items():
+        value = stats[name]
+        lines.append(f"{label}: {round(value) if kind is int else repr(float(value))}")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- answers as trees
 
 

@@ -76,6 +76,29 @@ def reference_entries(s: Session, run_id: int) -> Iterator[dict[str, Any]]:
         yield export_entry(run.dataset, run.config, _stored(job), _rows(s, job.id), position)
 
 
+def reference_stats(s: Session, run_id: int) -> dict[str, float] | None:
+    """The run's stats.log figures: an imported run's own, else its finished problems' totals
+    (KV before pruning, sampled steps, generated tokens, searched seconds); None when a figure is
+    missing (an imported file that came without stats.log)."""
+    from etsq.results.evaluate import run_records, select_runs
+    from etsq.results.table import RunFilter
+
+    run = s.get_one(m.Run, run_id)
+    if run.config.get("source") == SOURCE:
+        stats = run.config.get("stats")
+        return None if stats is None else dict(stats)
+    [info] = select_runs(s, RunFilter(runs=(run_id,)))
+    records = run_records(s, info, [("last", "weighted")]).records
+    totals: dict[str, float] = {}
+    for name, figure in (("kv_cache", "kv_before"), ("model_calls", "policy_calls"),
+                         ("tokens_generated", "tokens"), ("seconds", "seconds")):  # fmt: skip
+        values = [getattr(r, figure) for r in records]
+        if any(v is None for v in values):
+            return None
+        totals[name] = float(sum(values))
+    return totals
+
+
 def _stored(job: m.Job) -> StoredProblem:
     return StoredProblem(job.problem.problem_id, job.problem.question, job.problem.answer)
 

@@ -35,6 +35,10 @@ def _job(s: Session, run_id: int, problem: str) -> m.Job:
         .where(m.Job.run_id == run_id, m.Problem.problem_id == problem)
     )
     job = s.scalar(q)
+    if job is None and problem.isdigit():  # an index: the run's problems in their stored order
+        job = s.scalar(
+            select(m.Job).where(m.Job.run_id == run_id).order_by(m.Job.id).offset(int(problem)).limit(1)
+        )
     if job is None:
         known = s.scalars(
             select(m.Problem.problem_id)
@@ -80,6 +84,19 @@ def _nodes(s: Session, job: m.Job) -> list[dict[str, Any]]:
     return out
 
 
+def tree_records(store: Store, run_id: int, problem: str) -> list[dict[str, Any]]:
+    """One problem's nodes as plain records (root first): id (its position), parent, depth, text,
+    tokens, score, terminal, answer, correct, kept, children, cluster."""
+    with store.session() as s:
+        nodes = _nodes(s, _job(s, run_id, problem))
+    return [
+        {"id": i, "parent": None if n["p"] < 0 else n["p"], "depth": n["d"], "path": n["path"],
+         "text": n["x"], "tokens": n["tk"], "score": n["s"], "terminal": n["t"], "reason": n["r"],
+         "answer": n["a"], "correct": n["ok"], "kept": n["k"], "children": n["n"], "cluster": n["c"]}
+        for i, n in enumerate(nodes)
+    ]  # fmt: skip
+
+
 def tree_page(store: Store, run_id: int, problem: str) -> str:
     """The HTML page of `problem`'s tree in run `run_id`."""
     with store.session() as s:
@@ -104,3 +121,26 @@ def tree_page(store: Store, run_id: int, problem: str) -> str:
 def write_tree(store: Store, run_id: int, problem: str, out: Path) -> None:
     """Write the page to `out` through a temporary sibling: no half-written file on failure."""
     atomic_write_text(out, tree_page(store, run_id, problem))
+
+
+def problem_list(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """The run's problems in order: index (what `tree --problem` takes, as it takes the id), the
+    dataset's id, the job's status and, for a finished problem, whether its answer (last / weighted)
+    is correct; a failed one's error."""
+    from etsq.results.evaluate import run_records, select_runs
+    from etsq.results.table import RunFilter
+
+    with store.session() as s:
+        run_ids(s, [run_id])
+        [info] = select_runs(s, RunFilter(runs=(run_id,)))
+        graded = {r.job_id: r.correct[0] for r in run_records(s, info, [("last", "weighted")]).records}
+        q = (
+            select(m.Job.id, m.Problem.problem_id, m.Job.status, m.Job.error)
+            .join(m.Problem, m.Problem.id == m.Job.problem_id)
+            .where(m.Job.run_id == run_id)
+            .order_by(m.Job.id)
+        )
+        return [
+            {"index": i, "problem": key, "status": str(status), "correct": graded.get(job_id), "error": error}
+            for i, (job_id, key, status, error) in enumerate(s.execute(q))
+        ]

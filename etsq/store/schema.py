@@ -180,6 +180,9 @@ class SelectionStep(Base):
     select_ms: Mapped[float] = mapped_column(Float)
     expand_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     score_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The depth's wall time (what it adds to jobs.search_s) and the share its commit's writes took.
+    commit_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_clusters: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ilp_vars: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ilp_constraints: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -3,9 +3,10 @@
 A depth's commit writes the new nodes, the kept/pruned marks of the frontier, the selection row, the
 job's depth and its search time in one transaction, so a job killed at any moment resumes from its
 last committed depth with the tree exactly as it was.  A job's search time (`jobs.search_s`) is the
-sum of its depths' wall times, each from the end of the previous commit (or from the writer's start,
-after the models are loaded) to its own commit: a resumed job does not count its pause, and loading
-models is not charged to a job.
+sum of its depths' wall times, each from the end of the previous depth's writes (or from the writer's
+start, after the models are loaded) to the end of its own (`selection_steps.wall_ms`, of which the
+writes are `commit_ms`): a resumed job does not count its pause, and loading models is not charged
+to a job.
 """
 
 from __future__ import annotations
@@ -134,28 +135,39 @@ class DepthWriter:
         self.since = time.perf_counter()  # the depth in hand's wall time is counted from here
 
     def __call__(self, tree: Tree, rec: DepthCommit) -> None:
-        self._commit(tree, rec)
-        self.since = time.perf_counter()
+        self.since = self._commit(tree, rec)
         if self.stop.is_set() and not rec.final:
             raise ShutdownRequested(f"job {self.job_id}: worker shutting down after depth {rec.depth}")
 
-    def _commit(self, tree: Tree, rec: DepthCommit) -> None:
+    def _commit(self, tree: Tree, rec: DepthCommit) -> float:
+        """Write the depth; returns the moment its wall time was taken (the next depth's start).
+
+        The depth's wall time runs from the previous depth's mark to the end of its own writes, so
+        `jobs.search_s` (their sum) counts each commit's writes, and the selection row holds them as
+        `commit_ms` beside `wall_ms`; the transaction's final flush goes to the next depth's time.
+        """
+        started = time.perf_counter()
         with self.store.begin() as conn:
             run_id = self._advance_job(conn, rec)
             if tree.root.db_id is None:
                 self._insert(conn, tree, [tree.root])
             mark_nodes(conn, _marks(tree, rec))
             self._insert(conn, tree, [tree.nodes[i] for i in rec.new_nodes])
-            conn.execute(insert(_SELECTION_STEPS), _selection_row(self.job_id, rec))
+            mark = time.perf_counter()
+            row = _selection_row(self.job_id, rec)
+            row.update(commit_ms=(mark - started) * 1000, wall_ms=(mark - self.since) * 1000)
+            conn.execute(insert(_SELECTION_STEPS), row)
+            searched = func.coalesce(_JOBS.c.search_s, 0.0) + (mark - self.since)
+            conn.execute(update(_JOBS).where(_JOBS.c.id == self.job_id).values(search_s=searched))
             if rec.final:
                 close_run_if_done(conn, run_id)
+        return mark
 
     def _advance_job(self, conn: Connection, rec: DepthCommit) -> int:
         """Lock the job row, check the lease and record the depth, in one UPDATE; the run's id."""
         values: dict[str, Any] = {
             "depth": rec.depth + (0 if rec.final else 1),
             "heartbeat_at": m.utcnow(),
-            "search_s": func.coalesce(_JOBS.c.search_s, 0.0) + (time.perf_counter() - self.since),
         }
         if rec.final:
             values.update(finish_values(JobStatus.DONE))
