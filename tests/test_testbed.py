@@ -3,7 +3,6 @@ searched by etsq's own in-process backend."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from etsq.datasets import load_dataset
-from etsq.errors import UserError
 from etsq.testbed import arith
 from etsq.testbed import build as tb  # (its testbed_* names would be collected as tests)
 from etsq.testbed.build import SMALL, build, build_key, built_paths, shipped_paths, shipped_root
@@ -163,9 +161,8 @@ def test_shipped_weights_match_the_training_code() -> None:
 
 
 def test_rebase_searches_an_arith_problem_with_the_shipped_models() -> None:
-    from etsq.results.grading import is_equivalent
-
     from etsq.models.registry import load_local_models
+    from etsq.results.grading import is_equivalent
     from etsq.search.config import SearchConfig
     from etsq.search.loop import Searcher
     from etsq.search.methods import get_method
