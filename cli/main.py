@@ -159,14 +159,20 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
 @click.option(
     "--policy-model",
     default=None,
-    help="local: 'smollm2' [default], a dir or a hub id. Servers: the chat template's tokenizer.",
+    help="local: 'testbed' [default: the tiny arith policy], 'smollm2', a dir or a hub id. "
+    "Servers: the chat template's tokenizer.",
 )
-@click.option("--prm-model", default=None, help="PRM model [default: the policy model].")
+@click.option(
+    "--prm-model",
+    default=None,
+    help="PRM model [default: 'testbed-prm' with the default policy, else the policy model].",
+)
 @click.option(
     "--prm-family",
     type=click.Choice(sorted(PRM_FAMILIES)),
-    default=_MODEL_DEFAULTS["prm_family"],
-    show_default=True,
+    default=None,
+    help="How the PRM is prompted and read [default: the PRM model's own (testbed-prm: math-shepherd), "
+    "else judge].",
 )
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")
 @click.option(

@@ -14,7 +14,7 @@ from etsq.models.config import ModelConfig
 from tests.helpers import cli
 
 # The stored model configs as main stored them before the records (f7b29b6): a change here changes
-# every run's identity.
+# every run's identity.  (`local` named smollm2, then the default; the default is now the testbed's.)
 STORED = {
     "local": '{"backend": "local", "policy": "smollm2", "prm": "smollm2", "prm_family": "judge", '
     '"embedding": null, "prm_revision": 2}',
@@ -29,8 +29,20 @@ STORED = {
 
 @pytest.mark.parametrize("name", BACKEND_NAMES)
 def test_a_backend_stores_what_it_stored_before(name: str) -> None:
-    urls = {"policy_url": "http://h:1"} if get_backend(name).remote else {}
-    assert json.dumps(ModelConfig.create(name, **urls).to_dict()) == STORED[name]
+    options = {"policy_url": "http://h:1"} if get_backend(name).remote else {}
+    if name == "local":
+        options["policy"] = "smollm2"
+    assert json.dumps(ModelConfig.create(name, **options).to_dict()) == STORED[name]
+
+
+def test_the_default_local_models_are_the_testbed_pair_with_its_prm_family() -> None:
+    assert ModelConfig.create("local").to_dict() == {
+        "backend": "local", "policy": "testbed", "prm": "testbed-prm", "prm_family": "math-shepherd",
+        "embedding": None,
+    }  # fmt: skip
+    # A family named on the command line wins; a named policy scores with itself, as before.
+    assert ModelConfig.create("local", prm_family="judge").prm_family == "judge"
+    assert ModelConfig.create("local", policy="/m").to_dict()["prm"] == "/m"
 
 
 def test_the_names_remote_ones_and_help_come_from_the_records() -> None:

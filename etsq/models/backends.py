@@ -34,9 +34,13 @@ if TYPE_CHECKING:  # config.py reads the records below; it is imported only for 
 Loader = Callable[["ModelConfig", Settings], tuple[Policy, PRM]]
 
 PRM_APIS = ("logprob", "fork")  # SGLang: stock /generate logprobs, or the reference fork's forward_only
-# The models a `local` run gets when it names none (its PRM: the policy model unless named).
-DEFAULT_POLICY = "smollm2"
-DEFAULT_PRM: str | None = None
+# The models a `local` run gets when it names none: the testbed's tiny arith policy and PRM (shipped in
+# the package, `etsq testbed build` remakes them), on which search visibly beats a single sample.
+# `--policy-model smollm2` is the small real model; a GPU box names its own.
+DEFAULT_POLICY = "testbed"
+DEFAULT_PRM: str | None = "testbed-prm"
+# The PRM family a named model is read with when a run names none (any other model: judge).
+MODEL_PRM_FAMILIES: dict[str, str] = {"testbed-prm": "math-shepherd"}
 
 _SERVED = ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding")
 

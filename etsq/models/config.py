@@ -15,6 +15,7 @@ from etsq import validation
 from etsq.errors import ConfigError, ModelError
 from etsq.models.backends import (
     BACKEND_NAMES,
+    MODEL_PRM_FAMILIES,
     PRM_APIS,
     REMOTE_BACKENDS,
     Backend,
@@ -83,9 +84,13 @@ class ModelConfig:
         kind = cfg.kind
         if kind.synthetic:
             return replace(cfg, policy=kind.name, prm=kind.name)
-        cfg = replace(cfg, prm_revision=get_family(cfg.prm_family).revision)
         policy = cfg.policy or kind.default_policy
-        cfg = replace(cfg, policy=policy, prm=cfg.prm or kind.default_prm or policy)
+        # A run that names its policy but no PRM scores with the policy model (an instruct model as judge).
+        default_prm = kind.default_prm if not cfg.policy else None
+        cfg = replace(cfg, policy=policy, prm=cfg.prm or default_prm or policy)
+        if options.get("prm_family") is None:
+            cfg = replace(cfg, prm_family=MODEL_PRM_FAMILIES.get(str(cfg.prm), cfg.prm_family))
+        cfg = replace(cfg, prm_revision=get_family(cfg.prm_family).revision)
         return replace(cfg, prm_url=cfg.prm_url or cfg.policy_url) if kind.remote else cfg
 
     @classmethod
