@@ -24,10 +24,12 @@ from etsq.store import schema as m
 from etsq.store.jobs import (
     Claim,
     Heartbeat,
+    LeaseFenced,
     LeaseLost,
     ShutdownRequested,
     claim_job,
     fail_job,
+    fault_line,
     release_job,
     search_config,
 )
@@ -86,8 +88,10 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     try:
         search_claimed(store, claim, build_searcher(claim, settings, store), settings.heartbeat_s)
         return "done"
-    except LeaseLost:
-        return "lost"
+    except LeaseLost as exc:
+        # Fenced (reclaimed while this worker was cut off) or cancelled: drop the job, write nothing.
+        log.warning("dropping job %s: %s", job_id, exc)
+        return "fenced" if isinstance(exc, LeaseFenced) else "lost"
     except (TransientError, ShutdownRequested):
         _release(store, claim)
         raise
@@ -99,8 +103,15 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
 
 
 def _release(store: Store, claim: Claim) -> None:
-    with store.session() as s:
-        release_job(s, claim.job_id, claim.lease)
+    try:
+        with store.session() as s:
+            release_job(s, claim.job_id, claim.lease)
+    except OperationalError as exc:  # the store is away: its heartbeat goes stale and a janitor requeues it
+        log.warning(
+            "job %s: cannot hand it back (%s); it is requeued once its lease expires",
+            claim.job_id,
+            fault_line(exc),
+        )
 
 
 def _fail(store: Store, claim: Claim, exc: BaseException) -> str:
@@ -116,5 +127,5 @@ def search_claimed(store: Store, claim: Claim, searcher: Searcher, heartbeat_s: 
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
     with Heartbeat(store, claim.job_id, claim.lease, heartbeat_s):
-        writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP)
+        writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP, generation=claim.generation)
         searcher.run(tree, writer, start_depth=depth)
