@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, null, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -151,6 +151,34 @@ def requeue_stale(
         ids = [job_id for job_id, _ in rows]
         s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None))
     return rows
+
+
+def expired_leases(
+    s: Session, stale_after_s: float, run_ids: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Running jobs whose holder's lease expired (heartbeat older than `stale_after_s` by the
+    database's clock): who holds each and for how long it has not beaten.  A janitor requeues them."""
+    cond = [m.Job.status == JobStatus.RUNNING, _stale(stale_after_s)]
+    if run_ids is not None:
+        cond.append(m.Job.run_id.in_(run_ids))
+    # Seconds since the last beat, by the database's clock (PostgreSQL; SQLite leaves it out).
+    age = func.extract("epoch", db_now() - m.Job.heartbeat_at) if _is_pg(s) else null()
+    cols = [m.Job.id, m.Job.run_id, m.Job.worker, m.Job.lease_gen, age]
+    rows = s.execute(select(*cols).where(*cond).order_by(m.Job.id))
+    return [
+        {
+            "job_id": r[0],
+            "run_id": r[1],
+            "worker": r[2],
+            "generation": r[3],
+            "silent_s": None if r[4] is None else round(float(r[4]), 1),
+        }
+        for r in rows
+    ]
+
+
+def _is_pg(s: Session) -> bool:
+    return s.get_bind().dialect.name == "postgresql"
 
 
 _JOBS = m.Base.metadata.tables["jobs"]
