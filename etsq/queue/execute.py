@@ -86,7 +86,9 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     if claim is None:
         return "skipped"
     try:
-        search_claimed(store, claim, build_searcher(claim, settings, store), settings.heartbeat_s)
+        # The heartbeat starts at the claim: loading the run's models may outlast a short lease.
+        with Heartbeat(store, claim.job_id, claim.lease, settings.heartbeat_s):
+            search_claimed(store, claim, build_searcher(claim, settings, store))
         return "done"
     except LeaseLost as exc:
         # Fenced (reclaimed while this worker was cut off) or cancelled: drop the job, write nothing.
@@ -121,11 +123,11 @@ def _fail(store: Store, claim: Claim, exc: BaseException) -> str:
     return "failed"
 
 
-def search_claimed(store: Store, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
-    """Run (or resume) the claimed job's search to completion, one committed depth at a time."""
+def search_claimed(store: Store, claim: Claim, searcher: Searcher) -> None:
+    """Run (or resume) the claimed job's search to completion, one committed depth at a time
+    (the caller keeps the job's heartbeat going)."""
     with store.session() as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    with Heartbeat(store, claim.job_id, claim.lease, heartbeat_s):
-        writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP, generation=claim.generation)
-        searcher.run(tree, writer, start_depth=depth)
+    writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP, generation=claim.generation)
+    searcher.run(tree, writer, start_depth=depth)
