@@ -277,12 +277,16 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
       etsq status 3 --json
       etsq status --watch
     """
+    from etsq.store.jobs import expired_leases
     from etsq.store.runs import statuses
     from etsq.watch import Watch
 
     store = open_store(settings)
     with store.session() as s:
         rows = statuses(s, list(runs) or None)
+        expired = expired_leases(s, settings.stale_after_s, [r["run_id"] for r in rows])
+    for row in rows:
+        row["expired_leases"] = [e for e in expired if e["run_id"] == row["run_id"]]
     if watch:
         Watch(store, list(runs) or None).run()
     elif as_json:
@@ -293,6 +297,12 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
         shown = [{**row, "label": shown_label(row)} for row in rows]
         table(shown, ["run_id", "dataset", "label", "status", "problems", "problems_done",
                       "problems_failed", "problems_running", "nodes"], title=sim_note(rows))  # fmt: skip
+        for e in expired:  # a worker cut off (or dead) past its lease: a janitor requeues its job
+            silent = f", silent {e['silent_s']} s" if e["silent_s"] is not None else ""
+            click.echo(
+                f"run {e['run_id']}: job {e['job_id']} held by {e['worker']} with an expired lease "
+                f"(generation {e['generation']}{silent}; ETSQ_STALE_AFTER_S={settings.stale_after_s:g})"
+            )
 
 
 @cli.command()

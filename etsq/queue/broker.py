@@ -120,6 +120,10 @@ def check_broker(url: str, timeout: float = 2.0) -> None:
     except Exception as exc:
         if not (isinstance(exc, ValueError) or broker_fault(exc)):  # ValueError: a malformed URL
             raise
+        if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+            raise BrokerUnavailable(
+                f"broker: authentication failed for {redact_url(url)}: {_one_line(exc)}"
+            ) from exc
         raise BrokerUnavailable(f"cannot reach broker {redact_url(url)}: {_one_line(exc)}") from exc
 
 

@@ -24,10 +24,12 @@ from etsq.store import schema as m
 from etsq.store.jobs import (
     Claim,
     Heartbeat,
+    LeaseFenced,
     LeaseLost,
     ShutdownRequested,
     claim_job,
     fail_job,
+    fault_line,
     release_job,
     search_config,
 )
@@ -84,10 +86,14 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     if claim is None:
         return "skipped"
     try:
-        search_claimed(store, claim, build_searcher(claim, settings, store), settings.heartbeat_s)
+        # The heartbeat starts at the claim: loading the run's models may outlast a short lease.
+        with Heartbeat(store, claim.job_id, claim.lease, settings.heartbeat_s):
+            search_claimed(store, claim, build_searcher(claim, settings, store))
         return "done"
-    except LeaseLost:
-        return "lost"
+    except LeaseLost as exc:
+        # Fenced (reclaimed while this worker was cut off) or cancelled: drop the job, write nothing.
+        log.warning("dropping job %s: %s", job_id, exc)
+        return "fenced" if isinstance(exc, LeaseFenced) else "lost"
     except (TransientError, ShutdownRequested):
         _release(store, claim)
         raise
@@ -99,8 +105,15 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
 
 
 def _release(store: Store, claim: Claim) -> None:
-    with store.session() as s:
-        release_job(s, claim.job_id, claim.lease)
+    try:
+        with store.session() as s:
+            release_job(s, claim.job_id, claim.lease)
+    except OperationalError as exc:  # the store is away: its heartbeat goes stale and a janitor requeues it
+        log.warning(
+            "job %s: cannot hand it back (%s); it is requeued once its lease expires",
+            claim.job_id,
+            fault_line(exc),
+        )
 
 
 def _fail(store: Store, claim: Claim, exc: BaseException) -> str:
@@ -110,11 +123,11 @@ def _fail(store: Store, claim: Claim, exc: BaseException) -> str:
     return "failed"
 
 
-def search_claimed(store: Store, claim: Claim, searcher: Searcher, heartbeat_s: float) -> None:
-    """Run (or resume) the claimed job's search to completion, one committed depth at a time."""
+def search_claimed(store: Store, claim: Claim, searcher: Searcher) -> None:
+    """Run (or resume) the claimed job's search to completion, one committed depth at a time
+    (the caller keeps the job's heartbeat going)."""
     with store.session() as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    with Heartbeat(store, claim.job_id, claim.lease, heartbeat_s):
-        writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP)
-        searcher.run(tree, writer, start_depth=depth)
+    writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP, generation=claim.generation)
+    searcher.run(tree, writer, start_depth=depth)

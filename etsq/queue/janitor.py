@@ -7,13 +7,17 @@ loses nothing and needs no command to recover.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from typing import Any
 
-from etsq.queue.messages import enqueue
+from sqlalchemy.exc import OperationalError
+
+from etsq.errors import BrokerUnavailable
+from etsq.queue.messages import enqueue, live_queues
 from etsq.settings import Settings
-from etsq.store.jobs import requeue_stale
+from etsq.store.jobs import fault_line, requeue_stale
 from etsq.store.session import Store
 
 log = logging.getLogger(__name__)
@@ -39,8 +43,33 @@ class Janitor(threading.Thread):
             with self.store.session() as s:
                 stale = requeue_stale(s, self.settings.stale_after_s)
             if stale:
-                log.warning("re-enqueueing %d jobs of dead workers: %s", len(stale), [j for j, _ in stale])
-                default = self.app.conf.task_default_queue
-                enqueue(self.app, [(job_id, queue or default) for job_id, queue in stale])
-        except Exception:  # the next sweep tries again
+                jobs = self._route(stale)
+                log.warning(
+                    "reclaimed %d jobs whose lease expired (by the database's clock), re-enqueued: %s",
+                    len(jobs),
+                    ", ".join(f"{job_id}->{queue}" for job_id, queue in jobs),
+                )
+                enqueue(self.app, jobs)
+        except (OperationalError, BrokerUnavailable) as exc:  # the next sweep tries again
+            # One line per sweep while the store is away; no traceback storm.
+            log.warning(
+                "janitor sweep failed, retrying in %g s: %s", self.settings.janitor_s, fault_line(exc)
+            )
+        except Exception:
             log.warning("janitor sweep failed", exc_info=True)
+
+    def _route(self, stale: list[tuple[int, str | None]]) -> list[tuple[int, str]]:
+        """Each job to its own queue if a live worker reads it, else round-robin over the queues
+        live workers read (a dead box's queue would hold the job until that box came back)."""
+        default = self.app.conf.task_default_queue
+        try:
+            live = live_queues(self.app)
+        except BrokerUnavailable:
+            live = []
+        spare = itertools.cycle(live) if live else None
+        return [
+            (job_id, queue or default)
+            if spare is None or (queue or default) in live
+            else (job_id, next(spare))
+            for job_id, queue in stale
+        ]

@@ -13,19 +13,27 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, null, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from etsq.errors import EtsqError
 from etsq.search.config import SearchConfig
 from etsq.store import schema as m
+from etsq.store.clock import db_now
 from etsq.store.session import Store, rows_affected
 from etsq.store.statuses import FINISHED, JobStatus
 
 log = logging.getLogger(__name__)
+
+
+def fault_line(exc: BaseException) -> str:
+    """A database fault in one line, for a log that retries it (no traceback per attempt)."""
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return text[:300] or type(exc).__name__
 
 
 class JobInterrupted(EtsqError):
@@ -34,6 +42,10 @@ class JobInterrupted(EtsqError):
 
 class LeaseLost(JobInterrupted):
     """Another worker reclaimed the job, or it was cancelled: stop without writing."""
+
+
+class LeaseFenced(LeaseLost):
+    """A depth commit was refused inside its transaction: the job's lease generation moved on."""
 
 
 class ShutdownRequested(JobInterrupted):
@@ -52,41 +64,45 @@ class Claim:
     policy_model: str
     prm_model: str
     lease: str
+    generation: int = 0  # the lease's generation: the fencing token every depth commit checks
 
 
-def _stale(now: datetime, stale_after_s: float) -> ColumnElement[bool]:
-    """A running job whose heartbeat is older than `stale_after_s`: its worker is presumed dead."""
-    cutoff = now - timedelta(seconds=stale_after_s)
-    return or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < cutoff)
+def _stale(stale_after_s: float) -> ColumnElement[bool]:
+    """A running job whose heartbeat is older than `stale_after_s` by the database's clock (never a
+    worker's, `etsq.store.clock`): its worker is presumed dead."""
+    return or_(m.Job.heartbeat_at.is_(None), m.Job.heartbeat_at < db_now(-stale_after_s))
 
 
-def _claimable(now: datetime, stale_after_s: float) -> ColumnElement[bool]:
-    running_but_stale = and_(m.Job.status == JobStatus.RUNNING, _stale(now, stale_after_s))
+def _claimable(stale_after_s: float) -> ColumnElement[bool]:
+    running_but_stale = and_(m.Job.status == JobStatus.RUNNING, _stale(stale_after_s))
     return or_(m.Job.status == JobStatus.QUEUED, running_but_stale)
 
 
 def claim_job(
     store: Store, job_id: int, stale_after_s: float, worker: str | None = None, gpu: str | None = None
 ) -> Claim | None:
-    """Take the job with a fresh lease; None when it is finished, missing, or held by a live worker."""
-    lease, now = str(uuid.uuid4()), m.utcnow()
+    """Take the job with a fresh lease of the next generation; None when it is finished, missing,
+    or held by a live worker.  Times are the database's (`etsq.store.clock`)."""
+    lease = str(uuid.uuid4())
     with store.session() as s:
-        taken = rows_affected(
-            s,
+        generation = s.execute(
             update(m.Job)
-            .where(m.Job.id == job_id, _claimable(now, stale_after_s))
+            .where(m.Job.id == job_id, _claimable(stale_after_s))
             .values(
                 status=JobStatus.RUNNING,
                 attempts=m.Job.attempts + 1,
                 worker=worker or socket.gethostname(),
                 gpu=gpu,
                 lease=lease,
-                heartbeat_at=now,
+                lease_gen=m.Job.lease_gen + 1,
+                heartbeat_at=db_now(),
                 error=None,
-                started_at=func.coalesce(m.Job.started_at, now),
-            ),
-        )
-        if not taken:
+                started_at=func.coalesce(m.Job.started_at, db_now()),
+            )
+            .returning(m.Job.lease_gen)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if generation is None:
             return None
         job = s.get_one(m.Job, job_id)
         run, problem = job.run, job.problem
@@ -99,6 +115,7 @@ def claim_job(
             run.policy_model,
             run.prm_model,
             lease,
+            int(generation),
         )
 
 
@@ -108,7 +125,7 @@ def heartbeat(store: Store, job_id: int, lease: str) -> bool:
         stmt = (
             update(m.Job)
             .where(m.Job.id == job_id, m.Job.lease == lease, m.Job.status == JobStatus.RUNNING)
-            .values(heartbeat_at=m.utcnow())
+            .values(heartbeat_at=db_now())
         )
         return rows_affected(s, stmt) > 0
 
@@ -126,7 +143,7 @@ def requeue_stale(
     s: Session, stale_after_s: float, run_id: int | None = None
 ) -> list[tuple[int, str | None]]:
     """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue."""
-    cond = [m.Job.status == JobStatus.RUNNING, _stale(m.utcnow(), stale_after_s)]
+    cond = [m.Job.status == JobStatus.RUNNING, _stale(stale_after_s)]
     if run_id is not None:
         cond.append(m.Job.run_id == run_id)
     rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
@@ -134,6 +151,34 @@ def requeue_stale(
         ids = [job_id for job_id, _ in rows]
         s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None))
     return rows
+
+
+def expired_leases(
+    s: Session, stale_after_s: float, run_ids: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Running jobs whose holder's lease expired (heartbeat older than `stale_after_s` by the
+    database's clock): who holds each and for how long it has not beaten.  A janitor requeues them."""
+    cond = [m.Job.status == JobStatus.RUNNING, _stale(stale_after_s)]
+    if run_ids is not None:
+        cond.append(m.Job.run_id.in_(run_ids))
+    # Seconds since the last beat, by the database's clock (PostgreSQL; SQLite leaves it out).
+    age = func.extract("epoch", db_now() - m.Job.heartbeat_at) if _is_pg(s) else null()
+    cols = [m.Job.id, m.Job.run_id, m.Job.worker, m.Job.lease_gen, age]
+    rows = s.execute(select(*cols).where(*cond).order_by(m.Job.id))
+    return [
+        {
+            "job_id": r[0],
+            "run_id": r[1],
+            "worker": r[2],
+            "generation": r[3],
+            "silent_s": None if r[4] is None else round(float(r[4]), 1),
+        }
+        for r in rows
+    ]
+
+
+def _is_pg(s: Session) -> bool:
+    return s.get_bind().dialect.name == "postgresql"
 
 
 _JOBS = m.Base.metadata.tables["jobs"]
@@ -183,7 +228,9 @@ class Heartbeat:
             try:
                 if not heartbeat(*self.args):
                     return
-            except Exception:  # a missed beat is harmless; the next one retries
+            except OperationalError as exc:  # a missed beat is harmless; the next one retries
+                log.warning("heartbeat of job %s failed, retrying: %s", self.args[1], fault_line(exc))
+            except Exception:
                 log.warning("heartbeat of job %s failed", self.args[1], exc_info=True)
 
     def __enter__(self) -> Heartbeat:

@@ -125,6 +125,9 @@ class Job(Base):
     # Who holds the job now: a claim sets a fresh lease, and commits check it, so a redelivered
     # task can never run a job that a live worker (recent heartbeat) is still searching.
     lease: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The lease's generation, one higher at every claim: the fencing token a depth commit checks, so
+    # a worker cut off past its lease cannot write once the job was reclaimed (etsq.store.trees).
+    lease_gen: Mapped[int] = mapped_column(Integer, server_default="0")
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     depth: Mapped[int] = mapped_column(Integer, default=0)  # last committed depth
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -26,7 +26,8 @@ from etsq.search.loop import DepthCommit
 from etsq.search.tree import Node, Tree
 from etsq.store import schema as m
 from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
-from etsq.store.jobs import LeaseLost, ShutdownRequested, close_run_if_done, finish_values
+from etsq.store.clock import db_now
+from etsq.store.jobs import LeaseFenced, ShutdownRequested, close_run_if_done, finish_values
 from etsq.store.runs import problem_row, run_row, store_run
 from etsq.store.session import Store
 from etsq.store.statuses import JobStatus
@@ -129,8 +130,16 @@ class DepthWriter:
     frontier's marks one UPDATE (etsq.store.bulk), the selection row one insert.
     """
 
-    def __init__(self, store: Store, job_id: int, lease: str, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        job_id: int,
+        lease: str,
+        stop: threading.Event | None = None,
+        generation: int | None = None,
+    ) -> None:
         self.store, self.job_id, self.lease = store, job_id, lease
+        self.generation = generation  # the claim's fencing token (jobs.lease_gen)
         self.stop = stop or threading.Event()  # set: stop after the depth in hand (worker shutdown)
         self.since = time.perf_counter()  # the depth in hand's wall time is counted from here
 
@@ -164,25 +173,29 @@ class DepthWriter:
         return mark
 
     def _advance_job(self, conn: Connection, rec: DepthCommit) -> int:
-        """Lock the job row, check the lease and record the depth, in one UPDATE; the run's id."""
+        """Lock the job row, check the lease and its generation (the fencing token) and record the
+        depth, in one UPDATE; the run's id.  A worker whose lease was taken over (reclaimed while
+        it was cut off) gets `LeaseFenced` inside this transaction, which then writes nothing."""
         values: dict[str, Any] = {
             "depth": rec.depth + (0 if rec.final else 1),
-            "heartbeat_at": m.utcnow(),
+            "heartbeat_at": db_now(),
         }
         if rec.final:
             values.update(finish_values(JobStatus.DONE))
-        stmt = (
-            update(_JOBS)
-            .where(
-                _JOBS.c.id == self.job_id, _JOBS.c.lease == self.lease, _JOBS.c.status == JobStatus.RUNNING
-            )
-            .values(**values)
-            .returning(_JOBS.c.run_id)
-        )
+        held = [_JOBS.c.id == self.job_id, _JOBS.c.lease == self.lease, _JOBS.c.status == JobStatus.RUNNING]
+        if self.generation is not None:
+            held.append(_JOBS.c.lease_gen == self.generation)
+        stmt = update(_JOBS).where(*held).values(**values).returning(_JOBS.c.run_id)
         run_id = conn.execute(stmt).scalar_one_or_none()
         if run_id is None:
-            status = conn.execute(select(_JOBS.c.status).where(_JOBS.c.id == self.job_id)).scalar()
-            raise LeaseLost(f"job {self.job_id} is no longer ours (status {status})")
+            now = conn.execute(
+                select(_JOBS.c.status, _JOBS.c.lease_gen, _JOBS.c.worker).where(_JOBS.c.id == self.job_id)
+            ).first()
+            status, gen, worker = now if now is not None else (None, None, None)
+            raise LeaseFenced(
+                f"job {self.job_id} is no longer ours: depth {rec.depth} commit fenced, lease generation "
+                f"{self.generation} is stale (the job is {status}, generation {gen}, worker {worker})"
+            )
         return int(run_id)
 
     def _insert(self, conn: Connection, tree: Tree, nodes: list[Node]) -> None:
