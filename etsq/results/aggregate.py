@@ -7,6 +7,13 @@ equivalence (see `etsq.results.grading`), not string equality.
 
 A `Ballot` groups a problem's answered leaves once and then answers every agg x vote: grouping
 is what costs (math-verify), so it is done once per problem, on distinct normal forms only.
+
+Two tests of equivalence serve two ends.  Grouping answers for a vote uses `equivalent`: a normal
+form, then values (`etsq.results.answer_value`), then math-verify.  Whether an answer is *correct*
+(accuracy, coverage) is math-verify's verdict (`grade_answer`): the value test settles it only where
+it provably agrees, i.e. equal normal forms (math-verify's own first step) and plain numbers on both
+sides; values elsewhere can disagree with math-verify (`1/2\\pi` is 1/(2π) to it, π/2 to the value
+grammar; `1,0` is a list to one, the start of a thousands-separated number to the other).
 """
 
 from __future__ import annotations
@@ -124,6 +131,39 @@ def equivalent(gold: str, answer: str) -> bool:
     return is_equivalent(gold, answer)
 
 
+class Verdict(NamedTuple):
+    """Whether an answer is correct, and whether the cheap test decided it (else math-verify)."""
+
+    correct: bool
+    by_value: bool
+
+
+def grade_answer(gold: str, answer: str) -> Verdict:
+    """Whether `answer` is correct against `gold`: `is_equivalent` (math-verify) wherever the cheap
+    test could disagree with it.
+
+    The cheap test decides only (1) equal nonempty normal forms, which `is_equivalent` accepts
+    before it parses anything, and (2) two plain numbers (`answer_key` values: integers, decimals,
+    `a/b`, `\\frac{a}{b}`), which math-verify parses to the same rationals and compares as numbers:
+    equal ones are equivalent, ones farther apart than its rounding are not.
+    """
+    decided = _cheap_verdict(gold, answer)
+    if decided is not None:
+        return Verdict(decided, True)
+    return Verdict(is_equivalent(gold, answer), False)
+
+
+def _cheap_verdict(gold: str, answer: str) -> bool | None:
+    key, other = answer_key(gold), answer_key(answer)
+    if key == "" or other == "":
+        return None  # math-verify's to refuse (an empty normal form matches nothing)
+    if key == other:
+        return True
+    if isinstance(key, Fraction) and isinstance(other, Fraction):
+        return False if _far(complex(key), complex(other)) else None
+    return None
+
+
 def _decided_by_value(a: AnswerValue | None, b: AnswerValue | None) -> bool | None:
     """True / False where the values settle equivalence, None where only math-verify can."""
     if a is None or b is None or a.symbols != b.symbols or len(a.values) != len(b.values):
@@ -235,14 +275,22 @@ class Ballot:
         return self._tallies
 
     def covers(self, gold: str) -> bool:
-        """Whether any leaf's answer is equivalent to `gold`: one check per distinct normal form.
+        """Whether any leaf's answer is correct against `gold` (`grade_answer`): one check per
+        distinct normal form, those the cheap test decides before those math-verify must.
 
         Representatives first; the other forms matter only because equivalence need not be
         transitive (a member may match the gold when its group's representative does not).
         """
         reps = set(self.reps)
         others = [answer for answer in self._by_key_first.values() if answer not in reps]
-        return any(equivalent(gold, answer) for answer in [*self.reps, *others])
+        undecided = []
+        for answer in [*self.reps, *others]:
+            verdict = _cheap_verdict(gold, answer)
+            if verdict:
+                return True
+            if verdict is None:
+                undecided.append(answer)
+        return any(is_equivalent(gold, answer) for answer in undecided)
 
 
 @dataclass(frozen=True)
@@ -250,20 +298,28 @@ class Grades:
     """A problem graded under several agg x vote combinations at once."""
 
     correct: tuple[bool, ...]  # one per requested combination, in order
-    covered: bool  # some leaf's answer is equivalent to the gold
+    covered: bool  # some leaf's answer is correct against the gold
+    # Per combination: True if the cheap test graded the chosen answer, False if math-verify did,
+    # None if there was no answer to grade.
+    by_value: tuple[bool | None, ...] = ()
 
 
 def grade_ballot(ballot: Ballot, gold: str, combos: Sequence[tuple[str, str]]) -> Grades:
-    """Grade every combination; each distinct chosen answer is checked against `gold` once."""
-    verdicts: dict[str, bool] = {}
-    correct = []
+    """Grade every combination (`grade_answer`); each distinct chosen answer is graded once."""
+    verdicts: dict[str, Verdict] = {}
+    correct, by_value = [], []
     for agg, vote in combos:
         answer = ballot.choose(agg, vote)
-        if answer is not None and answer not in verdicts:
-            verdicts[answer] = equivalent(gold, answer)
-        correct.append(answer is not None and verdicts[answer])
-    covered = any(verdicts.values()) or ballot.covers(gold)
-    return Grades(tuple(correct), covered)
+        if answer is None:
+            correct.append(False)
+            by_value.append(None)
+            continue
+        if answer not in verdicts:
+            verdicts[answer] = grade_answer(gold, answer)
+        correct.append(verdicts[answer].correct)
+        by_value.append(verdicts[answer].by_value)
+    covered = any(v.correct for v in verdicts.values()) or ballot.covers(gold)
+    return Grades(tuple(correct), covered, tuple(by_value))
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
