@@ -307,7 +307,8 @@ class Grades:
 def grade_ballot(ballot: Ballot, gold: str, combos: Sequence[tuple[str, str]]) -> Grades:
     """Grade every combination (`grade_answer`); each distinct chosen answer is graded once."""
     verdicts: dict[str, Verdict] = {}
-    correct, by_value = [], []
+    correct: list[bool] = []
+    by_value: list[bool | None] = []
     for agg, vote in combos:
         answer = ballot.choose(agg, vote)
         if answer is None:
