@@ -135,8 +135,12 @@ def test_math_verify_decides_where_the_value_test_would_disagree(gold: str, answ
     ("gold", "answer", "correct", "by_value"),
     [
         ("72", "72.0", True, True), ("\\frac{3}{4}", "0.75", True, True), ("10", "11", False, True),
-        ("\\text{(C)}", "(C)", True, True), ("2\\sqrt{5}", "\\sqrt{20}", True, False),
-        ("9 - 11i", "-11i+9", True, False), ("1/3", "0.333333", True, False),
+        ("\\text{(C)}", "(C)", True, True), ("2\\sqrt{5}", "\\sqrt{20}", True, True),
+        ("9 - 11i", "-11i+9", True, True), ("1/3", "0.333333", True, False),
+        ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}", True, True),
+        ("\\frac{\\pi}{4}", "\\frac{\\pi}{5}", False, True),
+        ("\\frac{\\pi}{2}", "1/2\\pi", False, False), ("(1, -2)", "\\left( 1, -2 \\right)", True, True),
+        ("(1,2)", "(2,1)", False, False),
     ],
 )  # fmt: skip
 def test_which_grader_decides(gold: str, answer: str, correct: bool, by_value: bool) -> None:

@@ -48,6 +48,10 @@ COMBOS: tuple[tuple[str, str], ...] = tuple((agg, vote) for agg in AGGS for vote
 # Plain numbers after `normalise`: 12, -3.5, .5, 3/4, \frac{3}{4}, -\frac{3}{4}.
 _DECIMAL_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _RATIO_RE = re.compile(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
+# Normal forms whose value math-verify reads as the value grammar does: integers, braced or one-digit
+# \frac and \sqrt arguments, \pi, i, + - and products; no `/` (`1/2\pi`), comma (`1,000`), decimal,
+# power, bracket or other letter, where the two readings can part.
+_PLAIN_RE = re.compile(r"(?:\d+|\\(?:frac|sqrt|pi|cdot|times)(?![a-zA-Z])|[{}+\-*i])+")
 # math-verify rounds numbers to about six significant digits: values farther apart than this
 # (relative) are never equivalent, and nearer ones are left to it unless both are exact.
 _FAR_APART = 1e-4
@@ -143,9 +147,11 @@ def grade_answer(gold: str, answer: str) -> Verdict:
     test could disagree with it.
 
     The cheap test decides only (1) equal nonempty normal forms, which `is_equivalent` accepts
-    before it parses anything, and (2) two plain numbers (`answer_key` values: integers, decimals,
+    before it parses anything, (2) two plain numbers (`answer_key` values: integers, decimals,
     `a/b`, `\\frac{a}{b}`), which math-verify parses to the same rationals and compares as numbers:
-    equal ones are equivalent, ones farther apart than its rounding are not.
+    equal ones are equivalent, ones farther apart than its rounding are not, and (3) two answers
+    of `_PLAIN_RE`'s sub-grammar (`2\\sqrt{5}`, `\\frac{\\pi}{4}`, `9-11i`), which both read alike,
+    where their values settle it (`_decided_by_value`).
     """
     decided = _cheap_verdict(gold, answer)
     if decided is not None:
@@ -161,6 +167,13 @@ def _cheap_verdict(gold: str, answer: str) -> bool | None:
         return True
     if isinstance(key, Fraction) and isinstance(other, Fraction):
         return False if _far(complex(key), complex(other)) else None
+    if (
+        isinstance(key, str)
+        and isinstance(other, str)
+        and _PLAIN_RE.fullmatch(key)
+        and _PLAIN_RE.fullmatch(other)
+    ):
+        return _decided_by_value(answer_value(gold), answer_value(answer))
     return None
 
 
