@@ -189,7 +189,7 @@ def test_the_stored_tree_grades_against_its_gold() -> None:
     grades = grade_ballot(_tree_ballot(), "0.5", COMBOS)
     assert grades.correct == tuple(EXPECTED[c] != "3" and EXPECTED[c] != "3.0" for c in COMBOS)
     assert grades.correct.count(True) == 9 and grades.covered
-    assert grade_ballot(_tree_ballot(), "7", COMBOS) == Grades((False,) * 12, False)
+    assert grade_ballot(_tree_ballot(), "7", COMBOS) == Grades((False,) * 12, False, (True,) * 12)
 
 
 def test_the_stored_tree_reads_like_its_leaves() -> None:

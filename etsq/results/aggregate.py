@@ -7,6 +7,13 @@ equivalence (see `etsq.results.grading`), not string equality.
 
 A `Ballot` groups a problem's answered leaves once and then answers every agg x vote: grouping
 is what costs (math-verify), so it is done once per problem, on distinct normal forms only.
+
+Two tests of equivalence serve two ends.  Grouping answers for a vote uses `equivalent`: a normal
+form, then values (`etsq.results.answer_value`), then math-verify.  Whether an answer is *correct*
+(accuracy, coverage) is math-verify's verdict (`grade_answer`): the value test settles it only where
+it provably agrees, i.e. equal normal forms (math-verify's own first step) and plain numbers on both
+sides; values elsewhere can disagree with math-verify (`1/2\\pi` is 1/(2π) to it, π/2 to the value
+grammar; `1,0` is a list to one, the start of a thousands-separated number to the other).
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ COMBOS: tuple[tuple[str, str], ...] = tuple((agg, vote) for agg in AGGS for vote
 # Plain numbers after `normalise`: 12, -3.5, .5, 3/4, \frac{3}{4}, -\frac{3}{4}.
 _DECIMAL_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _RATIO_RE = re.compile(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
+# Normal forms whose value math-verify reads as the value grammar does: integers, braced or one-digit
+# \frac and \sqrt arguments, \pi, i, + - and products; no `/` (`1/2\pi`), comma (`1,000`), decimal,
+# power, bracket or other letter, where the two readings can part.
+_PLAIN_RE = re.compile(r"(?:\d+|\\(?:frac|sqrt|pi|cdot|times)(?![a-zA-Z])|[{}+\-*i])+")
 # math-verify rounds numbers to about six significant digits: values farther apart than this
 # (relative) are never equivalent, and nearer ones are left to it unless both are exact.
 _FAR_APART = 1e-4
@@ -122,6 +133,48 @@ def equivalent(gold: str, answer: str) -> bool:
     if decided is not None:
         return decided
     return is_equivalent(gold, answer)
+
+
+class Verdict(NamedTuple):
+    """Whether an answer is correct, and whether the cheap test decided it (else math-verify)."""
+
+    correct: bool
+    by_value: bool
+
+
+def grade_answer(gold: str, answer: str) -> Verdict:
+    """Whether `answer` is correct against `gold`: `is_equivalent` (math-verify) wherever the cheap
+    test could disagree with it.
+
+    The cheap test decides only (1) equal nonempty normal forms, which `is_equivalent` accepts
+    before it parses anything, (2) two plain numbers (`answer_key` values: integers, decimals,
+    `a/b`, `\\frac{a}{b}`), which math-verify parses to the same rationals and compares as numbers:
+    equal ones are equivalent, ones farther apart than its rounding are not, and (3) two answers
+    of `_PLAIN_RE`'s sub-grammar (`2\\sqrt{5}`, `\\frac{\\pi}{4}`, `9-11i`), which both read alike,
+    where their values settle it (`_decided_by_value`).
+    """
+    decided = _cheap_verdict(gold, answer)
+    if decided is not None:
+        return Verdict(decided, True)
+    return Verdict(is_equivalent(gold, answer), False)
+
+
+def _cheap_verdict(gold: str, answer: str) -> bool | None:
+    key, other = answer_key(gold), answer_key(answer)
+    if key == "" or other == "":
+        return None  # math-verify's to refuse (an empty normal form matches nothing)
+    if key == other:
+        return True
+    if isinstance(key, Fraction) and isinstance(other, Fraction):
+        return False if _far(complex(key), complex(other)) else None
+    if (
+        isinstance(key, str)
+        and isinstance(other, str)
+        and _PLAIN_RE.fullmatch(key)
+        and _PLAIN_RE.fullmatch(other)
+    ):
+        return _decided_by_value(answer_value(gold), answer_value(answer))
+    return None
 
 
 def _decided_by_value(a: AnswerValue | None, b: AnswerValue | None) -> bool | None:
@@ -235,14 +288,22 @@ class Ballot:
         return self._tallies
 
     def covers(self, gold: str) -> bool:
-        """Whether any leaf's answer is equivalent to `gold`: one check per distinct normal form.
+        """Whether any leaf's answer is correct against `gold` (`grade_answer`): one check per
+        distinct normal form, those the cheap test decides before those math-verify must.
 
         Representatives first; the other forms matter only because equivalence need not be
         transitive (a member may match the gold when its group's representative does not).
         """
         reps = set(self.reps)
         others = [answer for answer in self._by_key_first.values() if answer not in reps]
-        return any(equivalent(gold, answer) for answer in [*self.reps, *others])
+        undecided = []
+        for answer in [*self.reps, *others]:
+            verdict = _cheap_verdict(gold, answer)
+            if verdict:
+                return True
+            if verdict is None:
+                undecided.append(answer)
+        return any(is_equivalent(gold, answer) for answer in undecided)
 
 
 @dataclass(frozen=True)
@@ -250,20 +311,29 @@ class Grades:
     """A problem graded under several agg x vote combinations at once."""
 
     correct: tuple[bool, ...]  # one per requested combination, in order
-    covered: bool  # some leaf's answer is equivalent to the gold
+    covered: bool  # some leaf's answer is correct against the gold
+    # Per combination: True if the cheap test graded the chosen answer, False if math-verify did,
+    # None if there was no answer to grade.
+    by_value: tuple[bool | None, ...] = ()
 
 
 def grade_ballot(ballot: Ballot, gold: str, combos: Sequence[tuple[str, str]]) -> Grades:
-    """Grade every combination; each distinct chosen answer is checked against `gold` once."""
-    verdicts: dict[str, bool] = {}
-    correct = []
+    """Grade every combination (`grade_answer`); each distinct chosen answer is graded once."""
+    verdicts: dict[str, Verdict] = {}
+    correct: list[bool] = []
+    by_value: list[bool | None] = []
     for agg, vote in combos:
         answer = ballot.choose(agg, vote)
-        if answer is not None and answer not in verdicts:
-            verdicts[answer] = equivalent(gold, answer)
-        correct.append(answer is not None and verdicts[answer])
-    covered = any(verdicts.values()) or ballot.covers(gold)
-    return Grades(tuple(correct), covered)
+        if answer is None:
+            correct.append(False)
+            by_value.append(None)
+            continue
+        if answer not in verdicts:
+            verdicts[answer] = grade_answer(gold, answer)
+        correct.append(verdicts[answer].correct)
+        by_value.append(verdicts[answer].by_value)
+    covered = any(v.correct for v in verdicts.values()) or ballot.covers(gold)
+    return Grades(tuple(correct), covered, tuple(by_value))
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:

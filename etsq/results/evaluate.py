@@ -228,6 +228,7 @@ def _record(
         key=job.key,
         correct=grades.correct,
         covered=grades.covered,
+        graded_by_value=grades.by_value,
         nodes=tally.nodes,
         tokens=float(tally.tokens),
         policy_calls=float(tally.nodes - 1),  # every non-root node is one sampled step

@@ -112,6 +112,9 @@ class ProblemRecord:
     kv_peak: float | None
     server_kv_peak: float | None
     seconds: float | None
+    # Per combination: whether the chosen answer was graded by the cheap value test (True), by
+    # math-verify (False), or had no answer (None); empty for records made before it was counted.
+    graded_by_value: tuple[bool | None, ...] = ()
 
 
 @dataclass
@@ -142,6 +145,7 @@ def summarise(
     rows = []
     for i, (agg, vote) in enumerate(combos):
         n_correct = sum(r.correct[i] for r in records)
+        graders = [r.graded_by_value[i] for r in records if i < len(r.graded_by_value)]
         rows.append(
             {
                 **base,
@@ -150,6 +154,8 @@ def summarise(
                 "n_problems": len(records),
                 "n_correct": n_correct,
                 "accuracy": n_correct / len(records) if records else 0.0,
+                "graded_by_value": sum(g is True for g in graders),
+                "graded_by_math_verify": sum(g is False for g in graders),
                 **shared,
             }
         )
