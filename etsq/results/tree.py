@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from etsq.errors import UserError
 from etsq.procs import atomic_write_text
-from etsq.results.aggregate import equivalent
+from etsq.results.aggregate import grade_answer
 from etsq.store import schema as m
 from etsq.store.labels import run_backend, run_label
 from etsq.store.runs import run_ids
@@ -71,7 +71,7 @@ def _nodes(s: Session, job: m.Job) -> list[dict[str, Any]]:
         correct = None
         if row.terminal and row.answer:
             if row.answer not in verdicts:
-                verdicts[row.answer] = equivalent(gold, row.answer)
+                verdicts[row.answer] = grade_answer(gold, row.answer).correct
             correct = verdicts[row.answer]
         out.append(
             {
