@@ -50,7 +50,9 @@ def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 
 
-def sweep_file(path: Path, args: argparse.Namespace, policy: HttpServiceHandle, prm: HttpServiceHandle) -> Path:
+def sweep_file(
+    path: Path, args: argparse.Namespace, policy: HttpServiceHandle, prm: HttpServiceHandle
+) -> Path:
     paths = testbed_paths(Path(args.home))
     models = {
         "backend": "openai",
@@ -117,7 +119,7 @@ def main() -> None:
         try:
             print(f"servers up in {time.monotonic() - started:.0f} s; submitting", flush=True)
             etsq(env, "sweep", str(sweep_file(tmp / "sweep.yaml", args, policy, prm)))
-            log = open(args.out / "worker.log", "w")  # noqa: SIM115
+            log = open(args.out / "worker.log", "w")
             worker = subprocess.Popen(
                 [sys.executable, "-m", "cli", "worker", "--concurrency", str(args.concurrency)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
