@@ -60,7 +60,8 @@ def main() -> None:
     try:
         for name, cmd in commands(home).items():
             best = min(etsq(cmd, env) for _ in range(args.repeat))
-            print(f"| `etsq {' '.join(cmd[:1] + [a for a in cmd[1:] if not a.startswith('/')])}` {name} | {best:.2f} |")
+            shown = " ".join(a for a in cmd if not a.startswith("/"))
+            print(f"| `etsq {shown}` {name} | {best:.2f} |")
     finally:
         subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, capture_output=True)
     print(f"load average after: {os.getloadavg()}")

@@ -85,9 +85,10 @@ def _stop_after_current_depth(**_: Any) -> None:
 
 
 def _start_janitor(sender: Any = None, **_: Any) -> None:
+    # The worker registers itself (etsq.store.workers) and its janitor keeps the registration fresh.
     app = getattr(sender, "app", None)
     if isinstance(app, EtsqCelery):
-        Janitor(app, app.settings).start()
+        Janitor(app, app.settings, worker=getattr(sender, "hostname", None)).start()
 
 
 @dataclass(frozen=True)

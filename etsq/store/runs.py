@@ -207,8 +207,43 @@ def queued_jobs(s: Session, run_id: int, default_queue: str) -> list[tuple[int, 
     return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
 
 
+def route_jobs(s: Session, run_id: int, queue: str | None, own_queue: str) -> None:
+    """Send the run's waiting jobs to `queue`; with None, those on `own_queue` (a finished `--wait`'s)
+    go back to the shared default queue."""
+    waiting = [m.Job.run_id == run_id, m.Job.status == JobStatus.QUEUED]
+    if queue is None:
+        s.execute(update(m.Job).where(*waiting, m.Job.queue == own_queue).values(queue=None))
+    else:
+        s.execute(update(m.Job).where(*waiting).values(queue=queue))
+
+
+def other_runs_waiting(s: Session, run_id: int) -> int:
+    """Jobs of other runs waiting for a worker: what a `--wait` local worker leaves alone."""
+    q = select(func.count()).where(m.Job.run_id != run_id, m.Job.status == JobStatus.QUEUED)
+    return int(s.scalar(q) or 0)
+
+
+def uncancel_run(s: Session, run_id: int) -> int:
+    """A cancel is a pause: the run's cancelled jobs wait again, from their last committed depth."""
+    n = rows_affected(
+        s,
+        update(m.Job)
+        .where(m.Job.run_id == run_id, m.Job.status == JobStatus.CANCELLED)
+        .values(status=JobStatus.QUEUED, finished_at=None, lease=None, heartbeat_at=None, error=None),
+    )
+    if n:
+        s.execute(update(m.Run).where(m.Run.id == run_id).values(finished_at=None))
+    return n
+
+
+def cancelled_jobs(s: Session, run_id: int) -> int:
+    q = select(func.count()).where(m.Job.run_id == run_id, m.Job.status == JobStatus.CANCELLED)
+    return int(s.scalar(q) or 0)
+
+
 def cancel_run(s: Session, run_id: int) -> int:
-    """Mark every unfinished job cancelled; running ones stop at their next depth commit."""
+    """Mark every unfinished job cancelled; running ones stop at their next depth commit.  A pause:
+    `uncancel_run` (`etsq resume`) queues them again, and they go on from their committed depths."""
     run_ids(s, [run_id])
     n = rows_affected(
         s,
