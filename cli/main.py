@@ -297,8 +297,17 @@ def _wait(conn: Any, store: Any, run_id: int, own_queue: bool) -> int:
 @click.argument("runs", nargs=-1, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
 @click.option("--watch", is_flag=True, help="Live progress bars until the runs finish.")
+@click.option("--dataset", "datasets", multiple=True, help="Only runs on this dataset; repeatable.")
+@click.option("--method", "methods", multiple=True, help="Only runs of this method; repeatable.")
 @pass_settings
-def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
+def status(
+    settings: Settings,
+    runs: tuple[int, ...],
+    as_json: bool,
+    watch: bool,
+    datasets: tuple[str, ...],
+    methods: tuple[str, ...],
+) -> None:
     """Show runs: status and problems done/failed/running.
 
     \b
@@ -312,9 +321,10 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
 
     store = open_store(settings)
     with store.session() as s:
-        rows = statuses(s, list(runs) or None)
+        rows = statuses(s, list(runs) or None, datasets, methods)
     if watch:
-        Watch(store, list(runs) or None).run()
+        wanted = [row["run_id"] for row in rows] if runs or datasets or methods else None
+        Watch(store, wanted, echo=lambda line: click.echo(line)).run()
     elif as_json:
         print_json(rows)
     else:

@@ -177,6 +177,8 @@ def plan(
     """What `submit` would do, without touching the broker or writing a run (`sweep --dry-run`)."""
     validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
+    if not store.exists():  # no database yet: every run is new, and a dry run creates none
+        return [Planned(spec, len(d), None) for spec, d in zip(specs, data, strict=True)]
     with store.session() as s:
         return [Planned(spec, len(d), find_run(s, spec, d)) for spec, d in zip(specs, data, strict=True)]
 

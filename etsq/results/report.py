@@ -18,7 +18,7 @@ from typing import Any
 
 from etsq.procs import atomic_file, atomic_write_text
 from etsq.results.evaluate import DepthFigures, depth_profile, evaluate
-from etsq.results.table import TABLE_COLUMNS, partial_notes, significant
+from etsq.results.table import TABLE_COLUMNS, RunFilter, partial_notes, significant
 from etsq.store.labels import shown_label, sim_note, without_width
 from etsq.store.session import Store
 
@@ -203,13 +203,15 @@ def _page(rows: Sequence[dict[str, Any]], figures: Sequence[Figure], agg: str, v
     )
 
 
-def write_report(store: Store, wanted: list[int] | None, out: Path, agg: str, vote: str) -> list[Path]:
+def write_report(
+    store: Store, wanted: list[int] | None, out: Path, agg: str, vote: str, runs: RunFilter | None = None
+) -> list[Path]:
     """Write `out/index.html` and its plots; returns the files, index.html first.
 
     Each file is written beside its target and renamed into place, the page after its plots: a
     failed report leaves no half-written file, and the page never names a plot that is missing.
     """
-    rows = evaluate(store, wanted, [agg], [vote])
+    rows = evaluate(store, wanted, [agg], [vote], runs)
     with store.session() as s:
         depths = {row["run_id"]: depth_profile(s, row["run_id"]) for row in rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,14 @@ class Store:
                 store = cls._open[url] = cls(url)
             return store
 
+    def exists(self) -> bool:
+        """False when the database is a SQLite file not created yet (a server database is taken to
+        exist): what a command that must write nothing (`sweep --dry-run`) asks before reading."""
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return True
+        return str(parsed.database).startswith("file:") or Path(str(parsed.database)).expanduser().exists()
+
     def ensure_schema(self) -> None:
         """Apply pending migrations, once per process: what every command does before its first read."""
         with self._schema_lock:
