@@ -48,8 +48,9 @@ def import_reference(store: Store, spec: ImportSpec, data_dir: Path | None = Non
     if is_builtin(spec.dataset):
         spec = replace(spec, dataset=dataset_name(spec.dataset))  # GSM8K is gsm8k, as for submit
     entries = read_reference(spec.file)
-    if is_builtin(spec.dataset):
-        check_questions(spec, entries, load_dataset(spec.dataset, data_dir))
+    if is_builtin(spec.dataset):  # the dataset's own text: the file's may differ in whitespace only
+        questions = check_questions(spec, entries, load_dataset(spec.dataset, data_dir))
+        entries = [replace(e, question=q) for e, q in zip(entries, questions, strict=True)]
     stats = read_stats(spec.stats) if spec.stats is not None else None
     run = FinishedRun(
         config=run_config(spec, entries, stats),
@@ -68,9 +69,10 @@ def _normal(text: str) -> str:
     return " ".join(text.split())
 
 
-def check_questions(spec: ImportSpec, entries: list[Entry], data: Dataset) -> None:
-    """A UserError at the first entry whose id is not a row of the dataset or whose question is not
-    that row's (after whitespace normalisation): grading it against that row's answer would be wrong."""
+def check_questions(spec: ImportSpec, entries: list[Entry], data: Dataset) -> list[str]:
+    """Each entry's dataset row question; a UserError at the first entry whose id is not a row of the
+    dataset or whose question is not that row's (after whitespace normalisation): grading it
+    against that row's answer would be wrong."""
     rows = {p.problem_id: p.question for p in data.problems}
     for position, entry in enumerate(entries):
         key = problem_key(spec.dataset, entry.id)
@@ -83,6 +85,7 @@ def check_questions(spec: ImportSpec, entries: list[Entry], data: Dataset) -> No
                 f"{where}: the question ({shown!r}...) is not {spec.dataset}'s row {key}; "
                 "is the file from another dataset? (a file's own problems import under another --dataset)"
             )
+    return [rows[problem_key(spec.dataset, entry.id)] for entry in entries]
 
 
 def _finished(dataset: str, entry: Entry) -> FinishedProblem:
