@@ -102,7 +102,10 @@ class Store:
     def exists(self) -> bool:
         """False when the database is a SQLite file not created yet (a server database is taken to
         exist): what a command that must write nothing (`sweep --dry-run`) asks before reading."""
-        parsed = make_url(self.url)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            return True  # its first session says what is wrong with the URL
         if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
             return True
         return str(parsed.database).startswith("file:") or Path(str(parsed.database)).expanduser().exists()
@@ -215,7 +218,10 @@ def _quick_head() -> str | None:
 
 def _quick_current(url: str) -> str | None:
     """The database's revision by one SELECT; None when it has no version table (or no database)."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # the slow path says what is wrong with it
     local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     if local and not Path(str(parsed.database)).expanduser().exists():
         return None
