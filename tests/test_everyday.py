@@ -226,3 +226,15 @@ def test_wait_runs_its_own_run_first_and_ctrl_c_answers_within_a_second(home: Pa
     finished = etsq("resume", "3", "--wait", env=env, timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert cli_json("status", "3")[0]["problems_done"] == 2
+
+
+def test_a_wait_local_worker_is_no_shared_worker(home: Path) -> None:
+    """Its queue is its run's own: other submissions neither count it nor send jobs there."""
+    from etsq.store.workers import live_queues, live_workers, register_worker
+
+    assert cli("submit", "gsm8k", *SIM, "--limit", "1").exit_code == 0
+    with _store(home).session() as s:
+        register_worker(s, "etsq-etsq.run1-7@box", "etsq.run1", 7)
+    with _store(home).session() as s:
+        assert live_workers(s, 120) == [] and live_queues(s, 120) == []
+        assert [w.queue for w in live_workers(s, 120, shared_only=False)] == ["etsq.run1"]

@@ -22,12 +22,12 @@ def start_local_worker(
     settings: Settings, broker: str, log_path: Path, queue: str | None = None
 ) -> subprocess.Popen[bytes]:
     """A real Celery worker in a child process, logging to `log_path`, consuming `queue` (default:
-    the settings' queue).  Its own session: a Ctrl-C meant for the waiting command reaches it only
-    as the SIGTERM that command sends."""
+    the settings' queue).  It shares the terminal's process group, so it stops with the command's
+    terminal (a Ctrl-C is a warm shutdown for Celery too)."""
     cmd = [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"]
     if queue is not None:
         cmd += ["--queue", queue]
-    return procs.spawn(cmd, log_path, worker_env(settings, broker), new_session=True)
+    return procs.spawn(cmd, log_path, worker_env(settings, broker))
 
 
 def stop_local_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0, kill: bool = True) -> None:

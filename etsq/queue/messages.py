@@ -24,6 +24,7 @@ from etsq.store.jobs import requeue_stale
 from etsq.store.runs import queued_jobs, route_jobs
 from etsq.store.session import Store
 from etsq.store.workers import live_queues as stored_live_queues
+from etsq.store.workers import run_queue_name
 
 TASK_NAME = "etsq.search_job"
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority names a priority list
@@ -75,7 +76,7 @@ def target_queues(store: Store, settings: Settings, requested: str | None) -> li
 
 def run_queue(settings: Settings, run_id: int) -> str:
     """The queue of one run's jobs while `--wait` serves them with its own local worker."""
-    return f"{settings.queue}.run{run_id}"
+    return run_queue_name(settings.queue, run_id)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ worker is busy but alive, whatever a broker ping says.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +17,18 @@ from sqlalchemy.orm import Session
 
 from etsq.store import schema as m
 from etsq.store.statuses import JobStatus
+
+_RUN_QUEUE = re.compile(r"\.run\d+$")
+
+
+def run_queue_name(queue: str, run_id: int) -> str:
+    """The queue of one run's jobs while `--wait` serves them with its own local worker."""
+    return f"{queue}.run{run_id}"
+
+
+def serves_one_run(queue: str | None) -> bool:
+    """Whether `queue` is a run's own queue: its worker (a `--wait`'s) serves no other run."""
+    return queue is not None and bool(_RUN_QUEUE.search(queue))
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,9 @@ def unregister_worker(s: Session, name: str) -> None:
     s.execute(delete(m.Worker).where(m.Worker.name == name))
 
 
-def live_workers(s: Session, stale_after_s: float) -> list[LiveWorker]:
-    """Workers seen within `stale_after_s`, and those of running jobs with a fresh heartbeat."""
+def live_workers(s: Session, stale_after_s: float, shared_only: bool = True) -> list[LiveWorker]:
+    """Workers seen within `stale_after_s`, and those of running jobs with a fresh heartbeat;
+    `shared_only`: not the local workers of `--wait`, which serve their own run's queue only."""
     cutoff = m.utcnow() - timedelta(seconds=stale_after_s)
     found = {
         name: LiveWorker(name, queue)
@@ -54,7 +68,8 @@ def live_workers(s: Session, stale_after_s: float) -> list[LiveWorker]:
     for name, queue in s.execute(busy.distinct()):
         if name is not None:
             found.setdefault(name, LiveWorker(name, queue))
-    return sorted(found.values(), key=lambda w: w.name)
+    live = [w for w in found.values() if not (shared_only and serves_one_run(w.queue))]
+    return sorted(live, key=lambda w: w.name)
 
 
 def live_queues(s: Session, stale_after_s: float) -> list[str]:
