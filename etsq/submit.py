@@ -22,7 +22,7 @@ from etsq.datasets import Dataset
 from etsq.errors import PermanentError, TransientError, UserError
 from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
-from etsq.queue.app import Connection, connect
+from etsq.queue.connection import Connection, connect
 from etsq.queue.local import start_local_worker, stop_local_worker
 from etsq.queue.messages import Resumed, enqueue, resume, run_queue, target_queues
 from etsq.settings import Settings
@@ -141,7 +141,7 @@ def _store_and_enqueue(
     run_id, created = create_run(store, spec, data, queues)
     own_queue = run_queue(conn.settings, run_id) if own else None
     if not created:
-        enqueued = resume(conn.app, conn.settings, store, run_id, own_queue).enqueued
+        enqueued = resume(conn, store, run_id, own_queue).enqueued
         with store.session() as s:
             paused = cancelled_jobs(s, run_id)
         return Submitted(spec, run_id, False, enqueued, len(data), paused)
@@ -203,7 +203,7 @@ def resume_run(settings: Settings, store: Store, run_id: int, wait: bool = False
     with store.session() as s:
         uncancelled = uncancel_run(s, run_id)
     own_queue = run_queue(conn.settings, run_id) if own else None
-    resumed = resume(conn.app, conn.settings, store, run_id, own_queue)
+    resumed = resume(conn, store, run_id, own_queue)
     return ResumedRun(resumed, conn, listening, uncancelled, own)
 
 

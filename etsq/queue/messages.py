@@ -19,6 +19,7 @@ import redis
 
 from etsq.errors import BrokerUnavailable
 from etsq.queue.broker import broker_fault
+from etsq.queue.connection import Connection
 from etsq.settings import Settings
 from etsq.store.jobs import requeue_stale
 from etsq.store.runs import queued_jobs, route_jobs
@@ -33,6 +34,8 @@ _CHUNK = 1000
 
 def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
     """Send one task per (job id, queue); duplicates are harmless (a claim takes a job once)."""
+    if not jobs:
+        return
     try:
         with app.producer_or_acquire() as producer:
             for job_id, queue in jobs:
@@ -87,22 +90,26 @@ class Resumed:
     already_waiting: int
 
 
-def resume(app: Any, settings: Settings, store: Store, run_id: int, own_queue: str | None = None) -> Resumed:
+def resume(conn: Connection, store: Store, run_id: int, own_queue: str | None = None) -> Resumed:
     """Enqueue every job of the run that is waiting or whose worker died, unless its message waits.
 
     `own_queue`: route the run's waiting jobs there and send every one (`--wait`'s local worker
     consumes it; a message left in another queue is a harmless duplicate).  Without it, jobs left on
-    an earlier `--wait`'s own queue go back to the shared queues."""
+    an earlier `--wait`'s own queue go back to the shared queues.  The Celery app is built only
+    when there is something to send."""
+    settings = conn.settings
     with store.session() as s:
         requeue_stale(s, settings.stale_after_s, run_id)
         route_jobs(s, run_id, own_queue, run_queue(settings, run_id))
         jobs = queued_jobs(s, run_id, settings.queue)
     if own_queue is not None:
-        enqueue(app, jobs)
+        if jobs:
+            enqueue(conn.app, jobs)
         return Resumed(len(jobs), 0)
-    waiting = waiting_job_ids(str(app.conf.broker_url), {queue for _, queue in jobs})
+    waiting = waiting_job_ids(conn.broker_url, {queue for _, queue in jobs})
     missing = [(job_id, queue) for job_id, queue in jobs if job_id not in waiting]
-    enqueue(app, missing)
+    if missing:
+        enqueue(conn.app, missing)
     return Resumed(len(missing), len(jobs) - len(missing))
 
 

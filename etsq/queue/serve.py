@@ -16,7 +16,7 @@ from etsq import validation
 from etsq.errors import ConfigError
 from etsq.models.backends import REMOTE_BACKENDS, check_servers, remote_choices
 from etsq.models.config import ModelConfig
-from etsq.queue.app import connect
+from etsq.queue.connection import connect
 from etsq.settings import Settings
 from etsq.store.session import Store
 
