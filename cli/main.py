@@ -187,7 +187,7 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
 @click.option(
     "--wait",
     is_flag=True,
-    help="Wait for the run, starting a local worker if none listens; exit 1 if problems failed.",
+    help="Wait for the run, starting a local worker for it if none runs; exit 1 if problems failed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @pass_settings
@@ -221,39 +221,76 @@ def submit(
     ignored = _ignored_options(opts["method"])
     store = open_store(settings)
     spec = _run_spec(dataset, limit, opts)
-    submission = submit_runs(settings, store, [spec], queue, check_servers=not no_check)
+    submission = submit_runs(settings, store, [spec], queue, check_servers=not no_check, wait=wait)
     for line in ignored:  # after the submission: a refused one says only why (one line)
         click.echo(line, err=True)
     run = submission.runs[0]
     if not run.created:
+        paused = (
+            f"; its {run.cancelled} cancelled jobs stay cancelled: "
+            f"`etsq resume {run.run_id}` queues them again"
+            if run.cancelled
+            else ""
+        )
         click.echo(
-            f"run {run.run_id} has this configuration already; {run.jobs_enqueued} unfinished jobs enqueued",
+            f"run {run.run_id} has this configuration already; "
+            f"{run.jobs_enqueued} unfinished jobs enqueued{paused}",
             err=True,
         )
     if as_json:
-        print_json({"run_id": run.run_id, "created": run.created, "jobs": run.jobs_enqueued})
+        print_json({"run_id": run.run_id, "created": run.created, "jobs": run.jobs_enqueued,
+                    "cancelled": run.cancelled, "workers_listening": submission.listening})  # fmt: skip
     else:
         click.echo(run.run_id)
-    return _wait(submission.connection, store, run.run_id) if wait else 0
+    if wait:
+        return _wait(submission.connection, store, run.run_id, submission.own_queue)
+    if not submission.listening and run.jobs_enqueued:
+        _no_worker(submission.connection, run.run_id)
+    return 0
 
 
-def _wait(conn: Any, store: Any, run_id: int) -> int:
-    """Follow the run to its end; 1 when problems failed (counted on stderr), else 0."""
+def _no_worker(conn: Any, run_id: int) -> None:
+    click.echo(
+        f"no worker is running for {conn.describe()}: start one with `etsq worker`, "
+        f"or follow this run with `etsq resume {run_id} --wait`",
+        err=True,
+    )
+
+
+def _wait(conn: Any, store: Any, run_id: int, own_queue: bool) -> int:
+    """Follow the run to its end; 1 when problems failed (counted on stderr), else 0; 130 on Ctrl-C
+    (within a second: the local worker is asked to stop, not waited for)."""
     from etsq.submit import RunWaiter
 
-    with RunWaiter(conn, store, run_id) as waiter:
-        if waiter.worker_log is not None:
-            click.echo(f"no worker is listening; starting one (log: {waiter.worker_log})", err=True)
-        updates = waiter.follow()
-        first = next(updates)
-        with click.progressbar(
-            length=first.total, label=f"run {run_id}", file=sys.stderr, show_pos=True
-        ) as bar:
-            bar.update(first.finished)
-            last = first
-            for now in updates:
-                bar.update(now.finished - last.finished)
-                last = now
+    try:
+        with RunWaiter(conn, store, run_id, own_queue) as waiter:
+            if waiter.worker_log is not None:
+                click.echo(
+                    f"no worker is running; starting one for run {run_id} (log: {waiter.worker_log})",
+                    err=True,
+                )
+            if waiter.others_waiting:
+                click.echo(
+                    f"it runs run {run_id}'s jobs only; {waiter.others_waiting} jobs of other runs "
+                    "wait for `etsq worker`",
+                    err=True,
+                )
+            updates = waiter.follow()
+            first = next(updates)
+            with click.progressbar(
+                length=first.total, label=f"run {run_id}", file=sys.stderr, show_pos=True
+            ) as bar:
+                bar.update(first.finished)
+                last = first
+                for now in updates:
+                    bar.update(now.finished - last.finished)
+                    last = now
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: run {run_id} stays queued; `etsq resume {run_id} --wait` continues it",
+            err=True,
+        )
+        return 130
     if last.failed:
         click.echo(
             f"run {run_id}: {last.failed} of {last.total} problems failed (see `etsq status {run_id}`)",
@@ -267,8 +304,17 @@ def _wait(conn: Any, store: Any, run_id: int) -> int:
 @click.argument("runs", nargs=-1, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
 @click.option("--watch", is_flag=True, help="Live progress bars until the runs finish.")
+@click.option("--dataset", "datasets", multiple=True, help="Only runs on this dataset; repeatable.")
+@click.option("--method", "methods", multiple=True, help="Only runs of this method; repeatable.")
 @pass_settings
-def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool) -> None:
+def status(
+    settings: Settings,
+    runs: tuple[int, ...],
+    as_json: bool,
+    watch: bool,
+    datasets: tuple[str, ...],
+    methods: tuple[str, ...],
+) -> None:
     """Show runs: status and problems done/failed/running.
 
     \b
@@ -283,12 +329,13 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
 
     store = open_store(settings)
     with store.session() as s:
-        rows = statuses(s, list(runs) or None)
+        rows = statuses(s, list(runs) or None, datasets, methods)
         expired = expired_leases(s, settings.stale_after_s, [r["run_id"] for r in rows])
     for row in rows:
         row["expired_leases"] = [e for e in expired if e["run_id"] == row["run_id"]]
     if watch:
-        Watch(store, list(runs) or None).run()
+        wanted = [row["run_id"] for row in rows] if runs or datasets or methods else None
+        Watch(store, wanted, echo=lambda line: click.echo(line)).run()
     elif as_json:
         print_json(rows)
     else:
@@ -296,7 +343,8 @@ def status(settings: Settings, runs: tuple[int, ...], as_json: bool, watch: bool
 
         shown = [{**row, "label": shown_label(row)} for row in rows]
         table(shown, ["run_id", "dataset", "label", "status", "problems", "problems_done",
-                      "problems_failed", "problems_running", "nodes"], title=sim_note(rows))  # fmt: skip
+                      "problems_failed", "problems_running", "problems_cancelled", "nodes"],
+              title=sim_note(rows))  # fmt: skip
         for e in expired:  # a worker cut off (or dead) past its lease: a janitor requeues its job
             silent = f", silent {e['silent_s']} s" if e["silent_s"] is not None else ""
             click.echo(
@@ -426,7 +474,7 @@ def sweep(
     )
     if not wait:
         return 0
-    codes = [_wait(submission.connection, store, r.run_id) for r in runs]
+    codes = [_wait(submission.connection, store, r.run_id, submission.own_queue) for r in runs]
     return max(codes, default=0)
 
 
@@ -480,15 +528,16 @@ def _print_plan(
 @click.option(
     "--wait",
     is_flag=True,
-    help="Wait for the run, starting a local worker if none listens; exit 1 if problems failed.",
+    help="Wait for the run, starting a local worker for it if none runs; exit 1 if problems failed.",
 )
 @click.option("--json", "as_json", is_flag=True)
 @pass_settings
 def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
-    """Enqueue a run's unfinished jobs again (after a crash, a reboot, or a flushed Redis).
+    """Enqueue a run's unfinished jobs again (after a crash, a reboot, a flushed Redis, or a cancel).
 
-    Jobs resume from their last committed depth; jobs a live worker holds are left alone, and a
-    job whose message still waits in the queue gets no second one.
+    A cancel is a pause: cancelled jobs are queued again.  Jobs resume from their last committed
+    depth; jobs a live worker holds are left alone, and a job whose message still waits in the
+    queue gets no second one.
 
     \b
     Examples:
@@ -498,22 +547,23 @@ def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
     from etsq.submit import resume_run
 
     store = open_store(settings)
-    done = resume_run(settings, store, run)
-    counts = {"enqueued": done.resumed.enqueued, "already_queued": done.resumed.already_waiting}
+    done = resume_run(settings, store, run, wait=wait)
+    counts = {
+        "enqueued": done.resumed.enqueued,
+        "already_queued": done.resumed.already_waiting,
+        "uncancelled": done.uncancelled,
+    }
     if as_json:
         print_json({"run_id": run, **counts, "workers_listening": done.listening})
     else:
+        again = f" ({done.uncancelled} cancelled jobs queued again)" if done.uncancelled else ""
         click.echo(
-            f"run {run}: {counts['enqueued']} jobs enqueued, {counts['already_queued']} already queued"
+            f"run {run}: {counts['enqueued']} jobs enqueued, {counts['already_queued']} already queued{again}"
         )
     if wait:
-        return _wait(done.connection, store, run)
+        return _wait(done.connection, store, run, done.own_queue)
     if not done.listening and done.resumed.enqueued + done.resumed.already_waiting:
-        click.echo(
-            f"no worker is listening on {done.connection.describe()}: start `etsq worker` "
-            f"or run `etsq resume {run} --wait`",
-            err=True,
-        )
+        _no_worker(done.connection, run)
     return 0
 
 
@@ -521,17 +571,18 @@ def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
 @click.argument("run", type=int)
 @pass_settings
 def cancel(settings: Settings, run: int) -> None:
-    """Cancel a run: queued jobs are dropped, running ones stop after their current depth.
+    """Pause a run: queued jobs are cancelled, running ones stop after their current depth.
+    `etsq resume RUN` queues them again; they go on from their last committed depth.
 
     \b
     Example:
-      etsq cancel 3
+      etsq cancel 3 && etsq resume 3
     """
     from etsq.store.runs import cancel_run
 
     with open_store(settings).session() as s:
         cancelled = cancel_run(s, run)
-    click.echo(f"run {run}: {cancelled} jobs cancelled")
+    click.echo(f"run {run}: {cancelled} jobs cancelled; `etsq resume {run}` queues them again")
 
 
 @cli.group()

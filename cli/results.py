@@ -136,9 +136,22 @@ def compare(settings: Settings, base: int, other: int, agg: str, vote: str, as_j
 @click.option(
     "--vote", type=click.Choice(VOTES), default="weighted", show_default=True, help="For the plots."
 )
+@click.option("--dataset", "datasets", multiple=True, help="Only runs on this dataset; repeatable.")
+@click.option("--method", "methods", multiple=True, help="Only runs of this method; repeatable.")
+@click.option("--width", "widths", type=int, multiple=True, help="Only runs of this width; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written files as JSON.")
 @pass_settings
-def report(settings: Settings, runs: tuple[int, ...], out: Path, agg: str, vote: str, as_json: bool) -> None:
+def report(
+    settings: Settings,
+    runs: tuple[int, ...],
+    out: Path,
+    agg: str,
+    vote: str,
+    datasets: tuple[str, ...],
+    methods: tuple[str, ...],
+    widths: tuple[int, ...],
+    as_json: bool,
+) -> None:
     """Write an HTML report of RUNS (default: every run) with PNG plots: accuracy vs width and vs KV,
     ETS's KV / kept fraction / clusters per depth, time per depth; and the results table.
 
@@ -149,7 +162,8 @@ def report(settings: Settings, runs: tuple[int, ...], out: Path, agg: str, vote:
     """
     from etsq.results.report import write_report
 
-    files = write_report(open_store(settings), list(runs) or None, out, agg, vote)
+    filt = RunFilter(datasets=datasets, methods=methods, widths=widths)
+    files = write_report(open_store(settings), list(runs) or None, out, agg, vote, filt)
     if as_json:
         print_json({"index": str(files[0]), "files": [str(f) for f in files]})
     else:
@@ -258,9 +272,14 @@ def import_run(
     from etsq.results.reference import ImportSpec
     from etsq.results.reference_runs import import_reference
 
-    run_id, created = import_reference(open_store(settings), ImportSpec(file, dataset, method, width, stats))
+    spec = ImportSpec(file, dataset, method, width, stats)
+    run_id, created = import_reference(open_store(settings), spec, settings.data_dir)
     if not created:
-        click.echo(f"run {run_id} holds this file already", err=True)
+        click.echo(
+            f"run {run_id} holds this file already (imported with --dataset {dataset} --method {method} "
+            f"--width {width})",
+            err=True,
+        )
     if as_json:
         print_json({"run_id": run_id})
     else:

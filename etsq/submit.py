@@ -22,21 +22,26 @@ from etsq.datasets import Dataset
 from etsq.errors import PermanentError, TransientError, UserError
 from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
-from etsq.queue.app import Connection, connect
+from etsq.queue.connection import Connection, connect
 from etsq.queue.local import start_local_worker, stop_local_worker
-from etsq.queue.messages import Resumed, enqueue, live_workers, resume, target_queues
+from etsq.queue.messages import Resumed, enqueue, resume, run_queue, target_queues
 from etsq.settings import Settings
 from etsq.store.runs import (
     RunSpec,
+    cancelled_jobs,
     create_run,
     delete_run,
     find_run,
     load_problems,
+    other_runs_waiting,
     progress,
     queued_jobs,
+    route_jobs,
     statuses,
+    uncancel_run,
 )
 from etsq.store.session import Store
+from etsq.store.workers import live_workers
 
 # A submit-time server check fails fast: two attempts, and no request may take minutes.
 CHECK_ATTEMPTS = 2
@@ -52,12 +57,15 @@ class Submitted:
     created: bool
     jobs_enqueued: int
     problems: int
+    cancelled: int = 0  # jobs a cancel paused (a resubmission leaves them; `etsq resume` continues)
 
 
 @dataclass(frozen=True)
 class Submission:
     runs: list[Submitted]
     connection: Connection
+    listening: bool  # a live worker is registered (or holds a running job)
+    own_queue: bool = False  # `--wait` on the embedded default: the run's jobs wait on its own queue
 
 
 def prepare(settings: Settings, specs: list[RunSpec], check: bool = True) -> list[Dataset]:
@@ -102,25 +110,44 @@ def submit(
     specs: list[RunSpec],
     queue: str | None = None,
     check_servers: bool = True,
+    wait: bool = False,
 ) -> Submission:
-    """Store and enqueue every spec's run; nothing is written unless every spec is valid."""
+    """Store and enqueue every spec's run; nothing is written unless every spec is valid.
+
+    `wait` (one spec) on the embedded broker with no live worker: the run's jobs go to its own
+    queue (`run_queue`), which the local worker of `RunWaiter` consumes, so it runs this run first."""
     validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
     conn = connect(settings)
-    queues = target_queues(conn.app, queue, settings.queue)
-    runs = [_store_and_enqueue(conn, store, spec, d, queues) for spec, d in zip(specs, data, strict=True)]
-    return Submission(runs, conn)
+    listening = is_listening(store, settings)
+    own = wait and conn.embedded and queue is None and not listening and len(specs) == 1
+    queues = target_queues(store, conn.settings, queue)
+    runs = [
+        _store_and_enqueue(conn, store, spec, d, queues, own) for spec, d in zip(specs, data, strict=True)
+    ]
+    return Submission(runs, conn, listening, own)
+
+
+def is_listening(store: Store, settings: Settings) -> bool:
+    """Whether a worker is alive, from the database: its registration, or a running job's heartbeat."""
+    with store.session() as s:
+        return bool(live_workers(s, settings.stale_after_s))
 
 
 def _store_and_enqueue(
-    conn: Connection, store: Store, spec: RunSpec, data: Dataset, queues: list[str]
+    conn: Connection, store: Store, spec: RunSpec, data: Dataset, queues: list[str], own: bool
 ) -> Submitted:
     """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
     run_id, created = create_run(store, spec, data, queues)
+    own_queue = run_queue(conn.settings, run_id) if own else None
     if not created:
-        enqueued = resume(conn.app, conn.settings, store, run_id).enqueued
-        return Submitted(spec, run_id, False, enqueued, len(data))
+        enqueued = resume(conn, store, run_id, own_queue).enqueued
+        with store.session() as s:
+            paused = cancelled_jobs(s, run_id)
+        return Submitted(spec, run_id, False, enqueued, len(data), paused)
     with store.session() as s:
+        if own_queue is not None:
+            route_jobs(s, run_id, own_queue, own_queue)
         jobs = queued_jobs(s, run_id, conn.settings.queue)
     try:
         enqueue(conn.app, jobs)
@@ -150,6 +177,8 @@ def plan(
     """What `submit` would do, without touching the broker or writing a run (`sweep --dry-run`)."""
     validation.queue_name("--queue", queue)
     data = prepare(settings, specs, check_servers)
+    if not store.exists():  # no database yet: every run is new, and a dry run creates none
+        return [Planned(spec, len(d), None) for spec, d in zip(specs, data, strict=True)]
     with store.session() as s:
         return [Planned(spec, len(d), find_run(s, spec, d)) for spec, d in zip(specs, data, strict=True)]
 
@@ -158,16 +187,24 @@ def plan(
 class ResumedRun:
     resumed: Resumed
     connection: Connection
-    listening: bool  # a worker answered on the broker
+    listening: bool  # a live worker is registered (or holds a running job)
+    uncancelled: int = 0  # cancelled jobs queued again (a cancel is a pause)
+    own_queue: bool = False
 
 
-def resume_run(settings: Settings, store: Store, run_id: int) -> ResumedRun:
-    """Enqueue a run's unfinished jobs that have no message waiting (UserError for an unknown run)."""
+def resume_run(settings: Settings, store: Store, run_id: int, wait: bool = False) -> ResumedRun:
+    """Queue a run's cancelled jobs again and enqueue its unfinished jobs that have no message
+    waiting (UserError for an unknown run).  `wait`: as for `submit`."""
     with store.session() as s:
         statuses(s, [run_id])  # a clear error for an unknown run, before the broker
     conn = connect(settings)
-    resumed = resume(conn.app, conn.settings, store, run_id)
-    return ResumedRun(resumed, conn, bool(live_workers(conn.app)))
+    listening = is_listening(store, conn.settings)
+    own = wait and conn.embedded and not listening
+    with store.session() as s:
+        uncancelled = uncancel_run(s, run_id)
+    own_queue = run_queue(conn.settings, run_id) if own else None
+    resumed = resume(conn, store, run_id, own_queue)
+    return ResumedRun(resumed, conn, listening, uncancelled, own)
 
 
 @dataclass(frozen=True)
@@ -180,25 +217,42 @@ class Progress:
 class RunWaiter:
     """Follows a run until every job finished, running a local worker if nobody else serves it.
 
-    A local worker is started only on the embedded broker with no live worker: a user with their
-    own broker has their own workers, and a second one would compete for their GPUs.
+    A local worker is started only when the submission put the run's jobs on their own queue (the
+    embedded broker with no live worker): it consumes that queue alone, so it runs this run's jobs
+    and no other's.  A user with their own broker has their own workers, and a second one would
+    compete for their GPUs.  Interrupted (Ctrl-C), the local worker is asked to stop (the job in
+    hand commits its depth and goes back to the queue) and is not waited for.
     """
 
-    def __init__(self, conn: Connection, store: Store, run_id: int, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, conn: Connection, store: Store, run_id: int, own_queue: bool, interval_s: float = 0.5
+    ) -> None:
         self.conn, self.store, self.run_id, self.interval_s = conn, store, run_id, interval_s
+        self.own_queue = own_queue
         self.worker: Popen[bytes] | None = None
         self.worker_log: Path | None = None
+        self.others_waiting = 0
 
     def __enter__(self) -> RunWaiter:
         settings = self.conn.settings
-        if self.conn.embedded and not live_workers(self.conn.app):
+        if self.own_queue:
+            with self.store.session() as s:
+                self.others_waiting = other_runs_waiting(s, self.run_id)
             self.worker_log = settings.home / "logs" / f"worker-run{self.run_id}.log"
-            self.worker = start_local_worker(settings, self.conn.broker_url, self.worker_log)
+            queue = run_queue(settings, self.run_id)
+            self.worker = start_local_worker(settings, self.conn.broker_url, self.worker_log, queue)
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if self.worker is not None:
-            stop_local_worker(self.worker)
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.worker is None:
+            return
+        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        stop_local_worker(self.worker, timeout=0.5 if interrupted else 30.0, kill=not interrupted)
 
     def poll(self) -> Progress:
         if self.worker is not None and self.worker.poll() is not None:

@@ -215,7 +215,7 @@ def test_same_sweep_twice_concurrently_makes_one_set_of_runs(
 def test_jobs_spread_over_gpu_queues(env: dict[str, str], pg_url: str, workers: Workers) -> None:
     workers.start("--gpu", "0")
     workers.start("--gpu", "1")
-    wait_for(lambda: _queues_live(env), 60, "two live workers")
+    wait_for(lambda: _queues_live(pg_url), 60, "two live workers")
     run_id = submit(env, "--method", "bon", "--width", "4", "--limit", "6", "--sim-latency", "0.1")
     wait_for(lambda: run_done(pg_url, run_id), 120, "the run\n" + workers.tail())
     jobs = jobs_of(pg_url, run_id)
@@ -224,13 +224,13 @@ def test_jobs_spread_over_gpu_queues(env: dict[str, str], pg_url: str, workers: 
     assert all(j.status == "done" and j.worker and j.started_at and j.finished_at for j in jobs)
 
 
-def _queues_live(env: dict[str, str]) -> bool:
-    from etsq.queue.app import create_app
-    from etsq.queue.messages import live_queues
-    from etsq.settings import Settings
+def _queues_live(url: str) -> bool:
+    """Both workers registered: submit reads the queues of live workers from the database."""
+    from etsq.store.session import Store
+    from etsq.store.workers import live_queues
 
-    app = create_app(Settings.from_env().with_(broker_url=env["ETSQ_BROKER_URL"]))
-    return live_queues(app) == ["gpu0", "gpu1"]
+    with Store.open(url).session() as s:
+        return live_queues(s, 120) == ["gpu0", "gpu1"]
 
 
 def test_cancel_and_watch(env: dict[str, str], pg_url: str) -> None:

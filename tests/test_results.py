@@ -98,7 +98,8 @@ def test_filters_select_runs_and_problems(tmp_path: Path) -> None:
     math = sim_run(url, "rebase", width=4, dataset="math500", limit=5)
     ids = lambda rows: sorted({r["run_id"] for r in rows})  # noqa: E731
     assert ids(cli_json("aggregate", "--method", "rebase", env=env)) == [gsm, wide, math]
-    assert ids(cli_json("aggregate", "--width", "8", "--method", "beam", env=env)) == []
+    nothing = one_error_line(cli("aggregate", "--width", "8", "--method", "beam", env=env))
+    assert "no run matches --method beam --width 8" in nothing and "methods beam, rebase" in nothing
     assert ids(cli_json("aggregate", "--width", "4", "--dataset", "gsm8k", env=env)) == [gsm, beam]
     levels = _math_levels(url, math)
     [row] = cli_json("aggregate", "--level", "5", env=env)

@@ -77,9 +77,13 @@ class ModelConfig:
     @classmethod
     def create(cls, backend: str = "local", **options: Any) -> ModelConfig:
         """A configuration with the backend's defaults filled in (what submit and sweeps store)."""
-        unknown = set(options) - {f.name for f in fields(cls)}
+        allowed = {f.name for f in fields(cls)} - {"prm_revision"}
+        unknown = set(options) - allowed - {"prm_revision"}
         if unknown:
-            raise ConfigError(f"unknown model options {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"unknown model options {', '.join(sorted(unknown))}; allowed: "
+                f"{', '.join(sorted({'backend', *allowed}))}"
+            )
         cfg = cls(backend=backend, **{k: v for k, v in options.items() if v is not None})
         kind = cfg.kind
         if kind.synthetic:

@@ -9,7 +9,6 @@ first reads its configuration (`add_defaults` with a callable is Celery's lazy-c
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
@@ -85,31 +84,7 @@ def _stop_after_current_depth(**_: Any) -> None:
 
 
 def _start_janitor(sender: Any = None, **_: Any) -> None:
+    # The worker registers itself (etsq.store.workers) and its janitor keeps the registration fresh.
     app = getattr(sender, "app", None)
     if isinstance(app, EtsqCelery):
-        Janitor(app, app.settings).start()
-
-
-@dataclass(frozen=True)
-class Connection:
-    """A Celery app bound to a broker that answered."""
-
-    app: EtsqCelery
-    broker_url: str
-    settings: Settings  # with broker_url set to the broker found
-    embedded: bool  # the broker is etsq's embedded Redis
-
-    def describe(self) -> str:
-        from etsq.queue.broker import redact_url
-
-        where = redact_url(self.broker_url)
-        return f"the embedded broker ({where})" if self.embedded else f"the broker {where}"
-
-
-def connect(settings: Settings, queue: str | None = None) -> Connection:
-    """The queue's app; raises BrokerUnavailable (a one-line user error) if the broker is down."""
-    from etsq.queue.broker import reachable_broker_url
-
-    broker = reachable_broker_url(settings)
-    bound = settings.with_(broker_url=broker, queue=queue)
-    return Connection(create_app(bound), broker, bound, embedded=settings.uses_embedded_broker)
+        Janitor(app, app.settings, worker=getattr(sender, "hostname", None)).start()

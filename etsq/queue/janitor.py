@@ -2,13 +2,16 @@
 
 A running job's worker refreshes its heartbeat; a job whose heartbeat is older than
 ETSQ_STALE_AFTER_S goes back to 'queued' and is enqueued again, so a worker killed with -9
-loses nothing and needs no command to recover.
+loses nothing and needs no command to recover.  The janitor also keeps its worker's registration
+(`etsq.store.workers`) fresh: registered at start, seen at each sweep, removed when it stops.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
+import os
 import threading
 from typing import Any
 
@@ -19,6 +22,7 @@ from etsq.queue.messages import enqueue, live_queues
 from etsq.settings import Settings
 from etsq.store.jobs import fault_line, requeue_stale
 from etsq.store.session import Store
+from etsq.store.workers import register_worker, touch_worker, unregister_worker
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +30,41 @@ log = logging.getLogger(__name__)
 class Janitor(threading.Thread):
     """Sweeps every ETSQ_JANITOR_S seconds until stopped."""
 
-    def __init__(self, app: Any, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, app: Any, settings: Settings, store: Store | None = None, worker: str | None = None
+    ) -> None:
         super().__init__(name="etsq-janitor", daemon=True)
-        self.app, self.settings = app, settings
+        self.app, self.settings, self.worker = app, settings, worker
         self.store = store or Store.open(settings.database_url)  # the worker's one Store
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        self._registration(register=True)
+        if self.worker is not None:
+            atexit.register(self._registration, register=False)
         while True:
             self.sweep()
             if self.stopped.wait(self.settings.janitor_s):
                 return
 
+    def _registration(self, register: bool) -> None:
+        if self.worker is None:
+            return
+        queue = self.app.conf.task_default_queue or self.settings.queue
+        try:
+            with self.store.session() as s:
+                if register:
+                    register_worker(s, self.worker, queue, os.getpid())
+                else:
+                    unregister_worker(s, self.worker)
+        except Exception:  # presence is a hint; the queue works without it
+            log.warning("worker registration failed", exc_info=True)
+
     def sweep(self) -> None:
         try:
+            if self.worker is not None:
+                with self.store.session() as s:
+                    touch_worker(s, self.worker)
             with self.store.session() as s:
                 stale = requeue_stale(s, self.settings.stale_after_s)
             if stale:

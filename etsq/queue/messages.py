@@ -19,10 +19,13 @@ import redis
 
 from etsq.errors import BrokerUnavailable
 from etsq.queue.broker import broker_fault
+from etsq.queue.connection import Connection
 from etsq.settings import Settings
 from etsq.store.jobs import requeue_stale
-from etsq.store.runs import queued_jobs
+from etsq.store.runs import queued_jobs, route_jobs
 from etsq.store.session import Store
+from etsq.store.workers import live_queues as stored_live_queues
+from etsq.store.workers import run_queue_name
 
 TASK_NAME = "etsq.search_job"
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority names a priority list
@@ -31,6 +34,8 @@ _CHUNK = 1000
 
 def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
     """Send one task per (job id, queue); duplicates are harmless (a claim takes a job once)."""
+    if not jobs:
+        return
     try:
         with app.producer_or_acquire() as producer:
             for job_id, queue in jobs:
@@ -63,11 +68,18 @@ def live_queues(app: Any, timeout: float = 1.5) -> list[str]:
     return sorted(name for name in names if not name.endswith("pidbox"))
 
 
-def target_queues(app: Any, requested: str | None, default: str) -> list[str]:
-    """The queue asked for, else every queue with a live worker, else the default queue."""
+def target_queues(store: Store, settings: Settings, requested: str | None) -> list[str]:
+    """The queue asked for, else every queue a live worker (from the database) consumes, else the
+    default queue.  No broker round trip: a busy worker is found by its registration."""
     if requested:
         return [requested]
-    return live_queues(app) or [default]
+    with store.session() as s:
+        return stored_live_queues(s, settings.stale_after_s) or [settings.queue]
+
+
+def run_queue(settings: Settings, run_id: int) -> str:
+    """The queue of one run's jobs while `--wait` serves them with its own local worker."""
+    return run_queue_name(settings.queue, run_id)
 
 
 @dataclass(frozen=True)
@@ -78,14 +90,26 @@ class Resumed:
     already_waiting: int
 
 
-def resume(app: Any, settings: Settings, store: Store, run_id: int) -> Resumed:
-    """Enqueue every job of the run that is waiting or whose worker died, unless its message waits."""
+def resume(conn: Connection, store: Store, run_id: int, own_queue: str | None = None) -> Resumed:
+    """Enqueue every job of the run that is waiting or whose worker died, unless its message waits.
+
+    `own_queue`: route the run's waiting jobs there and send every one (`--wait`'s local worker
+    consumes it; a message left in another queue is a harmless duplicate).  Without it, jobs left on
+    an earlier `--wait`'s own queue go back to the shared queues.  The Celery app is built only
+    when there is something to send."""
+    settings = conn.settings
     with store.session() as s:
         requeue_stale(s, settings.stale_after_s, run_id)
+        route_jobs(s, run_id, own_queue, run_queue(settings, run_id))
         jobs = queued_jobs(s, run_id, settings.queue)
-    waiting = waiting_job_ids(str(app.conf.broker_url), {queue for _, queue in jobs})
+    if own_queue is not None:
+        if jobs:
+            enqueue(conn.app, jobs)
+        return Resumed(len(jobs), 0)
+    waiting = waiting_job_ids(conn.broker_url, {queue for _, queue in jobs})
     missing = [(job_id, queue) for job_id, queue in jobs if job_id not in waiting]
-    enqueue(app, missing)
+    if missing:
+        enqueue(conn.app, missing)
     return Resumed(len(missing), len(jobs) - len(missing))
 
 

@@ -16,7 +16,7 @@ from etsq import validation
 from etsq.errors import ConfigError
 from etsq.models.backends import REMOTE_BACKENDS, check_servers, remote_choices
 from etsq.models.config import ModelConfig
-from etsq.queue.app import connect
+from etsq.queue.connection import connect
 from etsq.settings import Settings
 from etsq.store.session import Store
 
@@ -97,6 +97,8 @@ def serve(settings: Settings, store: Store, opts: WorkerOptions, report: Callabl
 
     `store` is the database of `settings`: its schema is brought up to date before anything else, and
     the worker's jobs (`etsq.queue.execute.run_job`) share it, in this process."""
+    from etsq.queue import execute  # noqa: F401  # the search, loaded before the first job
+
     store.ensure_schema()
     bound = worker_settings(settings, opts, report)
     if opts.gpu is not None:

@@ -6,11 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from etsq.errors import TransientError
-from etsq.queue.execute import run_job
 from etsq.queue.messages import TASK_NAME
 from etsq.settings import Settings
-from etsq.store.jobs import ShutdownRequested, fail_job
-from etsq.store.session import Store
 
 __all__ = ["TASK_NAME", "backoff_s", "search_job"]
 
@@ -22,6 +19,11 @@ def backoff_s(settings: Settings, retries: int) -> float:
 
 def search_job(task: Any, job_id: int) -> str:
     """The task body (`task` is the bound Celery task; its app carries the Settings)."""
+    # Imported here: a command that only sends tasks builds the app but never loads the search.
+    from etsq.queue.execute import run_job
+    from etsq.store.jobs import ShutdownRequested, fail_job
+    from etsq.store.session import Store
+
     settings: Settings = task.app.settings
     try:
         return run_job(job_id, settings, worker=task.request.hostname)

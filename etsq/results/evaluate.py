@@ -41,7 +41,7 @@ from etsq.results.table import (
 from etsq.store import schema as m
 from etsq.store.jobs import job_seconds
 from etsq.store.labels import run_backend, run_label
-from etsq.store.runs import run_ids
+from etsq.store.runs import matching_run_ids
 from etsq.store.session import Store
 from etsq.store.statuses import JobStatus
 
@@ -84,14 +84,8 @@ class RunRecords:
 
 def select_runs(s: Session, filt: RunFilter) -> list[RunInfo]:
     """The runs a filter admits, oldest first (named runs are checked to exist)."""
-    ids = run_ids(s, list(filt.runs) or None)
+    ids = matching_run_ids(s, list(filt.runs) or None, filt.datasets, filt.methods, filt.widths)
     q = select(m.Run).where(m.Run.id.in_(ids)).order_by(m.Run.id)
-    if filt.datasets:
-        q = q.where(m.Run.dataset.in_(filt.datasets))
-    if filt.methods:
-        q = q.where(m.Run.method.in_(filt.methods))
-    if filt.widths:
-        q = q.where(m.Run.width.in_(filt.widths))
     return [_info(run) for run in s.scalars(q)]
 
 

@@ -67,8 +67,14 @@ def read_reference(path: Path) -> list[Entry]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
+        hint = (
+            "; import reads the reference format (one JSON list: `etsq export RUN --format reference`), "
+            "not jsonl"
+            if exc.msg == "Extra data"
+            else ""
+        )
         raise ReferenceFormatError(
-            f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"
+            f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}{hint}"
         ) from None
     except UnicodeDecodeError as exc:
         raise ReferenceFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
@@ -272,6 +278,9 @@ def run_config(spec: ImportSpec, entries: list[Entry], stats: dict[str, float] |
     digest = hashlib.sha256(spec.file.read_bytes())
     if spec.stats is not None:
         digest.update(spec.stats.read_bytes())
+    # The file is one run per dataset label: the same file under another --dataset is another run
+    # (method and width are in the identity through `search`).
+    digest.update(f"\0dataset={spec.dataset}".encode())
     keys = [problem_key(spec.dataset, e.id) for e in entries]
     return {
         "source": SOURCE,

@@ -7,12 +7,14 @@ The format itself (reading, checking, the answer tree, writing) is `etsq.results
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from etsq.datasets import Problem
+from etsq.datasets import Dataset, Problem, dataset_name, is_builtin, load_dataset
 from etsq.errors import UserError
 from etsq.results.reference import (
     SOURCE,
@@ -37,12 +39,18 @@ from etsq.store.trees import FinishedProblem, FinishedRun, GivenNode, store_fini
 CLASH = "is stored with another question or answer; import under another --dataset label"
 
 
-def import_reference(store: Store, spec: ImportSpec) -> tuple[int, bool]:
+def import_reference(store: Store, spec: ImportSpec, data_dir: Path | None = None) -> tuple[int, bool]:
     """Store a reference file as a run: (run id, True), or (the existing run's id, False) when this
-    file was imported with the same options before.  Checked whole before anything is written."""
+    file was imported with the same options before.  Checked whole before anything is written: with
+    a built-in dataset (`data_dir`: ETSQ_DATA_DIR), every question must be its id's dataset row."""
     if spec.width < 1:
         raise UserError(f"width must be positive, got {spec.width}")
+    if is_builtin(spec.dataset):
+        spec = replace(spec, dataset=dataset_name(spec.dataset))  # GSM8K is gsm8k, as for submit
     entries = read_reference(spec.file)
+    if is_builtin(spec.dataset):  # the dataset's own text: the file's may differ in whitespace only
+        questions = check_questions(spec, entries, load_dataset(spec.dataset, data_dir))
+        entries = [replace(e, question=q) for e, q in zip(entries, questions, strict=True)]
     stats = read_stats(spec.stats) if spec.stats is not None else None
     run = FinishedRun(
         config=run_config(spec, entries, stats),
@@ -55,6 +63,29 @@ def import_reference(store: Store, spec: ImportSpec) -> tuple[int, bool]:
         clash=CLASH,
     )
     return store_finished_run(store, run)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_questions(spec: ImportSpec, entries: list[Entry], data: Dataset) -> list[str]:
+    """Each entry's dataset row question; a UserError at the first entry whose id is not a row of the
+    dataset or whose question is not that row's (after whitespace normalisation): grading it
+    against that row's answer would be wrong."""
+    rows = {p.problem_id: p.question for p in data.problems}
+    for position, entry in enumerate(entries):
+        key = problem_key(spec.dataset, entry.id)
+        where = f"{spec.file}: [{position}] (id {entry.id})"
+        if key not in rows:
+            raise UserError(f"{where}: {spec.dataset} has no row {key}; is the file from another dataset?")
+        if _normal(entry.question) != _normal(rows[key]):
+            shown = _normal(entry.question)[:60]
+            raise UserError(
+                f"{where}: the question ({shown!r}...) is not {spec.dataset}'s row {key}; "
+                "is the file from another dataset? (a file's own problems import under another --dataset)"
+            )
+    return [rows[problem_key(spec.dataset, entry.id)] for entry in entries]
 
 
 def _finished(dataset: str, entry: Entry) -> FinishedProblem:

@@ -498,7 +498,13 @@ def _page(
 
 
 def write_report(
-    store: Store, wanted: list[int] | None, out: Path, agg: str, vote: str, baseline: str = "rebase"
+    store: Store,
+    wanted: list[int] | None,
+    out: Path,
+    agg: str,
+    vote: str,
+    runs: RunFilter | None = None,
+    baseline: str = "rebase",
 ) -> list[Path]:
     """Write `out/index.html` and its plots (each with its data as CSV); returns the files, index.html
     first.  The page answers the study first (ratios against width, accuracy against width, the
@@ -508,7 +514,7 @@ def write_report(
     failed report leaves no half-written file, and the page never names a plot that is missing.
     """
     combos = combos_of([agg], [vote])
-    results = evaluate_runs(store, wanted, combos)
+    results = evaluate_runs(store, wanted, combos, runs)
     rows = []
     for r in results:
         [row] = summarise(r.run, r.records, r.counts, combos)

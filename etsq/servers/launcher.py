@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from etsq import procs
 from etsq.errors import UserError
 from etsq.procs import alive, last_log_line, proc_start_ticks, session_members
@@ -278,6 +276,8 @@ def stop_server(pid: int, start_ticks: int | None, timeout_s: float) -> None:
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
     """Whether the server answers `GET /health` with 200."""
+    import httpx  # here: `etsq --help` and every other command must not pay for it
+
     try:
         # trust_env=False: a proxy from the environment must not answer for a local server.
         return httpx.get(url + HEALTH_PATH, timeout=timeout_s, trust_env=False).status_code == 200

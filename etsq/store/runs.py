@@ -207,8 +207,43 @@ def queued_jobs(s: Session, run_id: int, default_queue: str) -> list[tuple[int, 
     return [(job_id, queue or default_queue) for job_id, queue in s.execute(q.order_by(m.Job.id))]
 
 
+def route_jobs(s: Session, run_id: int, queue: str | None, own_queue: str) -> None:
+    """Send the run's waiting jobs to `queue`; with None, those on `own_queue` (a finished `--wait`'s)
+    go back to the shared default queue."""
+    waiting = [m.Job.run_id == run_id, m.Job.status == JobStatus.QUEUED]
+    if queue is None:
+        s.execute(update(m.Job).where(*waiting, m.Job.queue == own_queue).values(queue=None))
+    else:
+        s.execute(update(m.Job).where(*waiting).values(queue=queue))
+
+
+def other_runs_waiting(s: Session, run_id: int) -> int:
+    """Jobs of other runs waiting for a worker: what a `--wait` local worker leaves alone."""
+    q = select(func.count()).where(m.Job.run_id != run_id, m.Job.status == JobStatus.QUEUED)
+    return int(s.scalar(q) or 0)
+
+
+def uncancel_run(s: Session, run_id: int) -> int:
+    """A cancel is a pause: the run's cancelled jobs wait again, from their last committed depth."""
+    n = rows_affected(
+        s,
+        update(m.Job)
+        .where(m.Job.run_id == run_id, m.Job.status == JobStatus.CANCELLED)
+        .values(status=JobStatus.QUEUED, finished_at=None, lease=None, heartbeat_at=None, error=None),
+    )
+    if n:
+        s.execute(update(m.Run).where(m.Run.id == run_id).values(finished_at=None))
+    return n
+
+
+def cancelled_jobs(s: Session, run_id: int) -> int:
+    q = select(func.count()).where(m.Job.run_id == run_id, m.Job.status == JobStatus.CANCELLED)
+    return int(s.scalar(q) or 0)
+
+
 def cancel_run(s: Session, run_id: int) -> int:
-    """Mark every unfinished job cancelled; running ones stop at their next depth commit."""
+    """Mark every unfinished job cancelled; running ones stop at their next depth commit.  A pause:
+    `uncancel_run` (`etsq resume`) queues them again, and they go on from their committed depths."""
     run_ids(s, [run_id])
     n = rows_affected(
         s,
@@ -239,6 +274,49 @@ def run_ids(s: Session, wanted: list[int] | None = None) -> list[int]:
     if missing:
         raise UserError(f"no run with id {', '.join(map(str, missing))}")
     return list(wanted)
+
+
+def matching_run_ids(
+    s: Session,
+    wanted: list[int] | None,
+    datasets: tuple[str, ...] = (),
+    methods: tuple[str, ...] = (),
+    widths: tuple[int, ...] = (),
+) -> list[int]:
+    """The runs (of `wanted`, or all) that pass the filters, matched as `etsq submit` matches its
+    values: a built-in dataset in any case, a file by its stem; a method by its registry name (an
+    unknown one is refused).  A filter that matches no stored run is a UserError naming what exists."""
+    from etsq.datasets import dataset_name
+    from etsq.search.methods import METHODS
+
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise UserError(f"--method {unknown[0]!r}: unknown method; choose from {', '.join(sorted(METHODS))}")
+    ids = run_ids(s, wanted)
+    if not (datasets or methods or widths) or not ids:
+        return ids
+    names = {dataset_name(d) for d in datasets}
+    q = select(m.Run.id, m.Run.dataset, m.Run.method, m.Run.width).where(m.Run.id.in_(ids)).order_by(m.Run.id)
+    rows = s.execute(q).all()
+    kept = [
+        rid
+        for rid, dataset, method, width in rows
+        if (not names or dataset in names or dataset.split("@")[0] in names)
+        and (not methods or method in methods)
+        and (not widths or width in widths)
+    ]
+    if not kept:
+        asked = " ".join(
+            [*(f"--dataset {d}" for d in datasets), *(f"--method {x}" for x in methods),
+             *(f"--width {w}" for w in widths)]
+        )  # fmt: skip
+        widths_have = ", ".join(map(str, sorted({r[3] for r in rows})))
+        have = (
+            f"datasets {', '.join(sorted({r[1] for r in rows}))}; methods "
+            f"{', '.join(sorted({r[2] for r in rows}))}; widths {widths_have}"
+        )
+        raise UserError(f"no run matches {asked}; the runs{' asked for' if wanted else ''} have {have}")
+    return kept
 
 
 def _job_counts(s: Session, run_id: int) -> dict[JobStatus, int]:
@@ -297,9 +375,15 @@ def mean_job_seconds(s: Session, run_id: int) -> float | None:
     return sum(spans) / len(spans) if spans else None
 
 
-def statuses(s: Session, wanted: list[int] | None = None) -> list[dict[str, Any]]:
-    """The summary of the `wanted` runs (each checked to exist), or of every run."""
-    return [run_summary(s, rid) for rid in run_ids(s, wanted)]
+def statuses(
+    s: Session,
+    wanted: list[int] | None = None,
+    datasets: tuple[str, ...] = (),
+    methods: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """The summary of the `wanted` runs (each checked to exist), or of every run, filtered as
+    `matching_run_ids` filters."""
+    return [run_summary(s, rid) for rid in matching_run_ids(s, wanted, datasets, methods)]
 
 
 def progress(s: Session, run_id: int) -> tuple[int, int, int]:

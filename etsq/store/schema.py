@@ -199,3 +199,17 @@ class SelectionStep(Base):
     cached_prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # prefix-cache hits
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # prompt tokens the server read
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Worker(Base):
+    """A live `etsq worker`: registered when it is ready, seen again at each janitor sweep, removed at
+    shutdown.  Whether a worker listens is read here (and from running jobs' heartbeats), not from a
+    broker ping that a busy worker answers too late."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery's node name
+    queue: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from etsq.errors import UserError
@@ -97,6 +98,17 @@ class Store:
             if store is None:
                 store = cls._open[url] = cls(url)
             return store
+
+    def exists(self) -> bool:
+        """False when the database is a SQLite file not created yet (a server database is taken to
+        exist): what a command that must write nothing (`sweep --dry-run`) asks before reading."""
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            return True  # its first session says what is wrong with the URL
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return True
+        return str(parsed.database).startswith("file:") or Path(str(parsed.database)).expanduser().exists()
 
     def ensure_schema(self) -> None:
         """Apply pending migrations, once per process: what every command does before its first read."""
@@ -187,7 +199,46 @@ def current_revision(url: str) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+_REVISION = re.compile(r'^(down_)?revision(?:: [^=]+)? = "([^"]*)"', re.MULTILINE)
+
+
+def _quick_head() -> str | None:
+    """The head revision from the migration files' text (a linear chain: the one revision no file
+    names as its down_revision), without importing Alembic; None when the files say otherwise."""
+    revisions, downs = set(), set()
+    for path in (migrations_dir() / "versions").glob("*.py"):
+        found = {bool(down): value for down, value in _REVISION.findall(path.read_text())}
+        if False not in found:
+            return None
+        revisions.add(found[False])
+        downs.add(found.get(True))
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _quick_current(url: str) -> str | None:
+    """The database's revision by one SELECT; None when it has no version table (or no database)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # the slow path says what is wrong with it
+    local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+    if local and not Path(str(parsed.database)).expanduser().exists():
+        return None
+    try:
+        with get_engine(url).connect() as conn:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except DBAPIError:
+        return None
+    return None if row is None else str(row[0])
+
+
 def is_up_to_date(url: str) -> bool:
+    """Whether the database is at the head revision: one SELECT and the migrations' text first (a
+    command's start-up must not import Alembic), Alembic itself only when they disagree."""
+    head = _quick_head()
+    if head is not None and _quick_current(url) == head:
+        return True
     return current_revision(url) == _head_revision(url)
 
 
@@ -216,14 +267,14 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     A revision this etsq does not know (a typo, or a database a newer etsq migrated) is a UserError.
     """
-    from alembic import command
-    from alembic.script.revision import RevisionError
-    from alembic.util import CommandError
-
     if not revision.strip():
         raise UserError("the revision to upgrade to is empty; give one, or head")
     if revision == "head" and is_up_to_date(url):
         return
+    from alembic import command
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
     if revision != "head":
         Store._forget_schema(url)
     _check_current_known(url)

@@ -9,12 +9,12 @@ only (`stored_search`): a parameter the method does not read cannot split one ru
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, fields
 from typing import Any
 
 from etsq.errors import ConfigError
 from etsq.search.config import SearchConfig
-from etsq.search.methods import beam, bon, dvts, ets, particle, rebase
 from etsq.search.methods.base import SelectContext, SelectFn, Selection
 
 # What every method's search reads (the loop, the policy, the seeds): part of every run's identity.
@@ -27,12 +27,19 @@ EMBEDDING_PARAM = "embedding"
 
 @dataclass(frozen=True)
 class Method:
-    """A search method: its select step, the `SearchConfig` fields that step reads beyond the shared
-    ones, and whether it needs sentence embeddings (then the model config's `embedding` counts too)."""
+    """A search method: its module (whose `select` is the select step), the `SearchConfig` fields that
+    step reads beyond the shared ones, and whether it needs sentence embeddings (then the model
+    config's `embedding` counts too).  The module is imported on first use of `select`: every
+    command reads the registry, only a search needs numpy and the ILP solver."""
 
-    select: SelectFn
+    module: str
     params: tuple[str, ...] = ()
     needs_embedder: bool = False
+
+    @property
+    def select(self) -> SelectFn:
+        fn: SelectFn = importlib.import_module(f"etsq.search.methods.{self.module}").select
+        return fn
 
     def reads(self, name: str) -> bool:
         """Whether a run of this method depends on the search field or model field `name`."""
@@ -44,12 +51,12 @@ class Method:
 _ETS_PARAMS = ("softmax_temp", "lambda_b", "lambda_s", "cost", "cluster_threshold")
 
 METHODS: dict[str, Method] = {
-    "rebase": Method(rebase.select, params=("softmax_temp",)),
-    "bon": Method(bon.select),
-    "beam": Method(beam.select, params=("beam_k",)),
-    "dvts": Method(dvts.select, params=("dvts_subtrees",)),
-    "ets": Method(ets.select, params=_ETS_PARAMS, needs_embedder=True),
-    "particle": Method(particle.select, params=("softmax_temp",)),
+    "rebase": Method("rebase", params=("softmax_temp",)),
+    "bon": Method("bon"),
+    "beam": Method("beam", params=("beam_k",)),
+    "dvts": Method("dvts", params=("dvts_subtrees",)),
+    "ets": Method("ets", params=_ETS_PARAMS, needs_embedder=True),
+    "particle": Method("particle", params=("softmax_temp",)),
 }
 
 # Fields of SearchConfig a method may read (every one but `extra`, which is stored only when set).

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from etsq.search.config import SearchConfig
 from etsq.search.tree import Tree
@@ -22,7 +23,7 @@ class SelectContext:
     """What a select step may use besides the tree: the embedder and a seeded RNG."""
 
     embedder: Embedder | None = None
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    rng: np.random.Generator = field(default_factory=lambda: _default_rng())
 
 
 @dataclass
@@ -49,3 +50,9 @@ class SelectFn(Protocol):
     def __call__(
         self, tree: Tree, frontier: list[int], remaining: int, cfg: SearchConfig, ctx: SelectContext
     ) -> Selection: ...
+
+
+def _default_rng() -> np.random.Generator:
+    import numpy as np  # here: the method registry is read by every command, numpy only by a search
+
+    return np.random.default_rng(0)
