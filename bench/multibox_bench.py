@@ -307,6 +307,7 @@ def _measure(
                     "commits": len(commits),
                     "sql_trips_p50": statistics.median(sql),
                     "sql_trips_max": max(sql),
+                    "sql_trips_counts": dict(sorted(Counter(sql).items())),
                     "sql_parts_usual": _usual_parts(commits),
                     "executemany": sum(c["executemany"] for c in commits),
                     "figures": fig,
@@ -317,6 +318,7 @@ def _measure(
                         wire_round_trips(proxy.events.get(c["port"], []), c["t0"], c["t1"]) for c in commits
                     ]
                     row.update(wire_trips_p50=statistics.median(wire), wire_trips_max=max(wire))
+                    row["wire_trips_counts"] = dict(sorted(Counter(wire).items()))
                 results[method] = row
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -398,6 +400,10 @@ def main() -> None:
                 f"{where:22s} {method:7s} {r['step_ms_p50']:7.1f}ms {r['commit_ms_p50']:8.1f}ms "
                 f"{r['select1_rtt_ms']:4.2f}ms {r['sql_trips_p50']:9g} {wire:>10s}  {r['load']}"
             )
+    for where, rows in results.items():
+        for method, r in rows.items():
+            wire = f", wire {r['wire_trips_counts']}" if "wire_trips_counts" in r else ""
+            print(f"round trips per commit -> commits: {where} {method}: sql {r['sql_trips_counts']}{wire}")
     first = next(iter(next(iter(results.values())).values()))
     print(f"a usual commit's parts (sql count): {first['sql_parts_usual']}")
     if args.json:
