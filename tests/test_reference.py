@@ -236,3 +236,30 @@ def test_binary_files_are_refused(tmp_path: Path) -> None:
         )
         assert f"{blob}: not UTF-8 text" in line
     assert not (tmp_path / "ref.db").exists()
+
+
+def test_an_import_on_a_problems_file_pairs_with_a_run_submitted_on_it(tmp_path: Path) -> None:
+    """Reference answers to a custom .jsonl map to that file's rows, as a submitted run stores them, so
+    `compare` finds the problems both finished; a question that is not its row's is refused."""
+    from tests.test_results import sim_run
+
+    problems = tmp_path / "mine.jsonl"
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = _env(tmp_path)
+    submitted = sim_run(env["ETSQ_DATABASE_URL"], "rebase", width=2, limit=3, dataset=str(problems))
+    answer = [{"text": "So {n}.\n\nThe answer is {n}.", "step_scores": [0.5, 0.9]}]
+    data = [
+        {"id": i, "question": r["question"], "ground_truth_answer": r["answer"], "total_tokens": 9,
+         "model_answer": [{**answer[0], "text": answer[0]["text"].format(n=i + 1)}]}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    options = ["--dataset", str(problems), "--method", "ets", "--width", "2"]
+    imported = int(cli_json("import", str(_write(tmp_path, data)), *options, env=env)["run_id"])
+    compared = cli_json("compare", str(submitted), str(imported), env=env)
+    assert compared["n_common"] == 3
+    [row] = cli_json("aggregate", str(imported), env=env)
+    assert (row["n_problems"], row["n_correct"]) == (3, 3)
+    data[1]["question"] = "What is 7 + 7?"
+    line = one_error_line(cli("import", str(_write(tmp_path, data)), *options, env=env))
+    assert "[1] (id 1)" in line and "mine" in line

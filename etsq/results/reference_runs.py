@@ -48,21 +48,59 @@ def import_reference(store: Store, spec: ImportSpec, data_dir: Path | None = Non
     if is_builtin(spec.dataset):
         spec = replace(spec, dataset=dataset_name(spec.dataset))  # GSM8K is gsm8k, as for submit
     entries = read_reference(spec.file)
+    label, namespace = spec.dataset, None
     if is_builtin(spec.dataset):  # the dataset's own text: the file's may differ in whitespace only
         questions = check_questions(spec, entries, load_dataset(spec.dataset, data_dir))
         entries = [replace(e, question=q) for e, q in zip(entries, questions, strict=True)]
+        problems = [_finished(spec.dataset, entry) for entry in entries]
+    elif spec.dataset.endswith(".jsonl"):  # a problems file: its rows, as a submitted run stores them
+        data = load_dataset(spec.dataset, data_dir)
+        label, namespace = data.name, data.namespace
+        problems = [_finished_row(problem, entry) for problem, entry in file_rows(spec, entries, data)]
+    else:
+        problems = [_finished(spec.dataset, entry) for entry in entries]
     stats = read_stats(spec.stats) if spec.stats is not None else None
     run = FinishedRun(
         config=run_config(spec, entries, stats),
-        dataset=spec.dataset,
+        dataset=label,
         method=spec.method,
         width=spec.width,
         models=SOURCE,
         model_info={"source": SOURCE, "file": spec.file.name},
-        problems=[_finished(spec.dataset, entry) for entry in entries],
+        problems=problems,
         clash=CLASH,
+        namespace=namespace,
     )
     return store_finished_run(store, run)
+
+
+def file_rows(spec: ImportSpec, entries: list[Entry], data: Dataset) -> list[tuple[Problem, Entry]]:
+    """Each entry's row of a problems file: the row whose id is the entry's id, else the row at that
+    position (the reference numbers a file's questions by position); refused, with its position, when
+    there is none or its question is not the entry's (after whitespace normalisation)."""
+    by_id = {p.problem_id: p for p in data.problems}
+    out = []
+    for position, entry in enumerate(entries):
+        row = by_id.get(str(entry.id))
+        if row is None and 0 <= entry.id < len(data.problems):
+            row = data.problems[entry.id]
+        where = f"{spec.file}: [{position}] (id {entry.id})"
+        if row is None:
+            raise UserError(
+                f"{where}: {spec.dataset} has no row {entry.id}; is the file from another dataset?"
+            )
+        if _normal(entry.question) != _normal(row.question):
+            raise UserError(f"{where}: the question is not {spec.dataset}'s row {row.problem_id}")
+        out.append((row, entry))
+    return out
+
+
+def _finished_row(problem: Problem, entry: Entry) -> FinishedProblem:
+    nodes = [
+        GivenNode(n.parent, n.depth, n.path, n.text, n.score, n.terminal, n.answer, len(n.children))
+        for n in answer_tree(entry)
+    ]
+    return FinishedProblem(problem, nodes)
 
 
 def _normal(text: str) -> str:
@@ -89,11 +127,7 @@ def check_questions(spec: ImportSpec, entries: list[Entry], data: Dataset) -> li
 
 
 def _finished(dataset: str, entry: Entry) -> FinishedProblem:
-    nodes = [
-        GivenNode(n.parent, n.depth, n.path, n.text, n.score, n.terminal, n.answer, len(n.children))
-        for n in answer_tree(entry)
-    ]
-    return FinishedProblem(Problem(problem_key(dataset, entry.id), entry.question, gold(entry)), nodes)
+    return _finished_row(Problem(problem_key(dataset, entry.id), entry.question, gold(entry)), entry)
 
 
 def reference_entries(s: Session, run_id: int) -> Iterator[dict[str, Any]]:

@@ -248,13 +248,14 @@ class FinishedRun:
     """A run that arrives finished (`etsq import`): its identity config, row fields and problems."""
 
     config: dict[str, Any]
-    dataset: str  # the run's dataset label, and its problems' namespace
+    dataset: str  # the run's dataset label
     method: str
     width: int
     models: str  # the policy and PRM model label
     model_info: dict[str, Any]
     problems: Sequence[FinishedProblem]
     clash: str  # the error's text when a problem's id is stored with another question or answer
+    namespace: str | None = None  # where its problem rows live (None: under `dataset`, as built-ins)
 
 
 def store_finished_run(store: Store, given: FinishedRun) -> tuple[int, bool]:
@@ -267,7 +268,7 @@ def store_finished_run(store: Store, given: FinishedRun) -> tuple[int, bool]:
         run.policy_model = run.prm_model = given.models
         run.model_info, run.finished_at = given.model_info, m.utcnow()
         for item in given.problems:
-            row = problem_row(s, given.dataset, item.problem, clash=given.clash)
+            row = problem_row(s, given.namespace or given.dataset, item.problem, clash=given.clash)
             depth = max(n.depth for n in item.nodes)
             run.jobs.append(m.Job(problem=row, status=JobStatus.DONE, depth=depth, finished_at=m.utcnow()))
         s.add(run)
