@@ -278,4 +278,8 @@ def test_two_boxes_survive_a_partition_and_store_restarts(tmp_path: Path) -> Non
         shown += logs["box1"].read_text() + logs["box2"].read_text()
         for secret in (PG_PASSWORD, REDIS_PASSWORD):
             assert secret not in shown
-        assert "Traceback" not in logs["box1"].read_text() + logs["box2"].read_text()
+        both = logs["box1"].read_text() + logs["box2"].read_text()
+        if "Traceback" in both:
+            at = both.index("Traceback")
+            print("\nTRACEBACK-CONTEXT\n" + both[max(0, at - 1500) : at + 3000])
+        assert "Traceback" not in both

@@ -82,7 +82,10 @@ def run_job(job_id: int, settings: Settings, worker: str | None = None) -> str:
     enqueue it again); returns "skipped" when the job is finished or a live worker holds it.
     """
     store = Store.open(settings.database_url)  # the worker's one Store: its schema is checked once
-    claim = claim_job(store, job_id, settings.stale_after_s, worker, settings.gpu)
+    try:
+        claim = claim_job(store, job_id, settings.stale_after_s, worker, settings.gpu)
+    except OperationalError as exc:  # the store is away (restarting, cut off): retry, one line
+        raise TransientError(f"database: {fault_line(exc)}") from exc
     if claim is None:
         return "skipped"
     try:

@@ -57,7 +57,9 @@ class Janitor(threading.Thread):
                     register_worker(s, self.worker, queue, os.getpid())
                 else:
                     unregister_worker(s, self.worker)
-        except Exception:  # presence is a hint; the queue works without it
+        except OperationalError as exc:  # presence is a hint; the queue works without it
+            log.warning("worker registration failed: %s", fault_line(exc))
+        except Exception:
             log.warning("worker registration failed", exc_info=True)
 
     def sweep(self) -> None:
