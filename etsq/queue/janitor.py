@@ -59,7 +59,7 @@ class Janitor(threading.Thread):
                     unregister_worker(s, self.worker)
         except OperationalError as exc:  # presence is a hint; the queue works without it
             log.warning("worker registration failed: %s", fault_line(exc))
-        except Exception:
+        except Exception:  # a bug: logged with its traceback, and the worker serves on without presence
             log.warning("worker registration failed", exc_info=True)
 
     def sweep(self) -> None:
@@ -82,7 +82,7 @@ class Janitor(threading.Thread):
             log.warning(
                 "janitor sweep failed, retrying in %g s: %s", self.settings.janitor_s, fault_line(exc)
             )
-        except Exception:
+        except Exception:  # a bug: logged with its traceback; the thread lives on to sweep again
             log.warning("janitor sweep failed", exc_info=True)
 
     def _route(self, stale: list[tuple[int, str | None]]) -> list[tuple[int, str]]:

@@ -230,7 +230,7 @@ class Heartbeat:
                     return
             except OperationalError as exc:  # a missed beat is harmless; the next one retries
                 log.warning("heartbeat of job %s failed, retrying: %s", self.args[1], fault_line(exc))
-            except Exception:
+            except Exception:  # a bug: logged with its traceback; the search goes on, the lease may lapse
                 log.warning("heartbeat of job %s failed", self.args[1], exc_info=True)
 
     def __enter__(self) -> Heartbeat:
