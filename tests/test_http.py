@@ -7,6 +7,7 @@ real sockets.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -196,3 +197,42 @@ def test_depth_figures_from_vllm_counters() -> None:
     idle.see(Snapshot(used_tokens=0.0, usage=0.0, hits=1256.0, queries=4512.0))
     assert _figures(idle)["cache_hit_rate"] == pytest.approx(1256 / 4512)  # no requests: lifetime ratio
     assert (_figures(idle)["cached_prompt_tokens"], _figures(idle)["requests"]) == (0, 0)
+
+
+class _SlowMetrics:
+    """A server whose /metrics takes 1 s to answer, counting the scrapes."""
+
+    base_url = "http://slow-metrics"
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+
+    async def get_text(self, path: str, attempts: int | None = None) -> str:
+        self.started.append(time.perf_counter())
+        await asyncio.sleep(1.0)
+        return 'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+
+
+def test_the_kv_monitor_holds_no_call_up_and_polls_once_per_server() -> None:
+    """Sixteen calls of 0.1 s in flight at once: none waits for a /metrics scrape, one poller
+    samples for all of them (a worker searching 16 problems must not scrape 16 times as often),
+    and the depth's figures still hold the samples, the one after the calls included."""
+    from etsq.models.metrics import KVMonitor
+
+    server = _SlowMetrics()
+    monitor = KVMonitor(server, "vllm", interval_s=0.05)  # type: ignore[arg-type]
+
+    async def call() -> float:
+        await asyncio.sleep(0.1)
+        return time.perf_counter()
+
+    async def depth() -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        ends = await asyncio.gather(*(monitor.watch(call()) for _ in range(16)))
+        return max(ends) - start, await monitor.take()
+
+    took, figures = asyncio.run(depth())
+    assert took < 0.8  # not 1 s for a sample before the requests (a busy host delays sleeps)
+    calls_end = server.started[0] + took
+    assert len([t for t in server.started if t < calls_end - 0.01]) == 1  # one poller, not sixteen
+    assert figures["kv_usage"] == 0.5 and len(server.started) >= 2  # take() waited for the after-sample

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -529,3 +531,68 @@ def test_sentence_embedder_real_model() -> None:
     assert emb.batches == [3]  # one batch, the repeated text encoded once
     emb.embed(texts)
     assert emb.batches == [3]  # every text is cached
+
+
+def _gated_embedder(fail: bool = False) -> Any:
+    """A SentenceEmbedder whose first encode waits for a release: what the others ask meanwhile queues."""
+    from etsq.search.embed import SentenceEmbedder
+
+    class Gated(SentenceEmbedder):
+        started, release = threading.Event(), threading.Event()
+        batches: ClassVar[list[list[str]]] = []
+
+        def _encode(self, texts: Sequence[str]) -> np.ndarray:
+            self.batches.append(list(texts))
+            if len(self.batches) == 1:
+                self.started.set()
+                self.release.wait(10)
+            elif fail:
+                raise RuntimeError("encoder broke")
+            return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+    return Gated("never-loaded")  # _encode is replaced: the model is never loaded
+
+
+def _embed_in_threads(emb: Any, asks: dict[str, list[str]]) -> dict[str, Any]:
+    """The first ask encodes alone and holds the model; the others ask meanwhile; then release."""
+    results: dict[str, Any] = {}
+
+    def ask(name: str) -> None:
+        try:
+            results[name] = emb.embed(asks[name])
+        except RuntimeError as exc:
+            results[name] = exc
+
+    first, *rest = asks
+    threads = [threading.Thread(target=ask, args=(first,))]
+    threads[0].start()
+    assert emb.started.wait(10)
+    threads += [threading.Thread(target=ask, args=(name,)) for name in rest]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(emb._asks) < len(rest) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    emb.release.set()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_sentence_embedder_batches_the_texts_of_concurrent_problems() -> None:
+    """Problems searched at once by one worker share its embedder: texts asked for during an encode
+    are encoded together, once, in the next batch, and each caller gets its own rows."""
+    emb = _gated_embedder()
+    asks = {"a": ["x"], "b": ["bb", "x"], "c": ["ccc", "bb"], "d": ["dddd"]}
+    results = _embed_in_threads(emb, asks)
+    assert emb.batches[0] == ["x"] and len(emb.batches) == 2
+    assert sorted(emb.batches[1]) == ["bb", "ccc", "dddd"]  # one batch; cached and repeated texts once
+    for name, texts in asks.items():
+        assert [row[0] for row in results[name]] == [float(len(t)) for t in texts]
+
+
+def test_sentence_embedder_hands_a_failed_batch_to_every_waiting_caller() -> None:
+    emb = _gated_embedder(fail=True)
+    results = _embed_in_threads(emb, {"a": ["x"], "b": ["bb"], "c": ["ccc"]})
+    assert isinstance(results["b"], RuntimeError) and results["c"] is results["b"]
+    assert [row[0] for row in results["a"]] == [1.0]

@@ -17,12 +17,16 @@ tokens the server reports per request.  `take()` returns the figures since the l
 
 The figures of concurrent jobs sharing one server client mix; with the default solo worker pool a
 process runs one job at a time.
+
+Sampling stays off the search's path: the first sample of a call goes out with its requests, not
+before them, and the one after it is awaited by `take()` only (by then it has usually landed); one
+poller serves every call in flight on a server, so a worker searching K problems at once does not
+scrape the server K times as often (each /metrics scrape costs the server's API process CPU).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -169,6 +173,12 @@ class KVMonitor:
     interval_s: float = POLL_INTERVAL_S
     _depth: _Depth = field(default_factory=_Depth)
     _disabled: bool = False
+    _watchers: int = 0  # calls in flight: the poller runs while there is one
+    _poller: asyncio.Future[None] | None = None
+    _pending: set[asyncio.Future[Any]] = field(default_factory=set)  # samples taken after a call
+    # The newest sample: a depth without requests of its own (another job's take() started a fresh
+    # one, or the final depth) reads it instead of scraping on the search's path.
+    _last: Snapshot | None = None
 
     async def scrape(self) -> Snapshot | None:
         """One /metrics sample (one attempt: a missed sample is not worth a retry)."""
@@ -183,20 +193,37 @@ class KVMonitor:
             return None
         snap = SNAPSHOTS[self.flavour](parse_prometheus(text))
         self._depth.see(snap)
+        self._last = snap
         return snap
 
     async def watch(self, work: Awaitable[T]) -> T:
-        """Await `work` while sampling /metrics every `interval_s`; one sample before and one after."""
-        await self.scrape()  # counters before the requests (vLLM's hit rate is an increase)
-        poller = asyncio.ensure_future(self._poll())
+        """Await `work` while /metrics is sampled every `interval_s`, and once more after it.
+
+        The poller's first sample is sent just before the call's requests (vLLM's hit-rate counters
+        are an increase over the depth) but not waited for; the sample after is left running.
+        """
+        self._start_polling()
         try:
-            result = await work
+            return await work
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-        await self.scrape()
-        return result
+            self._stop_polling()
+            self._sample_later()
+
+    def _start_polling(self) -> None:
+        self._watchers += 1
+        if self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll())
+
+    def _stop_polling(self) -> None:
+        self._watchers -= 1
+        if self._watchers == 0 and self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+    def _sample_later(self) -> None:
+        task = asyncio.ensure_future(self.scrape())
+        self._pending.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._pending.discard)
 
     async def _poll(self) -> None:
         while True:
@@ -213,7 +240,11 @@ class KVMonitor:
 
     async def take(self) -> dict[str, Any]:
         """The figures since the last take(), and a fresh start; a depth without requests gets one sample."""
-        if self._depth.first is None:
+        if self._pending:  # the samples after the depth's calls belong to it
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._depth.first is None and self._last is not None:
+            self._depth.see(self._last)  # no request since: the newest sample stands for the depth
+        elif self._depth.first is None:
             await self.scrape()
         depth, self._depth = self._depth, _Depth()
         return _figures(depth)

