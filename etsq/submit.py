@@ -24,7 +24,7 @@ from etsq.models.backends import check_servers
 from etsq.models.config import ModelConfig
 from etsq.queue.connection import Connection, connect
 from etsq.queue.local import start_local_worker, stop_local_worker
-from etsq.queue.messages import Resumed, enqueue, resume, run_queue, target_queues
+from etsq.queue.messages import Resumed, WaitingJobs, enqueue, resume, run_queue, target_queues
 from etsq.settings import Settings
 from etsq.store.runs import (
     RunSpec,
@@ -122,8 +122,10 @@ def submit(
     listening = is_listening(store, settings)
     own = wait and conn.embedded and queue is None and not listening and len(specs) == 1
     queues = target_queues(store, conn.settings, queue)
+    waiting = WaitingJobs(conn.broker_url)  # read once for all the runs that exist already
     runs = [
-        _store_and_enqueue(conn, store, spec, d, queues, own) for spec, d in zip(specs, data, strict=True)
+        _store_and_enqueue(conn, store, spec, d, queues, own, waiting)
+        for spec, d in zip(specs, data, strict=True)
     ]
     return Submission(runs, conn, listening, own)
 
@@ -135,13 +137,19 @@ def is_listening(store: Store, settings: Settings) -> bool:
 
 
 def _store_and_enqueue(
-    conn: Connection, store: Store, spec: RunSpec, data: Dataset, queues: list[str], own: bool
+    conn: Connection,
+    store: Store,
+    spec: RunSpec,
+    data: Dataset,
+    queues: list[str],
+    own: bool,
+    waiting: WaitingJobs,
 ) -> Submitted:
     """Store the run (or find it) and enqueue its jobs: all of a new run, the unfinished of an old one."""
     run_id, created = create_run(store, spec, data, queues)
     own_queue = run_queue(conn.settings, run_id) if own else None
     if not created:
-        enqueued = resume(conn, store, run_id, own_queue).enqueued
+        enqueued = resume(conn, store, run_id, own_queue, waiting).enqueued
         with store.session() as s:
             paused = cancelled_jobs(s, run_id)
         return Submitted(spec, run_id, False, enqueued, len(data), paused)

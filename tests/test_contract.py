@@ -364,6 +364,82 @@ def test_resume_sends_messages_only_for_jobs_without_one(
     assert f"etsq resume {run['run_id']} --wait" in result.stderr
 
 
+def test_enqueue_publishes_the_message_send_task_builds(
+    env: dict[str, str], redis_server: RedisHandle
+) -> None:
+    """The pipelined publish sends, field for field, Celery's own protocol-2 message (ids aside)."""
+    from etsq.queue.app import create_app
+    from etsq.queue.messages import TASK_NAME, enqueue
+    from etsq.settings import Settings
+
+    app = create_app(Settings.from_env(env))
+    queue = env["ETSQ_QUEUE"]
+    app.send_task(TASK_NAME, args=[41], queue=queue)
+    enqueue(app, [(41, queue)])
+    with redis_server.client() as client:
+        ours, celerys = (json.loads(raw) for raw in client.lrange(queue, 0, -1))  # LPUSH: newest first
+    for message in (ours, celerys):
+        for key in ("id", "root_id"):
+            message["headers"].pop(key)
+        for key in ("correlation_id", "delivery_tag"):
+            message["properties"].pop(key)
+    assert ours == celerys
+    assert message_job_id(json.dumps(ours)) == 41
+
+
+def test_a_resubmitted_sweep_sends_each_missing_job_once(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisHandle
+) -> None:
+    """The queue is read once per submission; a run two grid points name is resumed twice, sent once."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        _sweep(datasets="[gsm8k, GSM8K]", methods="[bon, rebase]", limit="3", models="{backend: sim}")
+    )
+    first = cli_json("sweep", str(sweep), env=env)
+    assert [r["created"] for r in first] == [True, True, False, False]
+    ids = _queued(redis_server, env)
+    assert len(ids) == len(set(ids)) == 6
+    with redis_server.client() as client:
+        client.delete(env["ETSQ_QUEUE"])  # as after a flushed Redis
+    again = cli_json("sweep", str(sweep), env=env)
+    assert [r["jobs_enqueued"] for r in again] == [3, 3, 0, 0]
+    assert _queued(redis_server, env) == ids
+    assert [r["jobs_enqueued"] for r in cli_json("sweep", str(sweep), env=env)] == [0, 0, 0, 0]
+
+
+def test_pipelined_publish_delivers_every_job_once_to_a_real_worker(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs sent through several pipeline flushes each reach a real Celery worker exactly once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setattr("etsq.queue.messages.PUBLISH_BATCH", 7)  # 30 jobs: five flushes
+    run = _submit(env, "gsm8k", "--limit", "30")
+    ids = _queued(redis_server, env)
+    assert len(ids) == len(set(ids)) == 30
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--concurrency", "4", "--loglevel", "INFO"],
+            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while cli_json("status", str(run["run_id"]), env=env)[0]["problems_done"] < 30:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(1.0)  # a duplicate would be taken within the worker's next poll
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    text = log.read_text()
+    assert text.count("succeeded in") == 30 and "'skipped'" not in text, text[-3000:]
+    assert _queued(redis_server, env) == []
+
+
 def test_sweep_dry_run_lists_the_runs_and_writes_nothing(tmp_path: Path, env: dict[str, str]) -> None:
     sweep = tmp_path / "s.yaml"
     sweep.write_text(_sweep(methods="[rebase, bon]", widths="[2, 4]", limit="2", models="{backend: sim}"))

@@ -79,3 +79,20 @@ def test_terminal_reasons_in_order_of_precedence() -> None:
     assert terminal_reason(shallow, StepSample("x", 1, "stop"), cfg, 10) is None
     deep = tree.add_child(tree.add_child(shallow.idx, "y", 1).idx, "z", 1)
     assert terminal_reason(deep, StepSample("z", 1, "stop"), cfg, 10) == "max_depth"
+
+
+def test_only_the_newest_depths_keep_their_path_caches() -> None:
+    """Path texts and step tuples of older depths are dropped (memory), and rebuilt when asked for."""
+    from etsq.models.sim import SimPolicy, SimPRM
+    from etsq.search.loop import Searcher
+    from etsq.search.methods import get_method
+
+    cfg = tiny_config("rebase", width=16, max_depth=8)
+    searcher = Searcher("1+1?", "k", SimPolicy(answer_every=6), SimPRM(), cfg, get_method("rebase").select)
+    tree, _ = run_recorded(searcher)
+    last = max(n.depth for n in tree.nodes)
+    assert last >= 4
+    old = [n for n in tree.nodes if n.depth < last - 1 and n.parent is not None]
+    assert old and all(n.path_text is None and n.path_steps is None for n in old)
+    node = tree.nodes[-1]  # a released ancestor chain still rebuilds the full path on demand
+    assert tree.full_text(node.idx).endswith(node.text) and tree.steps(node.idx)[-1] == node.text

@@ -147,6 +147,8 @@ class Searcher:
         )
         if selection.kept:
             self._expand(tree, selection, record)
+        if depth > 0:  # the frontier's parents: their children have expanded, or never will
+            tree.release_paths(depth - 1)
         record.server, record.prm_server = _server_stats(self.policy), _server_stats(self.prm)
         return record
 
@@ -192,6 +194,6 @@ class Searcher:
         return node.idx
 
     def _score(self, tree: Tree, new: list[int]) -> None:
-        requests = [ScoreRequest(self.question, tuple(tree.steps(i))) for i in new]
+        requests = [ScoreRequest(self.question, tree.step_texts(i)) for i in new]  # the cached tuple
         for idx, score in zip(new, self.prm.score(requests), strict=True):
             tree.nodes[idx].score = float(score)

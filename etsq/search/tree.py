@@ -2,7 +2,9 @@
 
 A node's path text (prompt + steps) and step list are built once, from its parent's, the first time
 they are asked for: a depth asks for them for every new node (scoring) and every kept one (expanding),
-and walking the ancestors each time made that quadratic in the depth.
+and walking the ancestors each time made that quadratic in the depth.  Only the newest depths need
+them, so the search drops those of older depths (`release_paths`): kept for every node, they were a
+copy of the whole path per node, the tree's text times its depth.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)  # no per-node __dict__: a W=1024 search holds tens of thousands of nodes
 class Node:
     """One node: the root holds the formatted prompt, every other node one policy step."""
 
@@ -88,6 +90,12 @@ class Tree:
         if node.path_steps is None:
             node.path_steps = () if node.parent is None else (*self.step_texts(node.parent), node.text)
         return node.path_steps
+
+    def release_paths(self, depth: int) -> None:
+        """Forget the cached path text and steps of the nodes at `depth` (rebuilt if asked again)."""
+        for node in self.nodes:
+            if node.depth == depth:
+                node.path_text = node.path_steps = None
 
     def steps(self, idx: int) -> list[str]:
         """Step texts from the first step to idx (the root's prompt excluded)."""
