@@ -1,13 +1,17 @@
 """Method regression tests on the testbed: width must buy accuracy, and ETS must not keep more KV.
 
 Every method runs in-process on the same arith test problems with the trained tiny policy and PRM
-(`etsq testbed`), and is graded as `etsq aggregate` grades.  A change that breaks sampling, voting,
-grading or ETS's pruning shows up here as lost accuracy or kept KV; the sim backend, whose answers are
-random, cannot show either.
+(`etsq testbed`), and is graded as `etsq aggregate` grades (score of the last step, PRM-weighted
+vote).  A change that breaks sampling, the PRM's scores, a method's weighting, voting, grading or
+ETS's pruning shows up here as lost accuracy or kept KV; the sim backend, whose answers are random,
+cannot show either.  "One sample" is W=1 averaged over several seeds per problem, so that the
+comparison's noise is mostly the searches'.
 
-What is not here yet: REBASE and particle filtering beating a single sample.  They weight by the PRM,
-and the shipped PRM (step AUC 0.77) is too weak for that to hold: on these 40 problems REBASE W=16 with
-a weighted vote scored 0.600 against one sample's 0.525, interval [-0.075, +0.225].
+Two targets are not met by the shipped PRM and are marked strict xfail, so that they turn into
+failures (and must be unmarked) the day a PRM meets them.  REBASE spends its width where the PRM
+points, and this PRM points the wrong way within a problem: the solution it scores highest of 16
+samples is right for 11 of 60 problems, a random one for 28, the policy's most likely one for 42.
+Its step AUC is 0.77 overall and 0.64 on first errors (see `etsq.testbed.train`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.testbed_search import Outcome, Testbed, accuracy, difference_interval, load_testbed, run_method
+from tests.testbed_search import (
+    Outcome,
+    Testbed,
+    accuracy,
+    correctness,
+    difference_interval,
+    load_testbed,
+    mean_correctness,
+    run_method,
+)
 
-N_PROBLEMS = 40
+N_PROBLEMS = 100
 WIDTH = 16
+SINGLE_SEEDS = 4
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +48,53 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
 @pytest.fixture(scope="module")
 def outcomes(bed: Testbed) -> dict[str, list[Outcome]]:
     """Each configuration searched once for the whole module."""
-    return {
-        "single": run_method(bed, "rebase", 1),
+    runs = {f"single/{seed}": run_method(bed, "rebase", 1, seed=seed) for seed in range(SINGLE_SEEDS)}
+    return runs | {
         "rebase": run_method(bed, "rebase", WIDTH),
         "bon-majority": run_method(bed, "bon", WIDTH, vote="majority"),
         "ets": run_method(bed, "ets", WIDTH),
+        "particle": run_method(bed, "particle", WIDTH),
     }
 
 
+def _single(outcomes: dict[str, list[Outcome]]) -> list[float]:
+    return mean_correctness([outcomes[f"single/{seed}"] for seed in range(SINGLE_SEEDS)])
+
+
 def _report(outcomes: dict[str, list[Outcome]]) -> str:
-    return ", ".join(f"{name} {accuracy(runs):.3f}" for name, runs in outcomes.items())
+    single = sum(_single(outcomes)) / N_PROBLEMS
+    searched = ", ".join(f"{name} {accuracy(runs):.3f}" for name, runs in outcomes.items() if "/" not in name)
+    return f"one sample {single:.3f}, {searched}"
+
+
+def _beats_one_sample(outcomes: dict[str, list[Outcome]], method: str) -> None:
+    diff, low, high = difference_interval(correctness(outcomes[method]), _single(outcomes))
+    assert low > 0, f"{method} W={WIDTH} - W=1: {diff:+.3f} [{low:+.3f}, {high:+.3f}]; {_report(outcomes)}"
+
+
+PRM_POINTS_THE_WRONG_WAY = pytest.mark.xfail(
+    strict=True, reason="the shipped testbed PRM ranks wrong solutions above right ones (module docstring)"
+)
+
+
+@PRM_POINTS_THE_WRONG_WAY
+def test_rebase_at_width_16_beats_one_sample(outcomes: dict[str, list[Outcome]]) -> None:
+    _beats_one_sample(outcomes, "rebase")
+
+
+def test_particle_filtering_beats_one_sample(outcomes: dict[str, list[Outcome]]) -> None:
+    _beats_one_sample(outcomes, "particle")
+
+
+@PRM_POINTS_THE_WRONG_WAY
+def test_rebase_is_not_below_best_of_n_with_a_majority_vote(outcomes: dict[str, list[Outcome]]) -> None:
+    """Within noise: the interval of REBASE - BoN(majority) reaches 0 or above."""
+    diff, low, high = difference_interval(correctness(outcomes["rebase"]), correctness(outcomes["bon-majority"]))
+    assert high >= 0, f"REBASE - BoN majority: {diff:+.3f} [{low:+.3f}, {high:+.3f}]; {_report(outcomes)}"
 
 
 def test_sixteen_samples_with_a_majority_vote_beat_one(outcomes: dict[str, list[Outcome]]) -> None:
-    diff, low, high = difference_interval(outcomes["bon-majority"], outcomes["single"])
-    assert low > 0, (
-        f"BoN W={WIDTH} majority - W=1: {diff:+.3f} [{low:+.3f}, {high:+.3f}]; {_report(outcomes)}"
-    )
+    _beats_one_sample(outcomes, "bon-majority")
 
 
 def test_ets_keeps_no_more_kv_than_rebase(outcomes: dict[str, list[Outcome]]) -> None:
@@ -61,12 +105,13 @@ def test_ets_keeps_no_more_kv_than_rebase(outcomes: dict[str, list[Outcome]]) ->
 
 def test_every_search_spends_its_width(outcomes: dict[str, list[Outcome]]) -> None:
     """The comparisons above are at equal budgets: every W=16 search ended with 16 leaves' worth."""
-    assert all(o.policy_calls >= WIDTH for name, runs in outcomes.items() if name != "single" for o in runs)
-    assert all(o.policy_calls >= 1 for o in outcomes["single"])
+    searched = [runs for name, runs in outcomes.items() if "/" not in name]
+    assert all(o.policy_calls >= WIDTH for runs in searched for o in runs)
+    assert all(o.policy_calls >= 1 for name, runs in outcomes.items() if "/" in name for o in runs)
 
 
 def test_the_testbed_is_hard_enough_for_search_to_matter(outcomes: dict[str, list[Outcome]]) -> None:
     """A policy that always (or never) solves the problems would make the tests above vacuous."""
-    single = accuracy(outcomes["single"])
+    single = sum(_single(outcomes)) / N_PROBLEMS
     coverage = sum(o.covered for o in outcomes["rebase"]) / N_PROBLEMS
-    assert 0.1 <= single <= 0.7 and coverage >= 0.6, _report(outcomes)
+    assert 0.2 <= single <= 0.7 and coverage >= 0.8, _report(outcomes)

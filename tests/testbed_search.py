@@ -85,8 +85,17 @@ def accuracy(outcomes: Sequence[Outcome]) -> float:
     return sum(o.correct for o in outcomes) / len(outcomes)
 
 
-def difference_interval(better: Sequence[Outcome], worse: Sequence[Outcome]) -> tuple[float, float, float]:
+def correctness(outcomes: Sequence[Outcome]) -> list[float]:
+    return [float(o.correct) for o in outcomes]
+
+
+def mean_correctness(runs: Sequence[Sequence[Outcome]]) -> list[float]:
+    """Per problem, the fraction of runs (e.g. seeds of one sample) that got it right."""
+    return [sum(o.correct for o in column) / len(column) for column in zip(*runs, strict=True)]
+
+
+def difference_interval(better: Sequence[float], worse: Sequence[float]) -> tuple[float, float, float]:
     """better - worse accuracy on the same problems, with its paired bootstrap 95% interval."""
-    diffs = [float(b.correct) - float(w.correct) for b, w in zip(better, worse, strict=True)]
+    diffs = [b - w for b, w in zip(better, worse, strict=True)]
     low, high = paired_bootstrap(diffs)
     return sum(diffs) / len(diffs), low, high
