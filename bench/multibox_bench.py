@@ -10,11 +10,14 @@ against three databases in turn:
   `--delay-ms` each way (asyncio), standing in for a LAN's latency.
 Each row also gives the SELECT 1 round-trip time to that database (p50 of 200, from this process).
 
+`commit p50` is `selection_steps.commit_ms` (the commit's share of the depth's wall time, up to the
+moment the worker hands its writes over), `whole` the whole `DepthWriter._commit` call as the worker
+times it (answer included).
 Round trips per depth commit are counted two ways, in the worker itself (it is started through this
 file, which wraps `DepthWriter._commit` and listens to SQLAlchemy's events, changing no etsq code):
 - `sql`: per commit, pool checkouts (each is one `SELECT 1` ping: the engine has pool_pre_ping) +
-  transaction begins (psycopg sends BEGIN as its own query) + `before_cursor_execute` statements
-  (an executemany counted once) + commits;
+  transaction begins (psycopg sends BEGIN as its own query; none on an autocommit connection) +
+  `before_cursor_execute` statements (an executemany counted once) + commits (none in autocommit);
 - `wire` (the proxied row only): the proxy timestamps every chunk it reads from either side, and the
   worker logs each commit's start, end and its connection's local port; a round trip is a chunk from
   the client that follows a chunk from the server (or opens the window), on that connection, inside
@@ -87,9 +90,18 @@ def _worker_shim(argv: list[str]) -> None:
 
         return listener
 
+    def bump_sent(key: str) -> Any:
+        # psycopg sends no BEGIN or COMMIT on an autocommit connection, though SQLAlchemy's events fire.
+        def listener(conn: Any) -> None:
+            c = counts()
+            if c is not None and not conn.connection.dbapi_connection.autocommit:
+                c[key] += 1
+
+        return listener
+
     event.listen(Engine, "before_cursor_execute", on_execute)
-    event.listen(Engine, "begin", bump("begin"))
-    event.listen(Engine, "commit", bump("commit"))
+    event.listen(Engine, "begin", bump_sent("begin"))
+    event.listen(Engine, "commit", bump_sent("commit"))
     event.listen(Pool, "checkout", bump("checkout"))
     original = DepthWriter._commit
 
@@ -303,6 +315,7 @@ def _measure(
                 row = {
                     "step_ms_p50": fig["step_wall_ms_p50"],
                     "commit_ms_p50": _commit_ms(url, run_id),
+                    "commit_wall_ms_p50": statistics.median([(c["t1"] - c["t0"]) * 1000 for c in commits]),
                     "select1_rtt_ms": rtt,
                     "commits": len(commits),
                     "sql_trips_p50": statistics.median(sql),
@@ -391,13 +404,14 @@ def main() -> None:
 
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"W={args.width}, {args.limit} problems, sim backend (zero latency), Redis on this box, one worker")
-    head = f"{'database':22s} {'method':7s} {'depth p50':>9s} {'commit p50':>10s} {'RTT':>6s} "
+    head = f"{'database':22s} {'method':7s} {'depth p50':>9s} {'commit p50':>10s} {'whole':>7s} {'RTT':>6s} "
     print(head + f"{'trips sql':>9s} {'trips wire':>10s}  load (1/5/15 min)")
     for where, rows in results.items():
         for method, r in rows.items():
             wire = f"{r['wire_trips_p50']:g} (max {r['wire_trips_max']})" if "wire_trips_p50" in r else "-"
             print(
                 f"{where:22s} {method:7s} {r['step_ms_p50']:7.1f}ms {r['commit_ms_p50']:8.1f}ms "
+                f"{r['commit_wall_ms_p50']:5.1f}ms "
                 f"{r['select1_rtt_ms']:4.2f}ms {r['sql_trips_p50']:9g} {wire:>10s}  {r['load']}"
             )
     for where, rows in results.items():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from etsq.models.config import ModelConfig
 from etsq.queue.execute import run_job
@@ -22,6 +23,7 @@ from etsq.store.runs import export_jobs, statuses
 from etsq.store.session import Store, get_engine, session_scope
 from etsq.store.trees import DepthWriter, load_tree
 from tests.helpers import store_run, tiny_config
+from tests.wiretrips import WireTrips
 
 
 def _settings(url: str) -> Settings:
@@ -224,6 +226,60 @@ def test_a_commit_under_a_lost_lease_writes_nothing(db_url: str, tiny_model: Pat
     with session_scope(db_url) as s:
         assert s.get_one(m.Job, job_id).depth == 0
         assert s.scalar(select(func.count()).select_from(m.SelectionStep)) == 0
+
+
+def _deeper(tree: Tree, frontier: list[int], depth: int, final: bool) -> DepthCommit:
+    """Depth `depth` of a search: the first half of `frontier` kept, two children each (in cluster
+    0), the rest pruned; at the final depth every node is pruned and nothing is new."""
+    counts = {i: 0 if final or k >= len(frontier) // 2 else 2 for k, i in enumerate(frontier)}
+    new = [tree.add_child(i, f"step {depth}.{k}\n\n", 2).idx for i, n in counts.items() for k in range(n)]
+    for i in new:
+        tree.nodes[i].score = 1 / i
+    selection = Selection(counts, clusters={i: 0 for i in frontier}, info={"solver": "highs"})
+    for i, n in counts.items():  # as the search loop records its decision
+        tree.nodes[i].kept, tree.nodes[i].n_children, tree.nodes[i].cluster = n > 0, n, 0
+    return DepthCommit(depth, frontier, 10 - depth, selection, 9, 4, 0.2, new_nodes=new, expand_ms=1.0)
+
+
+def test_a_depth_commit_is_at_most_three_round_trips_on_postgres(pg_url: str, tiny_model: Path) -> None:
+    """Issue 21: a depth's commit waits on the database at most three times (counted on the wire:
+    the pool's ping, the one statement, and once per connection psycopg's prepare), whatever it
+    writes: the root and its children, marks, the final depth that finishes the job and its run."""
+    _, [job_id] = store_run(pg_url, tiny_model, tiny_config(), limit=1)
+    url = make_url(pg_url)
+    proxy = WireTrips(str(url.host), int(url.port or 5432))
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        store = Store.open(proxied)
+        claim = claim_job(store, job_id, stale_after_s=60)
+        assert claim is not None
+        writer = DepthWriter(store, job_id, claim.lease, generation=claim.generation)
+        tree = Tree("prompt", 5)
+        rec, trips = _depth_zero(tree, ["a\n\n", "b\n\n", "c\n\n", "d\n\n"]), []
+        tree.root.kept, tree.root.n_children = True, 4
+        for depth in range(1, 10):
+            since = proxy.mark()
+            writer(tree, rec)
+            trips.append(proxy.trips(since))
+            rec = _deeper(tree, rec.new_nodes, depth, final=depth == 9)
+        since = proxy.mark()
+        writer(tree, rec)
+        trips.append(proxy.trips(since))
+    finally:
+        get_engine(proxied).dispose()
+        proxy.stop()
+    assert max(trips) <= 3 and trips.count(2) >= len(trips) - 1, trips
+    with session_scope(pg_url) as s:
+        stored = load_tree(s, job_id)
+        job, steps = s.get_one(m.Job, job_id), s.scalars(select(m.SelectionStep)).all()
+        assert (job.status, job.depth, job.lease) == ("done", 9, None) and job.search_s
+        assert s.get_one(m.Run, job.run_id).finished_at is not None
+        assert len(steps) == 10 and all(st.wall_ms and st.info == {"solver": "highs"} for st in steps[1:])
+    assert stored is not None and stored[1] == 9
+    fields = ("db_id", "path", "text", "score", "kept", "n_children", "cluster")
+    assert [[getattr(n, f) for f in fields] for n in stored[0].nodes] == [
+        [getattr(n, f) for f in fields] for n in tree.nodes
+    ]
 
 
 def test_bulk_node_writes_return_ids_in_row_order(db_url: str, tiny_model: Path) -> None:

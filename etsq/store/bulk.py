@@ -48,10 +48,13 @@ class Mark(NamedTuple):
 
 NODE_COLUMNS: tuple[str, ...] = NodeRow._fields
 # Postgres array types of NodeRow's fields, in field order.
-_PG_TYPES = ("int", "bigint", "int", "text", "text", "int", "int", "float8", "bool", "text", "text", "text")
+NODE_PG_TYPES = (
+    *("int", "bigint", "int", "text", "text", "int", "int"),
+    *("float8", "bool", "text", "text", "text"),
+)
 
 _PG_INSERT = "INSERT INTO nodes ({}) SELECT * FROM unnest({}) RETURNING id, path".format(
-    ", ".join(NODE_COLUMNS), ", ".join(f"%b::{t}[]" for t in _PG_TYPES)
+    ", ".join(NODE_COLUMNS), ", ".join(f"%b::{t}[]" for t in NODE_PG_TYPES)
 )
 _PG_MARK = (
     "UPDATE nodes SET kept = v.kept, n_children = v.n_children, cluster = v.cluster "

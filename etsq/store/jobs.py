@@ -3,7 +3,8 @@
 A job goes queued -> running (claim) -> done | failed | cancelled, or back to queued (release,
 a stale heartbeat).  Its tree is stored depth by depth by `etsq.store.trees`; the depth commit
 that finishes a job stamps it through `finish_values`, like every other way a job ends, and a run
-is stamped finished in one place, `close_run_if_done`.
+is stamped finished in one place, `close_run_if_done` (whose rule PostgreSQL's one-statement depth
+commit carries inside it, etsq.store.depth_pg).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def finish_values(status: JobStatus, error: str | None = None) -> dict[str, Any]
 
 
 def close_run_if_done(conn: Connection, run_id: int) -> None:
-    """Stamp the run finished once none of its jobs is open: the one place runs.finished_at is set."""
+    """Stamp the run finished once none of its jobs is open: the one place runs.finished_at is set
+    (PostgreSQL's depth commit applies the same rule inside its one statement, etsq.store.depth_pg)."""
     open_jobs = conn.execute(
         select(func.count())
         .select_from(_JOBS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -27,6 +27,7 @@ from etsq.search.tree import Node, Tree
 from etsq.store import schema as m
 from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
 from etsq.store.clock import db_now
+from etsq.store.depth_pg import Decided, DepthWrite, commit_depth
 from etsq.store.jobs import LeaseFenced, ShutdownRequested, close_run_if_done, finish_values
 from etsq.store.runs import problem_row, run_row, store_run
 from etsq.store.session import Store
@@ -123,11 +124,12 @@ def _info(info: dict[str, Any], rec: DepthCommit) -> dict[str, Any]:
 
 
 class DepthWriter:
-    """The commit callback: persists one DepthCommit in one transaction.
+    """The commit callback: persists one DepthCommit atomically, in one round trip on PostgreSQL.
 
-    Core statements only (no ORM objects): the job row is updated first, which takes its row lock
-    and checks the lease in one statement; then the new nodes are one multi-row insert and the
-    frontier's marks one UPDATE (etsq.store.bulk), the selection row one insert.
+    PostgreSQL: one statement (etsq.store.depth_pg) on an autocommit connection, so with the pool's
+    ping a depth costs two round trips.  SQLite (in-process, where a round trip costs nothing): one
+    transaction of Core statements, the job row updated first (which takes the write lock and checks
+    the lease), then the nodes' insert and the marks' UPDATE (etsq.store.bulk) and the selection row.
     """
 
     def __init__(
@@ -151,21 +153,65 @@ class DepthWriter:
     def _commit(self, tree: Tree, rec: DepthCommit) -> float:
         """Write the depth; returns the moment its wall time was taken (the next depth's start).
 
-        The depth's wall time runs from the previous depth's mark to the end of its own writes, so
-        `jobs.search_s` (their sum) counts each commit's writes, and the selection row holds them as
-        `commit_ms` beside `wall_ms`; the transaction's final flush goes to the next depth's time.
+        The depth's wall time runs from the previous depth's mark to the end of its own writes as
+        the worker sees them, so `jobs.search_s` (their sum) counts each commit, and the selection
+        row holds that share as `commit_ms` beside `wall_ms`; what follows the mark (PostgreSQL's
+        one statement, SQLite's last writes and COMMIT) goes to the next depth's time.
         """
         started = time.perf_counter()
+        if self.store.engine.dialect.name == "postgresql":
+            return self._commit_statement(tree, rec, started)
+        return self._commit_transaction(tree, rec, started)
+
+    def _commit_statement(self, tree: Tree, rec: DepthCommit, started: float) -> float:
+        """PostgreSQL: the whole depth in one statement (etsq.store.depth_pg)."""
+        new = ([tree.root] if tree.root.db_id is None else []) + [tree.nodes[i] for i in rec.new_nodes]
+        write = self._depth_write(tree, rec, new)
+        # The pool's ping (a stale connection is replaced, not failed) is the commit's other round trip.
+        with self.store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement is atomic by itself
+            mark = time.perf_counter()
+            times = self._times(started, mark)
+            ids = commit_depth(conn, replace(write, wall_s=mark - self.since, step={**write.step, **times}))
+            if ids is None:
+                raise self._fenced(conn, rec)
+        for node, db_id in zip(new, ids, strict=True):
+            node.db_id = db_id
+        return mark
+
+    def _depth_write(self, tree: Tree, rec: DepthCommit, new: list[Node]) -> DepthWrite:
+        """The depth's writes, its wall time not yet taken."""
+        decided = _decisions(rec)
+        return DepthWrite(
+            job_id=self.job_id,
+            lease=self.lease,
+            generation=self.generation,
+            depth=_next_depth(rec),
+            wall_s=0.0,
+            finish=finish_values(JobStatus.DONE) if rec.final else {},
+            closed_at=m.utcnow(),
+            nodes=[_node_row(self.job_id, tree, n) for n in new],
+            decided=[decided.get(n.idx) for n in new],
+            marks=[_mark(tree, i, d) for i, d in decided.items() if tree.nodes[i].db_id is not None],
+            step=_selection_row(self.job_id, rec),
+        )
+
+    def _times(self, started: float, mark: float) -> dict[str, float]:
+        """The selection row's share of the commit and the depth's wall time, in milliseconds."""
+        return {"commit_ms": (mark - started) * 1000, "wall_ms": (mark - self.since) * 1000}
+
+    def _commit_transaction(self, tree: Tree, rec: DepthCommit, started: float) -> float:
+        """SQLite: the depth in one transaction of several statements."""
         with self.store.begin() as conn:
             run_id = self._advance_job(conn, rec)
             if tree.root.db_id is None:
                 self._insert(conn, tree, [tree.root])
-            mark_nodes(conn, _marks(tree, rec))
+            mark_nodes(conn, [_mark(tree, i, d) for i, d in _decisions(rec).items()])
             self._insert(conn, tree, [tree.nodes[i] for i in rec.new_nodes])
             mark = time.perf_counter()
-            row = _selection_row(self.job_id, rec)
-            row.update(commit_ms=(mark - started) * 1000, wall_ms=(mark - self.since) * 1000)
-            conn.execute(insert(_SELECTION_STEPS), row)
+            conn.execute(
+                insert(_SELECTION_STEPS), {**_selection_row(self.job_id, rec), **self._times(started, mark)}
+            )
             searched = func.coalesce(_JOBS.c.search_s, 0.0) + (mark - self.since)
             conn.execute(update(_JOBS).where(_JOBS.c.id == self.job_id).values(search_s=searched))
             if rec.final:
@@ -176,10 +222,7 @@ class DepthWriter:
         """Lock the job row, check the lease and its generation (the fencing token) and record the
         depth, in one UPDATE; the run's id.  A worker whose lease was taken over (reclaimed while
         it was cut off) gets `LeaseFenced` inside this transaction, which then writes nothing."""
-        values: dict[str, Any] = {
-            "depth": rec.depth + (0 if rec.final else 1),
-            "heartbeat_at": db_now(),
-        }
+        values: dict[str, Any] = {"depth": _next_depth(rec), "heartbeat_at": db_now()}
         if rec.final:
             values.update(finish_values(JobStatus.DONE))
         held = [_JOBS.c.id == self.job_id, _JOBS.c.lease == self.lease, _JOBS.c.status == JobStatus.RUNNING]
@@ -188,15 +231,19 @@ class DepthWriter:
         stmt = update(_JOBS).where(*held).values(**values).returning(_JOBS.c.run_id)
         run_id = conn.execute(stmt).scalar_one_or_none()
         if run_id is None:
-            now = conn.execute(
-                select(_JOBS.c.status, _JOBS.c.lease_gen, _JOBS.c.worker).where(_JOBS.c.id == self.job_id)
-            ).first()
-            status, gen, worker = now if now is not None else (None, None, None)
-            raise LeaseFenced(
-                f"job {self.job_id} is no longer ours: depth {rec.depth} commit fenced, lease generation "
-                f"{self.generation} is stale (the job is {status}, generation {gen}, worker {worker})"
-            )
+            raise self._fenced(conn, rec)
         return int(run_id)
+
+    def _fenced(self, conn: Connection, rec: DepthCommit) -> LeaseFenced:
+        """The error of a commit the job row refused, naming who holds the job now."""
+        now = conn.execute(
+            select(_JOBS.c.status, _JOBS.c.lease_gen, _JOBS.c.worker).where(_JOBS.c.id == self.job_id)
+        ).first()
+        status, gen, worker = now if now is not None else (None, None, None)
+        return LeaseFenced(
+            f"job {self.job_id} is no longer ours: depth {rec.depth} commit fenced, lease generation "
+            f"{self.generation} is stale (the job is {status}, generation {gen}, worker {worker})"
+        )
 
     def _insert(self, conn: Connection, tree: Tree, nodes: list[Node]) -> None:
         ids = insert_nodes(conn, [_node_row(self.job_id, tree, n) for n in nodes])
@@ -207,14 +254,21 @@ class DepthWriter:
 _SELECTION_STEPS = m.Base.metadata.tables["selection_steps"]
 
 
-def _marks(tree: Tree, rec: DepthCommit) -> list[Mark]:
-    """(id, kept, n_children, cluster) of every frontier node the selection decided on."""
-    marks: list[Mark] = []
-    for i, n in rec.selection.counts.items():
-        db_id = tree.nodes[i].db_id
-        assert db_id is not None, "frontier nodes are stored at an earlier depth"
-        marks.append(Mark(db_id, n > 0, n, rec.selection.clusters.get(i)))
-    return marks
+def _next_depth(rec: DepthCommit) -> int:
+    """jobs.depth once the depth is committed: the depth to resume at (the last one, when final)."""
+    return rec.depth + (0 if rec.final else 1)
+
+
+def _decisions(rec: DepthCommit) -> dict[int, Decided]:
+    """(kept, n_children, cluster) of every frontier node the selection decided on, by node index."""
+    sel = rec.selection
+    return {i: (n > 0, n, sel.clusters.get(i)) for i, n in sel.counts.items()}
+
+
+def _mark(tree: Tree, idx: int, decided: Decided) -> Mark:
+    db_id = tree.nodes[idx].db_id
+    assert db_id is not None, "frontier nodes are stored at an earlier depth, or the root just before"
+    return Mark(db_id, *decided)
 
 
 # --------------------------------------------------------------------------- finished trees, stored whole
