@@ -9,17 +9,21 @@ the steps near-duplicates of a sibling (cosine distance < 0.01) so that clusters
 span unrelated branches: the hard case for the program.
 
 ETS runs with the embeddings precomputed (`FakeEmbedder` looks them up): this measures the
-program and the clustering. The real embedding cost is measured separately with the
+program and the clustering. The "reference" section runs the reference implementation's ETS select
+(bench/ets_reference.py: pulp, CBC, scipy's cosine linkage, torch) and etsq's on the same frontiers
+and embeddings, and reports the ratio of their p50s and whether both gave the same child counts. The real embedding cost is measured separately with the
 sentence-transformers model on 256 short step texts. The ILP backends (highspy matrix API vs
 pulp with HiGHS or CBC, reduced vs literal formulation) are compared on the same programs.
 
     python bench/select_bench.py [--widths 16 64 256 1024] [--repeats 20] [--json out.json]
+        [--no-methods] [--no-reference] [--no-backends] [--no-embedding]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +31,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+# The reference sets these at import (bench/ets_reference.py); they must precede numpy's import.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("NUMEXPR_NUM_THREADS", "1")
+
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ets_reference
 
 from etsq.search import ilp
 from etsq.search.config import SearchConfig
@@ -133,6 +146,66 @@ def bench_methods(widths: Sequence[int], repeats: int, trees: int) -> dict[str, 
     return out
 
 
+def _reference_call(
+    tree: Tree, frontier: list[int], cfg: SearchConfig, emb: FakeEmbedder
+) -> Callable[[], tuple[list[ets_reference.RefNode], list[int]]]:
+    """The reference's select on this frontier; its nodes are built outside the timing."""
+    nodes = ets_reference.ref_nodes(tree, frontier)
+    scores = frontier_scores(tree, frontier)
+    return partial(
+        ets_reference.select_softmax_costmodel,
+        nodes,
+        scores,
+        len(frontier),
+        cfg.lambda_b,
+        cfg.effective_lambda_s,
+        cfg.softmax_temp,
+        emb.embed,
+    )
+
+
+def _same_decision(tree: Tree, frontier: list[int], cfg: SearchConfig, emb: FakeEmbedder) -> bool:
+    ours = METHODS["ets"].select(tree, frontier, len(frontier), cfg, SelectContext(embedder=emb)).counts
+    return ours == ets_reference.reference_counts(*_reference_call(tree, frontier, cfg, emb)())
+
+
+def bench_reference(widths: Sequence[int], repeats: int, trees: int) -> dict[int, dict[str, Any]]:
+    """The reference's ETS select and etsq's on the same frontiers and embeddings, per width.
+
+    Both run on every tree (plain and spread); `speedup` is the ratio of the p50s over all of them,
+    `same_counts` how many frontiers got the same children per node from both.
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for w in widths:
+        cfg = SearchConfig(width=w, method="ets")
+        ref_ms: list[float] = []
+        ets_ms: list[float] = []
+        same = 0
+        for seed in range(trees):
+            for spread in (False, True):
+                tree, frontier, emb = synthetic_tree(w, seed, spread)
+                ctx = SelectContext(embedder=emb)
+                ours = partial(METHODS["ets"].select, tree, frontier, len(frontier), cfg, ctx)
+                ref_ms += _timed(_reference_call(tree, frontier, cfg, emb), max(2, repeats // 4))
+                ets_ms += _timed(ours, repeats)
+                same += _same_decision(tree, frontier, cfg, emb)
+        ref, ets = _stats(ref_ms), _stats(ets_ms)
+        out[w] = {"reference": ref, "etsq": ets, "speedup": ref["p50"] / ets["p50"]}
+        out[w]["same_counts"] = f"{same}/{2 * trees}"
+    return out
+
+
+def _print_reference(table: dict[int, dict[str, Any]]) -> None:
+    print("\nETS select: reference vs etsq (ms, p50 / p90; same frontiers and embeddings)")
+    for w, row in table.items():
+        ref, ets = row["reference"], row["etsq"]
+        print(
+            f"W={w:<6} reference {ref['p50']:9.2f} /{ref['p90']:8.2f}"
+            f"   etsq {ets['p50']:8.2f} /{ets['p90']:7.2f}"
+            f"   speedup {row['speedup']:6.1f}x   same counts {row['same_counts']}"
+        )
+
+
 def _problem(width: int, seed: int, spread: bool = False) -> ilp.EtsProblem:
     tree, frontier, emb = synthetic_tree(width, seed, spread)
     cfg = SearchConfig(width=width)
@@ -206,12 +279,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per tree")
     parser.add_argument("--trees", type=int, default=3, help="synthetic trees per width")
+    parser.add_argument("--no-methods", action="store_true", help="skip the per-method timings")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference ETS comparison")
     parser.add_argument("--no-backends", action="store_true", help="skip the ILP backend comparison")
     parser.add_argument("--no-embedding", action="store_true", help="skip the sentence-transformers timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"methods": bench_methods(args.widths, args.repeats, args.trees)}
-    _print_table("select time per method", result["methods"], args.widths)
+    result: dict[str, Any] = {"load_avg": os.getloadavg()}
+    if not args.no_methods:
+        result["methods"] = bench_methods(args.widths, args.repeats, args.trees)
+        _print_table("select time per method", result["methods"], args.widths)
+    if not args.no_reference:
+        result["reference"] = bench_reference(args.widths, args.repeats, args.trees)
+        _print_reference(result["reference"])
     if not args.no_backends:
         result["backends"] = bench_backends(args.widths, args.repeats)
         _print_table("ETS program: formulation/backend", result["backends"], args.widths)
