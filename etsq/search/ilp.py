@@ -77,6 +77,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,11 @@ _TIME_LIMIT_S = 30.0
 # fixed ~5 ms per call, HiGHS's presolve finds little the reductions here have not already
 # removed (and costs 1.5-2x), symmetry detection costs ~20% and finds none worth having.
 # Together they cut the p50 HiGHS time 2-8x. Gaps 0: the true optimum (see "Ties").
+# One thread: these programs are solved at the root node, and HiGHS's worker threads only add
+# synchronisation; on a busy host each run paid 5-15 ms waiting for them (bench/select_bench.py:
+# a 2-column program took 7-17 ms with the default, 1 ms with one thread).
 _HIGHS_OPTIONS: dict[str, bool | int | float | str] = {
+    "threads": 1,
     "output_flag": False,
     "mip_rel_gap": 0.0,
     "mip_abs_gap": 0.0,
@@ -132,11 +137,11 @@ class EtsProblem:
     def n_frontier(self) -> int:
         return len(self.outcome)
 
-    @property
+    @cached_property  # read for every candidate of the tie completion: O(N) each time otherwise
     def n_clusters(self) -> int:
         return 0 if self.clusters is None else len(set(self.clusters))
 
-    @property
+    @cached_property
     def coverage_weight(self) -> float:
         """lambda_s / K, the value of one covered cluster (0 without a coverage term)."""
         return self.lambda_s / self.n_clusters if self.n_clusters else 0.0
@@ -452,15 +457,27 @@ def _highs_lp(model: MatrixModel) -> Any:
     return lp
 
 
-def solve_highs(model: MatrixModel) -> list[float]:
-    """Column values from HiGHS in-process; PermanentError unless it proves an optimum."""
+def _run_highs(lp: Any) -> Any:
+    """A Highs instance that ran `lp` with `_HIGHS_OPTIONS`."""
     import highspy
 
     h = highspy.Highs()
     for name, value in _HIGHS_OPTIONS.items():
         h.setOptionValue(name, value)
-    h.passModel(_highs_lp(model))
-    h.run()
+    h.passModel(lp)
+    if h.run() == highspy.HighsStatus.kError:
+        # HiGHS's thread pool is global and refuses a run asking for another thread count than
+        # the pool was made with (e.g. after pulp's HiGHS ran in this process): remake it once.
+        highspy.Highs.resetGlobalScheduler(True)
+        h.run()
+    return h
+
+
+def solve_highs(model: MatrixModel) -> list[float]:
+    """Column values from HiGHS in-process; PermanentError unless it proves an optimum."""
+    import highspy
+
+    h = _run_highs(_highs_lp(model))
     status = h.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:
         raise PermanentError(f"HiGHS stopped with {h.modelStatusToString(status)}")
