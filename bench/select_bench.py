@@ -11,9 +11,11 @@ span unrelated branches: the hard case for the program.
 ETS runs with the embeddings precomputed (`FakeEmbedder` looks them up): this measures the
 program and the clustering. The "reference" section runs the reference implementation's ETS select
 (bench/ets_reference.py: pulp, CBC, scipy's cosine linkage, torch) and etsq's on the same frontiers
-and embeddings, and reports the ratio of their p50s and whether both gave the same child counts. The real embedding cost is measured separately with the
-sentence-transformers model on 256 short step texts. The ILP backends (highspy matrix API vs
-pulp with HiGHS or CBC, reduced vs literal formulation) are compared on the same programs.
+and embeddings, and reports the ratio of their p50s (wall and CPU time, the CBC subprocess
+included) and whether both gave the same child counts. The real embedding cost is measured
+separately with the sentence-transformers model on 256 short step texts. The ILP backends
+(highspy matrix API vs pulp with HiGHS or CBC, reduced vs literal formulation) are compared on
+the same programs.
 
     python bench/select_bench.py [--widths 16 64 256 1024] [--repeats 20] [--json out.json]
         [--no-methods] [--no-reference] [--no-backends] [--no-embedding]
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -116,6 +119,25 @@ def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children (the reference's CBC runs as one)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _timed_both(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU ms per call. On a shared host the wall time follows the load; the CPU time,
+    children included, much less so, which makes ratios between runs at different loads comparable."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), _cpu_s()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1000)
+        cpu.append((_cpu_s() - c0) * 1000)
+    return wall, cpu
+
+
 def _stats(samples: Sequence[float]) -> dict[str, float]:
     return {
         "p50": float(np.percentile(samples, 50)),
@@ -172,25 +194,32 @@ def _same_decision(tree: Tree, frontier: list[int], cfg: SearchConfig, emb: Fake
 def bench_reference(widths: Sequence[int], repeats: int, trees: int) -> dict[int, dict[str, Any]]:
     """The reference's ETS select and etsq's on the same frontiers and embeddings, per width.
 
-    Both run on every tree (plain and spread); `speedup` is the ratio of the p50s over all of them,
-    `same_counts` how many frontiers got the same children per node from both.
+    Both run on every tree (plain and spread); `speedup` is the ratio of the wall-time p50s over all
+    of them, `speedup_cpu` that of the CPU-time p50s (children included), `same_counts` how many
+    frontiers got the same children per node from both.
     """
     out: dict[int, dict[str, Any]] = {}
     for w in widths:
         cfg = SearchConfig(width=w, method="ets")
         ref_ms: list[float] = []
         ets_ms: list[float] = []
+        ref_cpu: list[float] = []
+        ets_cpu: list[float] = []
         same = 0
         for seed in range(trees):
             for spread in (False, True):
                 tree, frontier, emb = synthetic_tree(w, seed, spread)
                 ctx = SelectContext(embedder=emb)
                 ours = partial(METHODS["ets"].select, tree, frontier, len(frontier), cfg, ctx)
-                ref_ms += _timed(_reference_call(tree, frontier, cfg, emb), max(2, repeats // 4))
-                ets_ms += _timed(ours, repeats)
+                wall, cpu = _timed_both(_reference_call(tree, frontier, cfg, emb), max(2, repeats // 4))
+                ref_ms, ref_cpu = ref_ms + wall, ref_cpu + cpu
+                wall, cpu = _timed_both(ours, repeats)
+                ets_ms, ets_cpu = ets_ms + wall, ets_cpu + cpu
                 same += _same_decision(tree, frontier, cfg, emb)
         ref, ets = _stats(ref_ms), _stats(ets_ms)
         out[w] = {"reference": ref, "etsq": ets, "speedup": ref["p50"] / ets["p50"]}
+        out[w]["reference_cpu"], out[w]["etsq_cpu"] = _stats(ref_cpu), _stats(ets_cpu)
+        out[w]["speedup_cpu"] = out[w]["reference_cpu"]["p50"] / out[w]["etsq_cpu"]["p50"]
         out[w]["same_counts"] = f"{same}/{2 * trees}"
     return out
 
@@ -203,6 +232,11 @@ def _print_reference(table: dict[int, dict[str, Any]]) -> None:
             f"W={w:<6} reference {ref['p50']:9.2f} /{ref['p90']:8.2f}"
             f"   etsq {ets['p50']:8.2f} /{ets['p90']:7.2f}"
             f"   speedup {row['speedup']:6.1f}x   same counts {row['same_counts']}"
+        )
+        ref, ets = row["reference_cpu"], row["etsq_cpu"]
+        print(
+            f"{'  cpu':8} reference {ref['p50']:9.2f} /{ref['p90']:8.2f}"
+            f"   etsq {ets['p50']:8.2f} /{ets['p90']:7.2f}   speedup {row['speedup_cpu']:6.1f}x"
         )
 
 
