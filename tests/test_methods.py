@@ -500,8 +500,35 @@ def test_clusters_match_scipy_reference() -> None:
     assert _same_pairs(list(ours)) == _same_pairs(list(ref))
 
 
+def _clustered_points(seed: int) -> tuple[np.ndarray, float]:
+    """Random embeddings: blobs of near-duplicates, chains, exact duplicates; and a threshold."""
+    rng = np.random.default_rng(seed)
+    n, dim = int(rng.integers(2, 90)), int(rng.choice([3, 16, 384]))
+    centers = rng.normal(size=(int(rng.integers(1, n + 1)), dim))
+    spread = float(rng.choice([0.0, 0.01, 0.05, 0.2]))
+    emb = centers[rng.integers(0, len(centers), size=n)] + rng.normal(scale=spread, size=(n, dim))
+    if rng.random() < 0.3:  # a random walk: chains that average linkage cuts in places
+        emb = np.cumsum(rng.normal(scale=0.05, size=(n, dim)), axis=0) + rng.normal(size=dim)
+    emb[int(rng.integers(0, n))] = emb[0]
+    return emb, float(rng.choice([1e-9, 0.01, 0.05, 0.1, 0.3, 0.7]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**6))
+def test_clusters_match_scipy_on_random_sets(seed: int) -> None:
+    # The components + close pairs route gives scipy's average-linkage cut, numbered by first sight.
+    emb, threshold = _clustered_points(seed)
+    ref = fcluster(linkage(emb, method="average", metric="cosine"), t=threshold, criterion="distance")
+    first = {int(k): None for k in ref}
+    expected = [list(first).index(int(k)) for k in ref]
+    assert list(cluster_embeddings(emb, threshold)) == expected
+
+
 def test_clusters_edge_cases() -> None:
     assert list(cluster_embeddings(np.ones((1, 3)), 0.05)) == [0]
+    assert list(cluster_embeddings(np.zeros((3, 4)), 0.05)) == [0, 1, 2]  # zero rows: distance 1
+    with pytest.raises(ValueError):
+        cluster_embeddings(np.array([[1.0, np.nan], [1.0, 0.0]]), 0.05)
     assert list(cluster_texts(["a", "a", "a"], None, 0.05)) == [0, 0, 0]
     table = {"a": np.array([1.0, 0.0]), "b": np.array([1.0, 0.001]), "c": np.array([0.0, 1.0])}
     ids = list(cluster_texts(["a", "b", "c"], FakeEmbedder(table), 0.05))

@@ -77,6 +77,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,11 @@ _TIME_LIMIT_S = 30.0
 # fixed ~5 ms per call, HiGHS's presolve finds little the reductions here have not already
 # removed (and costs 1.5-2x), symmetry detection costs ~20% and finds none worth having.
 # Together they cut the p50 HiGHS time 2-8x. Gaps 0: the true optimum (see "Ties").
+# One thread: these programs are solved at the root node, and HiGHS's worker threads only add
+# synchronisation; on a busy host each run paid 5-15 ms waiting for them (bench/select_bench.py:
+# a 2-column program took 7-17 ms with the default, 1 ms with one thread).
 _HIGHS_OPTIONS: dict[str, bool | int | float | str] = {
+    "threads": 1,
     "output_flag": False,
     "mip_rel_gap": 0.0,
     "mip_abs_gap": 0.0,
@@ -132,11 +137,11 @@ class EtsProblem:
     def n_frontier(self) -> int:
         return len(self.outcome)
 
-    @property
+    @cached_property  # read for every candidate of the tie completion: O(N) each time otherwise
     def n_clusters(self) -> int:
         return 0 if self.clusters is None else len(set(self.clusters))
 
-    @property
+    @cached_property
     def coverage_weight(self) -> float:
         """lambda_s / K, the value of one covered cluster (0 without a coverage term)."""
         return self.lambda_s / self.n_clusters if self.n_clusters else 0.0
@@ -172,6 +177,15 @@ class MatrixModel:
         self.obj.append(obj)
         self.integer.append(integer)
         return len(self.obj) - 1
+
+    def add_links(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """One row `v_a - v_b >= 0` per (a, b), appended in one go (add_row per edge costs ~1 us each)."""
+        first = len(self.row_index)
+        self.row_index.extend(col for pair in pairs for col in pair)
+        self.row_value.extend([1.0, -1.0] * len(pairs))
+        self.row_start.extend(range(first + 2, first + 2 * len(pairs) + 1, 2))
+        self.row_lower.extend([0.0] * len(pairs))
+        self.row_upper.extend([math.inf] * len(pairs))
 
     def add_row(self, cols: Sequence[int], vals: Sequence[float], lower: float, upper: float) -> None:
         self.row_index.extend(cols)
@@ -378,10 +392,7 @@ def _add_child_links(
     model: MatrixModel, kids: list[list[int]], rep: list[int], col_of: dict[int, int], n: int
 ) -> None:
     """y_j >= v_c for each alive child c of each ancestor variable j."""
-    for p, col in col_of.items():
-        if p >= n:
-            for child in kids[p]:
-                model.add_row([col, col_of[rep[child]]], [1.0, -1.0], 0.0, math.inf)
+    model.add_links([(col, col_of[rep[child]]) for p, col in col_of.items() if p >= n for child in kids[p]])
 
 
 def reduced_model(problem: EtsProblem) -> MatrixModel:
@@ -430,37 +441,50 @@ def full_model(problem: EtsProblem) -> MatrixModel:
 # --------------------------------------------------------------------------- backends
 
 
-def _highs_lp(model: MatrixModel) -> Any:
+def _pass_model(h: Any, model: MatrixModel) -> None:
+    """Hand `model` to HiGHS as arrays (one call; building a HighsLp field by field cost ~1 ms)."""
     import highspy
 
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = model.n_cols, model.n_rows
-    lp.sense_ = highspy.ObjSense.kMaximize
-    lp.offset_ = model.offset
-    lp.col_cost_ = np.asarray(model.obj, dtype=np.float64)
-    lp.col_lower_ = np.zeros(model.n_cols)
-    lp.col_upper_ = np.ones(model.n_cols)
-    lp.row_lower_ = np.asarray(model.row_lower, dtype=np.float64)
-    lp.row_upper_ = np.asarray(model.row_upper, dtype=np.float64)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = model.n_cols, model.n_rows
-    lp.a_matrix_.start_ = np.asarray(model.row_start, dtype=np.int32)
-    lp.a_matrix_.index_ = np.asarray(model.row_index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.asarray(model.row_value, dtype=np.float64)
-    kinds = (highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous)
-    lp.integrality_ = [kinds[0] if flag else kinds[1] for flag in model.integer]
-    return lp
+    h.passModel(
+        model.n_cols,
+        model.n_rows,
+        len(model.row_index),
+        int(highspy.MatrixFormat.kRowwise),
+        int(highspy.ObjSense.kMaximize),
+        model.offset,
+        np.asarray(model.obj, dtype=np.float64),
+        np.zeros(model.n_cols),
+        np.ones(model.n_cols),
+        np.asarray(model.row_lower, dtype=np.float64),
+        np.asarray(model.row_upper, dtype=np.float64),
+        np.asarray(model.row_start[:-1], dtype=np.int32),
+        np.asarray(model.row_index, dtype=np.int32),
+        np.asarray(model.row_value, dtype=np.float64),
+        np.asarray(model.integer, dtype=np.int32),  # HighsVarType: 0 continuous, 1 integer
+    )
+
+
+def _run_highs(model: MatrixModel) -> Any:
+    """A Highs instance that ran `model` with `_HIGHS_OPTIONS`."""
+    import highspy
+
+    h = highspy.Highs()
+    for name, value in _HIGHS_OPTIONS.items():
+        h.setOptionValue(name, value)
+    _pass_model(h, model)
+    if h.run() == highspy.HighsStatus.kError:
+        # HiGHS's thread pool is global and refuses a run asking for another thread count than
+        # the pool was made with (e.g. after pulp's HiGHS ran in this process): remake it once.
+        highspy.Highs.resetGlobalScheduler(True)
+        h.run()
+    return h
 
 
 def solve_highs(model: MatrixModel) -> list[float]:
     """Column values from HiGHS in-process; PermanentError unless it proves an optimum."""
     import highspy
 
-    h = highspy.Highs()
-    for name, value in _HIGHS_OPTIONS.items():
-        h.setOptionValue(name, value)
-    h.passModel(_highs_lp(model))
-    h.run()
+    h = _run_highs(model)
     status = h.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:
         raise PermanentError(f"HiGHS stopped with {h.modelStatusToString(status)}")
