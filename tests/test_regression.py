@@ -89,7 +89,9 @@ def test_particle_filtering_beats_one_sample(outcomes: dict[str, list[Outcome]])
 @PRM_POINTS_THE_WRONG_WAY
 def test_rebase_is_not_below_best_of_n_with_a_majority_vote(outcomes: dict[str, list[Outcome]]) -> None:
     """Within noise: the interval of REBASE - BoN(majority) reaches 0 or above."""
-    diff, low, high = difference_interval(correctness(outcomes["rebase"]), correctness(outcomes["bon-majority"]))
+    diff, low, high = difference_interval(
+        correctness(outcomes["rebase"]), correctness(outcomes["bon-majority"])
+    )
     assert high >= 0, f"REBASE - BoN majority: {diff:+.3f} [{low:+.3f}, {high:+.3f}]; {_report(outcomes)}"
 
 
