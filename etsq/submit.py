@@ -10,7 +10,9 @@ submission leaves nothing behind.
 
 from __future__ import annotations
 
-import time
+import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,10 +273,29 @@ class RunWaiter:
             return Progress(*progress(s, self.run_id))
 
     def follow(self) -> Iterator[Progress]:
-        """The run's progress now, then every `interval_s` until every job is finished."""
-        current = self.poll()
-        yield current
-        while current.finished < current.total:
-            time.sleep(self.interval_s)
+        """The run's progress now, then every `interval_s` until every job is finished.
+
+        A Ctrl-C is taken between polls, never inside one: a KeyboardInterrupt raised within a
+        database call can leave the connection pool's lock held, and the exit then hangs on it."""
+        with _interrupt_between_polls() as interrupted:
             current = self.poll()
             yield current
+            while current.finished < current.total:
+                if interrupted.wait(self.interval_s):
+                    raise KeyboardInterrupt
+                current = self.poll()
+                yield current
+
+
+@contextlib.contextmanager
+def _interrupt_between_polls() -> Iterator[threading.Event]:
+    """An event that SIGINT sets, in place of the KeyboardInterrupt (main thread only)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
