@@ -276,7 +276,8 @@ class RunWaiter:
         """The run's progress now, then every `interval_s` until every job is finished.
 
         A Ctrl-C is taken between polls, never inside one: a KeyboardInterrupt raised within a
-        database call can leave the connection pool's lock held, and the exit then hangs on it."""
+        database call may leave the connection pool's lock held, and the exit would hang on it
+        (once in CI an interrupted --wait did not exit within 10 s)."""
         with _interrupt_between_polls() as interrupted:
             current = self.poll()
             yield current

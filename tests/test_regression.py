@@ -11,7 +11,7 @@ Two targets are not met by the shipped PRM and are marked strict xfail, so that 
 failures (and must be unmarked) the day a PRM meets them.  REBASE spends its width where the PRM
 points, and this PRM points the wrong way within a problem: the solution it scores highest of 16
 samples is right for 11 of 60 problems, a random one for 28, the policy's most likely one for 42.
-Its step AUC is 0.77 overall and 0.64 on first errors (see `etsq.testbed.train`).
+Its step AUC is 0.77 overall and 0.64 on first errors (README, "The testbed").
 """
 
 from __future__ import annotations
