@@ -171,7 +171,7 @@ def _run_spec(dataset: str, limit: int | None, opts: dict[str, Any]) -> Any:
     "--prm-family",
     type=click.Choice(sorted(PRM_FAMILIES)),
     default=None,
-    help="How the PRM is prompted and read [default: the PRM model's own (testbed-prm: math-shepherd), "
+    help="How the PRM is prompted and read [default: the PRM model's own (testbed-prm: likelihood), "
     "else judge].",
 )
 @click.option("--embedding-model", default=None, help="ETS clusters' sentence-embedding model.")

@@ -20,7 +20,7 @@ def testbed() -> None:
     Examples:
       etsq testbed build --json
       etsq submit arith --method rebase --width 16 --limit 20 --policy-model testbed \\
-          --prm-model testbed-prm --prm-family math-shepherd --wait
+          --prm-model testbed-prm --prm-family likelihood --wait
     """
 
 

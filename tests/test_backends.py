@@ -37,7 +37,7 @@ def test_a_backend_stores_what_it_stored_before(name: str) -> None:
 
 def test_the_default_local_models_are_the_testbed_pair_with_its_prm_family() -> None:
     assert ModelConfig.create("local").to_dict() == {
-        "backend": "local", "policy": "testbed", "prm": "testbed-prm", "prm_family": "math-shepherd",
+        "backend": "local", "policy": "testbed", "prm": "testbed-prm", "prm_family": "likelihood",
         "embedding": None,
     }  # fmt: skip
     # A family named on the command line wins; a named policy scores with itself, as before.

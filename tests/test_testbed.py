@@ -3,6 +3,7 @@ searched by etsq's own in-process backend."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_rebase_searches_an_arith_problem_with_the_shipped_models() -> None:
     from etsq.search.loop import Searcher
     from etsq.search.methods import get_method
 
-    policy, prm = load_local_models("testbed", "testbed-prm", Path("/nonexistent"), "math-shepherd")
+    policy, prm = load_local_models("testbed", "testbed-prm", Path("/nonexistent"), "likelihood")
     problem = load_dataset("arith", None)[0]
     assert policy.format_prompt(problem.question) == prompt(problem.question)
     cfg = SearchConfig(method="rebase", width=8, seed=0, max_step_tokens=16, max_depth=12)
@@ -185,24 +186,58 @@ def test_rebase_searches_an_arith_problem_with_the_shipped_models() -> None:
 
 
 def test_etsq_reads_the_shipped_prm_as_it_was_trained() -> None:
-    """etsq's math-shepherd rendering and label reading (LocalPRM) give, for each newest step, the
-    score the training code reads at that step's tag: the PRM is scored in the format it learned."""
+    """etsq's likelihood family (LocalLikelihoodPRM: the rendered text, the solution's tokens past
+    the prompt) gives, for each newest step, the score the training code computes for that step
+    from one pass over the whole solution: the PRM is read as it was trained and measured."""
     import random
 
     from etsq.models.base import ScoreRequest
     from etsq.models.registry import load_local_models
     from etsq.testbed.evaluate import load
-    from etsq.testbed.train import Labelled, corrupt, prm_step_scores
+    from etsq.testbed.train import Labelled, corrupt, likelihood_step_scores
 
-    _, prm = load_local_models("testbed", "testbed-prm", Path("/nonexistent"), "math-shepherd")
+    _, prm = load_local_models("testbed", "testbed-prm", Path("/nonexistent"), "likelihood")
     model, tokenizer = load(tb.testbed_paths(Path("/nonexistent")).prm)
     rng = random.Random(0)
     solutions = [
         (p, list(p.steps) if i % 2 else corrupt(p, rng)) for i, p in enumerate(arith.heldout_problems(10))
     ]
-    trained = prm_step_scores(
+    trained = likelihood_step_scores(
         model, tokenizer, [Labelled(p.question, s, arith.verify_steps(p, s)) for p, s in solutions]
     )
-    requests = [ScoreRequest(p.question, tuple(s[: k + 1])) for p, s in solutions for k in range(len(s))]
+    requests = [
+        ScoreRequest(p.question, tuple(step + arith.STEP_DELIMITER for step in s[: k + 1]))
+        for p, s in solutions
+        for k in range(len(s))
+    ]
     read = prm.score(requests)
     assert read == pytest.approx([score for row in trained for score in row], abs=2e-3)
+    # The score falls at a corrupted step and stays down: a wrong prefix is never scored as right.
+    flat = iter(read)
+    for p, s in solutions:
+        scores, labels = [next(flat) for _ in s], arith.verify_steps(p, s)
+        assert all(b <= a + 1e-5 for a, b in itertools.pairwise(scores))  # 1e-5: batch-size noise
+        if not all(labels):
+            first = labels.index(False)
+            assert max(scores[first:]) < min(scores[:first], default=1.0)
+
+
+def test_the_prm_is_taught_the_first_wrong_token_and_nothing_after_it() -> None:
+    from etsq.testbed.train import Labelled, prm_encode, step_ids
+
+    tokenizer = build_tokenizer()
+    problem = arith.parse_question("17+3-5+8")
+    assert problem is not None
+    wrong = ["17+3=20", "20-9=11", "11+8=19"]  # the operand of step 2 is not the question's
+    ids, likely, unlikely = prm_encode(
+        tokenizer, Labelled(problem.question, wrong, arith.verify_steps(problem, wrong))
+    )
+    head = len(tokenizer.encode(prompt(problem.question), add_special_tokens=False))
+    first = step_ids(tokenizer, wrong[0])
+    assert ids[head:] == [*first, *tokenizer.encode("20-9", add_special_tokens=False)]
+    assert likely[head:] == [*first, tokenizer.convert_tokens_to_ids("20"), -100]
+    assert unlikely[head:] == [-100] * (len(first) + 1) + [tokenizer.convert_tokens_to_ids("-9")]
+    right = list(problem.steps)
+    ids, likely, unlikely = prm_encode(tokenizer, Labelled(problem.question, right, [True] * 3))
+    assert ids[-1] == likely[-1] == tokenizer.eos_token_id and set(unlikely) == {-100}
+    assert likely[head:] == ids[head:]

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from etsq.models import openai_compat as oc
 from etsq.models.base import ExpandRequest, SamplingParams, ScoreRequest
-from etsq.models.local import LocalPRM, load_causal_lm
+from etsq.models.local import LocalLikelihoodPRM, LocalPRM, load_causal_lm
 from etsq.models.prm_families import QWEN_PRM_SEPARATOR, QWEN_PRM_SYSTEM
 from etsq.models.reward_head import load_reward_prm
 from etsq.store import schema as m
@@ -117,6 +117,19 @@ def test_the_prompt_logprob_path_scores_the_same_but_never_from_the_cache(served
     assert remote.score(SCORE_REQUESTS) == pytest.approx(expected, abs=2e-3)
     stats = remote.server_stats()
     assert stats["requests"] == 1 and stats["prompt_tokens"] > 0 and stats["cached_prompt_tokens"] == 0
+
+
+def test_likelihood_prm_reads_prompt_logprobs_like_the_in_process_prm(
+    served: oc.ServedModel, smollm2_dir: Path
+) -> None:
+    remote = oc.make_prm(served, "likelihood")
+    local = LocalLikelihoodPRM(load_causal_lm(str(smollm2_dir)), "likelihood")
+    assert isinstance(remote, oc.LikelihoodPRM) and remote.info.details["prm_api"] == oc.PROMPT_LOGPROBS
+    remote.server_stats()
+    scores = remote.score(SCORE_REQUESTS)
+    assert scores == pytest.approx(local.score(SCORE_REQUESTS), rel=2e-2)
+    assert all(0 < s < 1 for s in scores)
+    assert remote.server_stats()["requests"] == 1  # one batch
 
 
 def test_prm_requests_read_the_policys_cached_prefix(served: oc.ServedModel) -> None:

@@ -19,7 +19,7 @@ from etsq.search.methods import get_method
 from etsq.search.methods.base import Embedder
 from etsq.search.tree import Tree
 
-TESTBED_PRM_FAMILY = "math-shepherd"
+TESTBED_PRM_FAMILY = "likelihood"
 
 
 @dataclass(frozen=True)

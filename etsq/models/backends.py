@@ -40,7 +40,7 @@ PRM_APIS = ("logprob", "fork")  # SGLang: stock /generate logprobs, or the refer
 DEFAULT_POLICY = "testbed"
 DEFAULT_PRM: str | None = "testbed-prm"
 # The PRM family a named model is read with when a run names none (any other model: judge).
-MODEL_PRM_FAMILIES: dict[str, str] = {"testbed-prm": "math-shepherd"}
+MODEL_PRM_FAMILIES: dict[str, str] = {"testbed-prm": "likelihood"}
 
 _SERVED = ("backend", "policy_url", "prm_url", "policy", "prm", "prm_family", "prm_api", "embedding")
 

@@ -4,7 +4,8 @@ One `LoadedModel` (weights + tokenizer) can back both roles.  The policy samples
 `torch.Generator` seeded from the request's seed, so a request's samples do not depend on which other
 requests share its batch.  Steps stop at a text delimiter ("\\n\\n"), at EOS or at `max_step_tokens`.
 The PRM reads the next-token logits of two label tokens ("Yes"/"No" for an LM judge, "+"/"-" for
-Math-Shepherd) and returns p(good) from a 2-way softmax.
+Math-Shepherd) and returns p(good) from a 2-way softmax; a likelihood-family PRM
+(`LocalLikelihoodPRM`) reads its own log-probabilities of the solution's tokens instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import bisect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers import (
@@ -33,9 +34,11 @@ from etsq.models.base import ExpandRequest, ModelInfo, SamplingParams, ScoreRequ
 from etsq.models.prm_families import (
     PRM_FAMILIES,
     Family,
+    LikelihoodFamily,
     PRMFamily,
     get_family,
     judge_text,
+    likelihood_score,
     shepherd_text,
     token_family,
 )
@@ -303,15 +306,21 @@ def _context_decoder(
 # --------------------------------------------------------------------------- PRM
 
 
+Item = TypeVar("Item")
+
+
 def score_by_length(
-    texts: list[str], score_texts: Callable[[list[str]], list[float]], max_rows: int
+    items: list[Item],
+    score_items: Callable[[list[Item]], list[float]],
+    max_rows: int,
+    length: Callable[[Item], int],
 ) -> list[float]:
-    """Scores of `texts` in their order, computed in batches of at most `max_rows` similar lengths
+    """Scores of `items` in their order, computed in batches of at most `max_rows` similar lengths
     (scoring similar lengths together wastes less compute on padding)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    scores = [0.0] * len(texts)
+    order = sorted(range(len(items)), key=lambda i: length(items[i]))
+    scores = [0.0] * len(items)
     for chunk in chunks(order, lambda _: 1, max_rows):
-        for i, p in zip(chunk, score_texts([texts[i] for i in chunk]), strict=True):
+        for i, p in zip(chunk, score_items([items[i] for i in chunk]), strict=True):
             scores[i] = p
     return scores
 
@@ -350,7 +359,7 @@ class LocalPRM:
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.loaded.tokenizer, req) for req in requests]
-        return score_by_length(texts, self._score_texts, self.max_rows)
+        return score_by_length(texts, self._score_texts, self.max_rows, len)
 
     def _score_texts(self, texts: list[str]) -> list[float]:
         enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)
@@ -360,3 +369,53 @@ class LocalPRM:
             out = self.loaded.model(**enc, position_ids=positions, use_cache=False, logits_to_keep=1)
         pair = out.logits[:, -1, self.label_ids].float()
         return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0].tolist()]
+
+
+class LocalLikelihoodPRM:
+    """The `PRM` protocol for a likelihood family (`likelihood_score`) on an in-process causal LM."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        family: str | Family = "likelihood",
+        name: str | None = None,
+        max_rows: int = MAX_SCORE_ROWS,
+    ) -> None:
+        found = get_family(family)
+        if not isinstance(found, LikelihoodFamily):
+            raise ConfigError(f"PRM family {found.name!r} is not a likelihood family")
+        self.loaded, self.family, self.max_rows = loaded, found, max_rows
+        self.info = _info(name or loaded.path, loaded, role="prm", family=found.name)
+
+    def server_stats(self) -> dict[str, Any]:
+        return {}
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        rows = [self._encode(req) for req in requests]
+        return score_by_length(rows, self._score_rows, self.max_rows, lambda row: len(row[0]))
+
+    def _encode(self, req: ScoreRequest) -> tuple[list[int], int]:
+        """The text's token ids and how many of them (at the end) are the solution's."""
+        tokenizer, special = self.loaded.tokenizer, self.family.add_special_tokens
+        ids = tokenizer.encode(self.family.render(tokenizer, req), add_special_tokens=special)
+        head = tokenizer.encode(self.family.prompt(tokenizer, req), add_special_tokens=special)
+        return list(ids), max(1, len(ids) - len(head))
+
+    def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.loaded.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r, _ in rows], device=self.loaded.model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _ in rows], device=ids.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(n for _, n in rows) + 1  # rows end together: the last positions hold every solution
+        with torch.inference_mode():
+            out = self.loaded.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+        logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        taken = logprobs.gather(-1, ids[:, width - keep + 1 :, None])[..., 0]
+        return [likelihood_score(taken[i, taken.shape[1] - n :].tolist()) for i, (_, n) in enumerate(rows)]

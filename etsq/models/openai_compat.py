@@ -26,6 +26,11 @@ scored with prompt logprobs instead: the text's tokens + each label token, `echo
 exact, but a request that wants prompt logprobs skips the prefix cache (vLLM's
 `skip_reading_prefix_cache`).
 
+PRM, likelihood families (`likelihood`): the text's token ids (`/tokenize`), `echo` with
+`max_tokens: 0` and `logprobs: 0`, which returns `token_logprobs` for every prompt token; the
+solution's are the last ones (the text's tokens past its prompt's), read by `likelihood_score`.
+Prompt logprobs skip the prefix cache, so these texts are prefilled whole.
+
 PRM, reward-head families (Qwen2.5-Math-PRM): vLLM's pooling runner, `POST /pooling` with
 `task: token_classify` and `use_activation: false`.  With STEP pooling the server returns one row of
 label logits per step separator (`--pooler-config '{"step_tag_id": N}'`, which vLLM presets to
@@ -44,7 +49,14 @@ from etsq.errors import ModelError, PermanentError
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.models.config import ModelConfig
 from etsq.models.http import RetryConfig, client_for, gather_all
-from etsq.models.prm_families import Family, RewardHeadFamily, get_family, token_family
+from etsq.models.prm_families import (
+    Family,
+    LikelihoodFamily,
+    RewardHeadFamily,
+    get_family,
+    likelihood_score,
+    token_family,
+)
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import (
     RemotePolicy,
@@ -57,6 +69,7 @@ from etsq.models.remote import (
     ready,
     single_token,
     softmax_at,
+    solution_tokens,
     tokenize,
     two_way,
 )
@@ -71,7 +84,9 @@ def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
 
 
 @lru_cache(maxsize=8)
-def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[OpenAIPolicy, OpenAIPRM | PoolingPRM]:
+def _connect_pair(
+    cfg: ModelConfig, retry: RetryConfig
+) -> tuple[OpenAIPolicy, OpenAIPRM | PoolingPRM | LikelihoodPRM]:
     # Cached per process: a long-lived worker keeps one pooled client per server across jobs.
     assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
     policy = OpenAIPolicy(connect(cfg.policy_url, cfg.policy, retry))
@@ -174,9 +189,12 @@ NEXT_TOKEN, PROMPT_LOGPROBS, POOLING = "next-token", "prompt-logprobs", "pooling
 _TOKEN_ID = "token_id:"  # vLLM's key prefix with return_tokens_as_token_ids
 
 
-def make_prm(served: ServedModel, family: str | Family = "judge") -> OpenAIPRM | PoolingPRM:
-    """The PRM client for `family` on this server: label logprobs, or the pooling API for a reward head."""
+def make_prm(served: ServedModel, family: str | Family = "judge") -> OpenAIPRM | PoolingPRM | LikelihoodPRM:
+    """The PRM client for `family` on this server: label logprobs, the pooling API for a reward
+    head, or prompt logprobs for a likelihood family."""
     found = get_family(family)
+    if isinstance(found, LikelihoodFamily):
+        return LikelihoodPRM(served, found)
     if isinstance(found, RewardHeadFamily):
         return PoolingPRM(served, found)
     return OpenAIPRM(served, found)
@@ -350,3 +368,58 @@ class PoolingPRM(RemotePRM):
                 f"is {str(logits)[:100]}"
             )
         return softmax_at([float(x) for x in logits], self.family.good)
+
+
+class LikelihoodPRM(RemotePRM):
+    """A likelihood-family PRM on an OpenAI-compatible server: its prompt logprobs of the solution."""
+
+    health_path = "/v1/models"
+
+    def __init__(self, served: ServedModel, family: LikelihoodFamily) -> None:
+        super().__init__(served, "vllm")
+        self.family = family
+        self.info = served.info("prm", family=family.name, prm_api=PROMPT_LOGPROBS)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Refuse a server that cannot return prompt logprobs (ModelError, one line)."""
+        try:
+            self.score([ScoreRequest("1+1", ("2",))])
+        except PermanentError as exc:
+            raise ModelError(
+                f"{self.served.url} cannot score PRM family {self.family.name!r}: "
+                f"prompt logprobs (echo, max_tokens 0) failed ({exc})"
+            ) from exc
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        async def fan_out() -> list[float]:
+            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
+            results = await gather_all(*(self._scores(group) for group in batches(rows)))
+            return [score for group in results for score in group]
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        body = {
+            "model": self.served.model_id,
+            "prompt": [ids for ids, _ in rows],
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0.0,
+        }
+        out = await self.client.post_json("/v1/completions", body)
+        usage = out.get("usage") or {}
+        self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
+        choices = _choices(out, len(rows), self.served.url)
+        return [self._read(choice, n) for choice, (_, n) in zip(choices, rows, strict=True)]
+
+    def _read(self, choice: dict[str, Any], n: int) -> float:
+        values = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
+        tail = values[-n:]
+        if len(tail) != n or any(v is None for v in tail):
+            raise ModelError(
+                f"{self.served.url} returned no prompt logprobs for the solution's {n} tokens: "
+                f"{choice!r:.200}"
+            )
+        return likelihood_score([float(v) for v in tail])

@@ -16,11 +16,20 @@ gives two labels' logits at every step separator; score = softmax(logits)[good] 
 - `qwen-prm`: Qwen2.5-Math-PRM (`Qwen2ForProcessRewardModel`): Qwen's chat template with the system
   prompt "Please reason step by step, and put your final answer within \\boxed{}.", the steps as the
   assistant's answer joined by `<extra_0>` and ending with one; label 1 is "correct".
+
+Likelihood families (`LikelihoodFamily`) read no label: the PRM is a causal LM fine-tuned to find
+wrong tokens unlikely, and the score is its probability of the least likely solution token so far.
+- `likelihood`: the text is the policy's own prompt and steps, verbatim (the `judge` prefix, so a
+  server holding the policy's KV cache serves it); the solution tokens are those after the prompt;
+  score = exp(min over them of log p(token | the tokens before it)).  Taking the minimum over the
+  whole solution, not the newest step, makes the score fall at the first mistake and stay low, as
+  the verifier's labels do (a step after a wrong one is wrong).  The testbed's PRM is one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -139,7 +148,31 @@ class RewardHeadFamily:
     revision: int = 1
 
 
-Family = PRMFamily | RewardHeadFamily
+@dataclass(frozen=True)
+class LikelihoodFamily:
+    """A PRM read from its own log-probabilities of the solution's tokens (see `likelihood_score`)."""
+
+    name: str
+    prompt: Render  # the text before the solution: its tokens are not scored
+    add_special_tokens: bool = False
+    revision: int = 1
+
+    def render(self, tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -> str:
+        return self.prompt(tokenizer, req) + "".join(req.steps)
+
+
+def policy_prompt(tokenizer: PreTrainedTokenizerBase | None, req: ScoreRequest) -> str:
+    return format_question(tokenizer, req.question)
+
+
+def likelihood_score(logprobs: Sequence[float]) -> float:
+    """The probability of the least likely of the solution's tokens (their log-probabilities)."""
+    if not logprobs:
+        raise ValueError("a likelihood score needs at least one solution token")
+    return math.exp(min(logprobs))
+
+
+Family = PRMFamily | RewardHeadFamily | LikelihoodFamily
 
 PRM_FAMILIES: dict[str, Family] = {
     # Revision 2: the policy's own prompt and steps, then the question (1 restated the problem).
@@ -149,11 +182,12 @@ PRM_FAMILIES: dict[str, Family] = {
     ),
     "rlhflow": PRMFamily("rlhflow", "+", "-", rlhflow_text, add_special_tokens=False),
     "qwen-prm": RewardHeadFamily("qwen-prm", QWEN_PRM_SEPARATOR, qwen_prm_text),
+    "likelihood": LikelihoodFamily("likelihood", policy_prompt),
 }
 
 
 def get_family(family: str | Family) -> Family:
-    if isinstance(family, (PRMFamily, RewardHeadFamily)):
+    if isinstance(family, (PRMFamily, RewardHeadFamily, LikelihoodFamily)):
         return family
     if family not in PRM_FAMILIES:
         raise ConfigError(f"unknown PRM family {family!r}; known: {', '.join(sorted(PRM_FAMILIES))}")
@@ -165,8 +199,14 @@ def token_family(family: str | Family, backend: str) -> PRMFamily:
     found = get_family(family)
     if isinstance(found, RewardHeadFamily):
         raise ConfigError(f"PRM family {found.name!r} is a reward-head model, which {backend} cannot score")
+    if isinstance(found, LikelihoodFamily):
+        raise ConfigError(f"PRM family {found.name!r} reads token likelihoods, not label tokens")
     return found
 
 
 def is_reward_head(family: str | Family) -> bool:
     return isinstance(get_family(family), RewardHeadFamily)
+
+
+def is_likelihood(family: str | Family) -> bool:
+    return isinstance(get_family(family), LikelihoodFamily)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from etsq.errors import ModelError
 from etsq.models.base import PRM, Policy
 from etsq.models.config import ModelConfig
-from etsq.models.prm_families import is_reward_head
+from etsq.models.prm_families import is_likelihood, is_reward_head
 from etsq.models.smollm import ensure_smollm2
 from etsq.settings import Settings
 
@@ -78,7 +78,7 @@ def load_local_models(
     A reward-head PRM family (Qwen2.5-Math-PRM) loads its checkpoint as a body + label head
     (etsq.models.reward_head) instead of a causal LM.
     """
-    from etsq.models.local import LocalPolicy, LocalPRM
+    from etsq.models.local import LocalLikelihoodPRM, LocalPolicy, LocalPRM
 
     policy_model = load_model(resolve_model_path(policy_spec, home), threads)
     prm_path = resolve_model_path(prm_spec, home)
@@ -89,4 +89,7 @@ def load_local_models(
             prm_path, prm_family, prm_spec, threads
         )
     prm_model = load_model(prm_path, threads)
-    return LocalPolicy(policy_model, name=policy_spec), LocalPRM(prm_model, prm_family, name=prm_spec)
+    policy = LocalPolicy(policy_model, name=policy_spec)
+    if is_likelihood(prm_family):
+        return policy, LocalLikelihoodPRM(prm_model, prm_family, name=prm_spec)
+    return policy, LocalPRM(prm_model, prm_family, name=prm_spec)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from etsq.errors import ConfigError, ModelError, PermanentError, TransientError
-from etsq.models.base import PRM, ExpandRequest, ModelInfo, Policy, SamplingParams, StepSample
+from etsq.models.base import PRM, ExpandRequest, ModelInfo, Policy, SamplingParams, ScoreRequest, StepSample
 from etsq.models.http import ServerClient, gather_all
 from etsq.models.metrics import KVMonitor
-from etsq.models.prm_families import PRMFamily
+from etsq.models.prm_families import LikelihoodFamily, PRMFamily
 from etsq.models.prompts import format_question, has_chat_template
 
 if TYPE_CHECKING:
@@ -131,6 +131,18 @@ async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> 
     except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
         return local_tokens(served, text, add_special_tokens, exc)
     return [int(t) for t in out["tokens"]]
+
+
+async def solution_tokens(
+    served: ServedModel, family: LikelihoodFamily, req: ScoreRequest
+) -> tuple[list[int], int]:
+    """A likelihood family's text as token ids, and how many of them (at the end) are the solution's."""
+    template, special = served.template, family.add_special_tokens
+    ids, head = await gather_all(
+        tokenize(served, family.render(template, req), special),
+        tokenize(served, family.prompt(template, req), special),
+    )
+    return ids, max(1, len(ids) - len(head))
 
 
 def local_tokens(served: ServedModel, text: str, add_special_tokens: bool, exc: PermanentError) -> list[int]:

@@ -124,7 +124,7 @@ class LocalRewardPRM:
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         texts = [self.family.render(self.loaded.tokenizer, req) for req in requests]
-        return score_by_length(texts, self._score_texts, self.max_rows)
+        return score_by_length(texts, self._score_texts, self.max_rows, len)
 
     def _score_texts(self, texts: list[str]) -> list[float]:
         enc = encode_batch(self.loaded, texts, self.family.add_special_tokens)

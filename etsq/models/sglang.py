@@ -19,6 +19,11 @@ log-probabilities at the next position (`meta_info.output_token_ids_logprobs[0]`
 implementation's SGLang fork instead takes `sampling_params.forward_only` and `logits_require_id`
 and returns `scores` (one per step tag); `prm_api="fork"` speaks that.
 
+Likelihood-family PRMs: the text's token ids (`/tokenize`) as `input_ids`, `max_new_tokens` 0,
+`return_logprob` and a per-item `logprob_start_len` at the solution's first token, so
+`meta_info.input_token_logprobs` holds exactly the solution tokens' log-probabilities
+(`likelihood_score` reads them).
+
 Reward-head PRMs (Qwen2.5-Math-PRM) are refused: SGLang serves reward models as embedding models
 (`--is-embedding`, `/classify`, `/v1/embeddings`) that pool one value per sequence (LAST, CLS or
 MEAN pooling, e.g. the outcome RM `Qwen2ForRewardModel`); it has no per-token or per-step pooling and
@@ -34,7 +39,14 @@ from etsq.errors import ConfigError, ModelError, PermanentError
 from etsq.models.base import PRM, ExpandRequest, Policy, SamplingParams, ScoreRequest, StepSample, child_seed
 from etsq.models.config import PRM_APIS, ModelConfig
 from etsq.models.http import RetryConfig, client_for, gather_all
-from etsq.models.prm_families import Family, PRMFamily, RewardHeadFamily, get_family
+from etsq.models.prm_families import (
+    Family,
+    LikelihoodFamily,
+    PRMFamily,
+    RewardHeadFamily,
+    get_family,
+    likelihood_score,
+)
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
     RemotePolicy,
@@ -45,6 +57,7 @@ from etsq.models.remote import (
     delimited_step,
     label_token_ids,
     ready,
+    solution_tokens,
     two_way,
 )
 from etsq.settings import Settings
@@ -58,11 +71,16 @@ def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
 
 
 @lru_cache(maxsize=8)
-def _connect_pair(cfg: ModelConfig, retry: RetryConfig) -> tuple[SGLangPolicy, SGLangPRM]:
+def _connect_pair(
+    cfg: ModelConfig, retry: RetryConfig
+) -> tuple[SGLangPolicy, SGLangPRM | SGLangLikelihoodPRM]:
     # Cached per process: a long-lived worker keeps one pooled client per server across jobs.
     assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
     policy = SGLangPolicy(connect(cfg.policy_url, cfg.policy, retry))
-    return policy, SGLangPRM(connect(cfg.prm_url, cfg.prm, retry), cfg.prm_family, cfg.prm_api)
+    prm_served = connect(cfg.prm_url, cfg.prm, retry)
+    if isinstance(get_family(cfg.prm_family), LikelihoodFamily):
+        return policy, SGLangLikelihoodPRM(prm_served, cfg.prm_family, cfg.prm_api)
+    return policy, SGLangPRM(prm_served, cfg.prm_family, cfg.prm_api)
 
 
 def connect(url: str, tokenizer_spec: str | None = None, retry: RetryConfig | None = None) -> ServedModel:
@@ -103,6 +121,8 @@ def _token_family(family: str | Family, where: str) -> PRMFamily:
             "(--is-embedding) give one score per sequence, not one per step; use --backend openai "
             "with a vLLM pooling server, or --backend local"
         )
+    if isinstance(found, LikelihoodFamily):
+        raise ConfigError(f"{where}: PRM family {found.name!r} reads token likelihoods, not label tokens")
     return found
 
 
@@ -201,3 +221,62 @@ class SGLangPRM(RemotePRM):
                 f"{self.served.url} returned no scores for forward_only: is it the reference fork?"
             )
         return [float(scores[-1])]
+
+
+class SGLangLikelihoodPRM(RemotePRM):
+    """A likelihood-family PRM on an SGLang server: its input logprobs of the solution's tokens."""
+
+    health_path = "/health"
+
+    def __init__(
+        self, served: ServedModel, family: str | Family = "likelihood", api: str = "logprob"
+    ) -> None:
+        super().__init__(served, "sglang")
+        found = get_family(family)
+        if not isinstance(found, LikelihoodFamily):
+            raise ConfigError(f"PRM family {found.name!r} is not a likelihood family")
+        if api != "logprob":
+            raise ConfigError(f"SGLang PRM api {api!r} cannot read token likelihoods; use --prm-api logprob")
+        self.family = found
+        self.info = served.info("prm", family=found.name, prm_api=api)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Refuse a server that cannot return input logprobs (ModelError, one line)."""
+        try:
+            self.score([ScoreRequest("1+1", ("2",))])
+        except PermanentError as exc:
+            raise ModelError(
+                f"{self.served.url} cannot score PRM family {self.family.name!r}: "
+                f"input logprobs (return_logprob, logprob_start_len) failed ({exc})"
+            ) from exc
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        async def fan_out() -> list[float]:
+            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
+            results = await gather_all(*(self._scores(group) for group in batches(rows)))
+            return [score for group in results for score in group]
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        body = {
+            "input_ids": [ids for ids, _ in rows],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+            "return_logprob": True,
+            "logprob_start_len": [len(ids) - n for ids, n in rows],
+        }
+        out = await self.client.post_json("/generate", body)
+        items = _items(out, len(rows), self.served.url)
+        return [self._read(item, n) for item, (_, n) in zip(items, rows, strict=True)]
+
+    def _read(self, item: dict[str, Any], n: int) -> float:
+        meta = item["meta_info"]
+        self.monitor.add_usage(int(meta.get("prompt_tokens", 0)), meta.get("cached_tokens"))
+        values = [row[0] for row in meta.get("input_token_logprobs") or [] if row and row[0] is not None]
+        if len(values) < n:
+            raise ModelError(
+                f"{self.served.url} returned {len(values)} input logprobs for a {n}-token solution: "
+                f"{meta.get('input_token_logprobs')!r:.200}"
+            )
+        return likelihood_score([float(v) for v in values[-n:]])

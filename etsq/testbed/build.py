@@ -32,7 +32,7 @@ from etsq.testbed.train import DEFAULT, SMALL, TrainConfig
 POLICY_SPEC = "testbed"
 PRM_SPEC = "testbed-prm"
 SPECS = (POLICY_SPEC, PRM_SPEC)
-PRM_FAMILY = "math-shepherd"
+PRM_FAMILY = "likelihood"
 HASH_CHARS = 12
 SOURCE_MODULES = ("arith.py", "tokenizer.py", "train.py")  # the training code the hash covers
 MANIFEST = "build.json"

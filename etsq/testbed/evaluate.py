@@ -7,8 +7,9 @@ estimator 1 - C(n-c, k')/C(n, k') for every k' <= k.  A solution is correct when
 accepts all its steps and it has one step per operation (so its boxed answer is right).
 
 The PRM scores every step of the first `prm_samples` solutions per problem (held-out problems, the
-policy's own errors).  Two AUCs: over all steps, and over the steps whose earlier steps are all
-correct (the decision a search faces: is this new step the first mistake?).
+policy's own errors) as etsq's `likelihood` family reads it.  Two AUCs: over all steps, and over
+the steps whose earlier steps are all correct (the decision a search faces:
+is this new step the first mistake?).
 
 `python -m etsq.testbed.evaluate [--problems N] [--samples K] [--home DIR]` prints the figures as JSON.
 """
@@ -81,7 +82,7 @@ def load(path: Path) -> tuple[Any, Any]:
 def evaluate(
     paths: TestbedPaths, problems: int = 200, samples: int = 64, prm_samples: int = 4, seed: int = 0
 ) -> Figures:
-    from etsq.testbed.train import Labelled, prm_step_scores, sample_solutions
+    from etsq.testbed.train import Labelled, likelihood_step_scores, sample_solutions
 
     started = time.monotonic()
     policy, tokenizer = load(paths.policy)
@@ -97,7 +98,7 @@ def evaluate(
         for i, p in enumerate(test)
         for steps in solutions[i * samples : i * samples + min(prm_samples, samples)]
     ]
-    scores = prm_step_scores(prm, prm_tokenizer, labelled)
+    scores = likelihood_step_scores(prm, prm_tokenizer, labelled)
     flat = [
         (s, label, all(e.labels[:k]))
         for e, row in zip(labelled, scores, strict=True)
