@@ -28,6 +28,7 @@ class Outcome:
 
     correct: bool
     covered: bool
+    leaf_share: float  # of the tree's leaves, the share whose answer is right
     kv_after: int
     kv_before: int
     policy_calls: int
@@ -72,12 +73,19 @@ def search(bed: Testbed, problem: Problem, method: str, width: int, **params: An
     return tree, sum(r.kv_after for r in records), sum(r.kv_before for r in records)
 
 
+def leaf_share(tree: Tree, gold: str) -> float:
+    leaves = tree.leaves()
+    right = [i for i in leaves if tree.nodes[i].answer is not None and equivalent(gold, tree.nodes[i].answer)]
+    return len(right) / len(leaves) if leaves else 0.0
+
+
 def run_method(bed: Testbed, method: str, width: int, vote: str = "weighted", **params: Any) -> list[Outcome]:
     out = []
     for problem in bed.problems:
         tree, kv_after, kv_before = search(bed, problem, method, width, **params)
         correct, covered = grade(tree, problem.answer, vote=vote)
-        out.append(Outcome(correct, covered, kv_after, kv_before, len(tree.nodes) - 1))
+        share = leaf_share(tree, problem.answer)
+        out.append(Outcome(correct, covered, share, kv_after, kv_before, len(tree.nodes) - 1))
     return out
 
 
