@@ -124,6 +124,22 @@ def test_likelihood_prm_reads_the_solution_input_logprobs_like_the_in_process_pr
         sglang.SGLangPRM(served, "likelihood")
 
 
+def test_a_workers_concurrent_first_jobs_share_one_connection(sglang_server: HttpServiceHandle) -> None:
+    """A worker's first jobs arrive together; each used to connect (and load the server's tokenizer)
+    on its own, and transformers' lazy imports from several threads at once failed some of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sglang._connect_pair.cache_clear()
+    cfg = ModelConfig.create(
+        "sglang", policy_url=sglang_server.url, prm_url=sglang_server.url, prm_family="likelihood"
+    )
+    settings = Settings.from_env()
+    with ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(lambda _: sglang.load(cfg, settings), range(8)))
+    assert all(policy is pairs[0][0] and prm is pairs[0][1] for policy, prm in pairs)
+    assert isinstance(pairs[0][1], sglang.SGLangLikelihoodPRM)
+
+
 def test_reference_fork_mode_scores_like_stock_logprobs(
     sglang_server: HttpServiceHandle, tiny_model: Path, tmp_path: Path
 ) -> None:

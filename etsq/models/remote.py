@@ -10,6 +10,7 @@ module adds only its own request and response shapes.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,13 @@ class RemotePRM(RemoteRole):
 
     def _tokenize_label(self, label: str) -> list[int]:
         return self.client.call(tokenize(self.served, label, False))
+
+
+# Held while a backend connects a run's servers.  Its connection is cached per process, but the
+# cache lets concurrent first calls each connect, and a worker's first jobs arrive together: each
+# then loaded the server's tokenizer, and transformers' lazy imports, entered from several threads
+# at once, failed some of them ("cannot import name 'AutoTokenizer'"), 14 of 80 jobs in one sweep.
+CONNECTING = threading.Lock()
 
 
 def ready(policy: Policy, prm: PRM) -> tuple[Policy, PRM]:

@@ -49,6 +49,7 @@ from etsq.models.prm_families import (
 )
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
+    CONNECTING,
     RemotePolicy,
     RemotePRM,
     ServedModel,
@@ -67,7 +68,9 @@ BACKEND = "sglang"
 
 def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
     """The backend loader (see etsq.models.backends): the run's models, once both servers answer."""
-    return ready(*_connect_pair(cfg, RetryConfig.from_settings(settings)))
+    with CONNECTING:
+        pair = _connect_pair(cfg, RetryConfig.from_settings(settings))
+    return ready(*pair)
 
 
 @lru_cache(maxsize=8)
