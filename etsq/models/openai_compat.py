@@ -60,6 +60,7 @@ from etsq.models.prm_families import (
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import (
     CONNECTING,
+    RemoteLikelihoodPRM,
     RemotePolicy,
     RemotePRM,
     ServedModel,
@@ -70,7 +71,6 @@ from etsq.models.remote import (
     ready,
     single_token,
     softmax_at,
-    solution_tokens,
     tokenize,
     two_way,
 )
@@ -373,9 +373,10 @@ class PoolingPRM(RemotePRM):
         return softmax_at([float(x) for x in logits], self.family.good)
 
 
-class LikelihoodPRM(RemotePRM):
+class LikelihoodPRM(RemoteLikelihoodPRM):
     """A likelihood-family PRM on an OpenAI-compatible server: its prompt logprobs of the solution."""
 
+    api_description = "prompt logprobs (echo, max_tokens 0)"
     health_path = "/v1/models"
 
     def __init__(self, served: ServedModel, family: LikelihoodFamily) -> None:
@@ -383,24 +384,6 @@ class LikelihoodPRM(RemotePRM):
         self.family = family
         self.info = served.info("prm", family=family.name, prm_api=PROMPT_LOGPROBS)
         self._probe()
-
-    def _probe(self) -> None:
-        """Refuse a server that cannot return prompt logprobs (ModelError, one line)."""
-        try:
-            self.score([ScoreRequest("1+1", ("2",))])
-        except PermanentError as exc:
-            raise ModelError(
-                f"{self.served.url} cannot score PRM family {self.family.name!r}: "
-                f"prompt logprobs (echo, max_tokens 0) failed ({exc})"
-            ) from exc
-
-    def score(self, requests: list[ScoreRequest]) -> list[float]:
-        async def fan_out() -> list[float]:
-            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
-            results = await gather_all(*(self._scores(group) for group in batches(rows)))
-            return [score for group in results for score in group]
-
-        return self._run(fan_out)  # type: ignore[no-any-return]
 
     async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
         body = {

@@ -17,8 +17,9 @@ gives two labels' logits at every step separator; score = softmax(logits)[good] 
   prompt "Please reason step by step, and put your final answer within \\boxed{}.", the steps as the
   assistant's answer joined by `<extra_0>` and ending with one; label 1 is "correct".
 
-Likelihood families (`LikelihoodFamily`) read no label: the PRM is a causal LM fine-tuned to find
-wrong tokens unlikely, and the score is its probability of the least likely solution token so far.
+Likelihood families (`LikelihoodFamily`) read no label: the PRM is a causal LM (the policy itself,
+or one fine-tuned to find wrong tokens unlikely, as the testbed's is), and the score is its
+probability of the least likely solution token so far.
 - `likelihood`: the text is the policy's own prompt and steps, verbatim (the `judge` prefix, so a
   server holding the policy's KV cache serves it); the solution tokens are those after the prompt;
   score = exp(min over them of log p(token | the tokens before it)).  Taking the minimum over the

@@ -116,6 +116,35 @@ class RemotePRM(RemoteRole):
         return self.client.call(tokenize(self.served, label, False))
 
 
+class RemoteLikelihoodPRM(RemotePRM):
+    """A likelihood-family PRM on a server: the solution tokens' log-probabilities, read by
+    `likelihood_score`; each backend sends a batch of (token ids, solution length) in `_scores`."""
+
+    family: LikelihoodFamily
+    api_description = ""  # what `_scores` asks the server for, named when the probe fails
+
+    def _probe(self) -> None:
+        """Refuse a server that cannot return these log-probabilities (ModelError, one line)."""
+        try:
+            self.score([ScoreRequest("1+1", ("2",))])
+        except PermanentError as exc:
+            raise ModelError(
+                f"{self.served.url} cannot score PRM family {self.family.name!r}: "
+                f"{self.api_description} failed ({exc})"
+            ) from exc
+
+    def score(self, requests: list[ScoreRequest]) -> list[float]:
+        async def fan_out() -> list[float]:
+            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
+            results = await gather_all(*(self._scores(group) for group in batches(rows)))
+            return [score for group in results for score in group]
+
+        return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        raise NotImplementedError
+
+
 # Held while a backend connects a run's servers.  Its connection is cached per process, but the
 # cache lets concurrent first calls each connect, and a worker's first jobs arrive together: each
 # then loaded the server's tokenizer, and transformers' lazy imports, entered from several threads

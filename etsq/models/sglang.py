@@ -50,6 +50,7 @@ from etsq.models.prm_families import (
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
     CONNECTING,
+    RemoteLikelihoodPRM,
     RemotePolicy,
     RemotePRM,
     ServedModel,
@@ -58,7 +59,6 @@ from etsq.models.remote import (
     delimited_step,
     label_token_ids,
     ready,
-    solution_tokens,
     two_way,
 )
 from etsq.settings import Settings
@@ -226,9 +226,10 @@ class SGLangPRM(RemotePRM):
         return [float(scores[-1])]
 
 
-class SGLangLikelihoodPRM(RemotePRM):
+class SGLangLikelihoodPRM(RemoteLikelihoodPRM):
     """A likelihood-family PRM on an SGLang server: its input logprobs of the solution's tokens."""
 
+    api_description = "input logprobs (return_logprob, logprob_start_len)"
     health_path = "/health"
 
     def __init__(
@@ -243,24 +244,6 @@ class SGLangLikelihoodPRM(RemotePRM):
         self.family = found
         self.info = served.info("prm", family=found.name, prm_api=api)
         self._probe()
-
-    def _probe(self) -> None:
-        """Refuse a server that cannot return input logprobs (ModelError, one line)."""
-        try:
-            self.score([ScoreRequest("1+1", ("2",))])
-        except PermanentError as exc:
-            raise ModelError(
-                f"{self.served.url} cannot score PRM family {self.family.name!r}: "
-                f"input logprobs (return_logprob, logprob_start_len) failed ({exc})"
-            ) from exc
-
-    def score(self, requests: list[ScoreRequest]) -> list[float]:
-        async def fan_out() -> list[float]:
-            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
-            results = await gather_all(*(self._scores(group) for group in batches(rows)))
-            return [score for group in results for score in group]
-
-        return self._run(fan_out)  # type: ignore[no-any-return]
 
     async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
         body = {
