@@ -213,6 +213,22 @@ def label_logprobs(choice: dict[str, Any]) -> dict[int, float]:
     }
 
 
+async def echo_choices(prm: RemotePRM, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """One prompt-logprob request (`echo`, `max_tokens: 0`): a choice per prompt, usage recorded."""
+    body = {
+        "model": prm.served.model_id,
+        "prompt": prompts,
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 0,
+        "temperature": 0.0,
+    }
+    out = await prm.client.post_json("/v1/completions", body)
+    usage = out.get("usage") or {}
+    prm.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
+    return _choices(out, len(prompts), prm.served.url)
+
+
 class OpenAIPRM(RemotePRM):
     """The `PRM` protocol on an OpenAI-compatible server: the label tokens' next-token log-probabilities."""
 
@@ -284,18 +300,7 @@ class OpenAIPRM(RemotePRM):
 
     async def _logprobs(self, prompts: list[list[int]]) -> list[float]:
         """log p(last token | the tokens before it) of each prompt."""
-        body = {
-            "model": self.served.model_id,
-            "prompt": prompts,
-            "max_tokens": 0,
-            "echo": True,
-            "logprobs": 0,
-            "temperature": 0.0,
-        }
-        out = await self.client.post_json("/v1/completions", body)
-        usage = out.get("usage") or {}
-        self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
-        return [self._last_logprob(c) for c in _choices(out, len(prompts), self.served.url)]
+        return [self._last_logprob(c) for c in await echo_choices(self, prompts)]
 
     def _last_logprob(self, choice: dict[str, Any]) -> float:
         values = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
@@ -386,18 +391,7 @@ class LikelihoodPRM(RemoteLikelihoodPRM):
         self._probe()
 
     async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
-        body = {
-            "model": self.served.model_id,
-            "prompt": [ids for ids, _ in rows],
-            "max_tokens": 0,
-            "echo": True,
-            "logprobs": 0,
-            "temperature": 0.0,
-        }
-        out = await self.client.post_json("/v1/completions", body)
-        usage = out.get("usage") or {}
-        self.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
-        choices = _choices(out, len(rows), self.served.url)
+        choices = await echo_choices(self, [ids for ids, _ in rows])
         return [self._read(choice, n) for choice, (_, n) in zip(choices, rows, strict=True)]
 
     def _read(self, choice: dict[str, Any], n: int) -> float:
