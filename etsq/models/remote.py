@@ -123,6 +123,12 @@ class RemoteLikelihoodPRM(RemotePRM):
     family: LikelihoodFamily
     api_description = ""  # what `_scores` asks the server for, named when the probe fails
 
+    def __init__(self, served: ServedModel, flavour: str) -> None:
+        super().__init__(served, flavour)
+        # Prompt token counts by prompt text: every node of a problem shares its prompt, so each
+        # text costs one /tokenize instead of two.
+        self._prompt_lengths: dict[str, int] = {}
+
     def _probe(self) -> None:
         """Refuse a server that cannot return these log-probabilities (ModelError, one line)."""
         try:
@@ -135,11 +141,23 @@ class RemoteLikelihoodPRM(RemotePRM):
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         async def fan_out() -> list[float]:
-            rows = await gather_all(*(solution_tokens(self.served, self.family, req) for req in requests))
+            rows = await gather_all(*(self._solution_tokens(req) for req in requests))
             results = await gather_all(*(self._scores(group) for group in batches(rows)))
             return [score for group in results for score in group]
 
         return self._run(fan_out)  # type: ignore[no-any-return]
+
+    async def _solution_tokens(self, req: ScoreRequest) -> tuple[list[int], int]:
+        """The family's text as token ids, and how many of them (at the end) are the solution's."""
+        special = self.family.add_special_tokens
+        prompt = self.family.prompt(self.served.template, req)
+        ids = await tokenize(self.served, self.family.render(self.served.template, req), special)
+        lengths = self._prompt_lengths
+        if prompt not in lengths:
+            if len(lengths) >= 4096:  # a long-lived worker: forget finished problems' prompts
+                lengths.clear()
+            lengths[prompt] = len(await tokenize(self.served, prompt, special))
+        return ids, max(1, len(ids) - lengths[prompt])
 
     async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
         raise NotImplementedError
@@ -168,18 +186,6 @@ async def tokenize(served: ServedModel, text: str, add_special_tokens: bool) -> 
     except PermanentError as exc:  # an older or stricter server: the local tokenizer, if there is one
         return local_tokens(served, text, add_special_tokens, exc)
     return [int(t) for t in out["tokens"]]
-
-
-async def solution_tokens(
-    served: ServedModel, family: LikelihoodFamily, req: ScoreRequest
-) -> tuple[list[int], int]:
-    """A likelihood family's text as token ids, and how many of them (at the end) are the solution's."""
-    template, special = served.template, family.add_special_tokens
-    ids, head = await gather_all(
-        tokenize(served, family.render(template, req), special),
-        tokenize(served, family.prompt(template, req), special),
-    )
-    return ids, max(1, len(ids) - len(head))
 
 
 def local_tokens(served: ServedModel, text: str, add_special_tokens: bool, exc: PermanentError) -> list[int]:
