@@ -66,10 +66,9 @@ from etsq.store.session import Store  # noqa: E402
 from etsq.store.trees import DepthWriter  # noqa: E402
 from etsq.submit import prepare  # noqa: E402
 from etsq.testbed.build import PRM_FAMILY, testbed_paths  # noqa: E402
-from tests.model_servers import vllm_argv, vllm_python  # noqa: E402
+from tests.model_servers import testbed_vllm_argv  # noqa: E402
 from tests.services import HttpServiceHandle, start_http_service  # noqa: E402
 
-MAX_MODEL_LEN = "256"  # the testbed models' max_position_embeddings
 COMPLETIONS = "/v1/completions"
 
 # Which job and which model call a request belongs to: contextvars reach the HTTP loop's tasks
@@ -83,9 +82,7 @@ _CALL: contextvars.ContextVar[int] = contextvars.ContextVar("call", default=-1)
 
 
 def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
-    argv = vllm_argv(vllm_python(), model, kv_cache_bytes=256 << 20)
-    argv[argv.index("--max-model-len") + 1] = MAX_MODEL_LEN
-    # Dev mode: /reset_prefix_cache, so each phase starts from an empty prefix cache.
+    argv = testbed_vllm_argv(model)
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "VLLM_SERVER_DEV_MODE": "1"}
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 

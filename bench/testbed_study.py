@@ -27,11 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from etsq.testbed.build import PRM_FAMILY, testbed_paths  # noqa: E402
-from tests.model_servers import vllm_argv, vllm_python  # noqa: E402
+from tests.model_servers import testbed_vllm_argv  # noqa: E402
 from tests.services import HttpServiceHandle, start_http_service  # noqa: E402
 
 METHODS = ("bon", "beam", "dvts", "rebase", "ets", "particle")
-MAX_MODEL_LEN = "256"  # the testbed models' max_position_embeddings
 
 
 def etsq(env: dict[str, str], *args: str) -> str:
@@ -44,8 +43,7 @@ def etsq(env: dict[str, str], *args: str) -> str:
 
 
 def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
-    argv = vllm_argv(vllm_python(), model, kv_cache_bytes=256 << 20)
-    argv[argv.index("--max-model-len") + 1] = MAX_MODEL_LEN
+    argv = testbed_vllm_argv(model)
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 
@@ -74,8 +72,14 @@ def sweep_file(
     return path
 
 
-def wait_for_runs(env: dict[str, str], deadline: float) -> list[dict[str, Any]]:
+def wait_for_runs(
+    env: dict[str, str], deadline: float, servers: list[HttpServiceHandle]
+) -> list[dict[str, Any]]:
     while True:
+        dead = [s for s in servers if s.process.poll() is not None]
+        if dead:  # the jobs would retry until the deadline
+            tail = dead[0].log.read_text(errors="replace").splitlines()[-20:]
+            raise SystemExit(f"{dead[0].name} exited; the end of its log:\n" + "\n".join(tail))
         rows = json.loads(etsq(env, "status", "--json"))
         if rows and all(r["status"] in ("done", "failed", "cancelled") for r in rows):
             return rows
@@ -125,7 +129,7 @@ def main() -> None:
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
             searched = time.monotonic()
-            wait_for_runs(env, searched + args.timeout_min * 60)
+            wait_for_runs(env, searched + args.timeout_min * 60, [policy, prm])
             print(f"searched in {time.monotonic() - searched:.0f} s", flush=True)
             (args.out / "study.json").write_text(etsq(env, "study", "--json"))
             results = json.loads(etsq(env, "aggregate", "--json"))

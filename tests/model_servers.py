@@ -61,6 +61,23 @@ def vllm_argv(python: Path, model: Path, kv_cache_bytes: int = KV_CACHE_BYTES) -
     ]  # fmt: skip
 
 
+TESTBED_MAX_MODEL_LEN = 256  # the testbed models' max_position_embeddings
+TESTBED_MAX_SEQS = 256
+
+
+def testbed_vllm_argv(model: Path) -> list[str]:
+    """A vLLM CPU server for a testbed model under load (the benches).
+
+    Its step token budget holds every sequence's whole prompt: after a partial (chunked) prefill
+    vLLM rewinds a seeded request's generator, which the CPU build cannot do ("RuntimeError: CPU
+    Generator does not use offset" killed the policy server of a testbed study at concurrency 16).
+    """
+    argv = vllm_argv(vllm_python(), model, kv_cache_bytes=256 << 20)
+    argv[argv.index("--max-model-len") + 1] = str(TESTBED_MAX_MODEL_LEN)
+    budget = TESTBED_MAX_SEQS * TESTBED_MAX_MODEL_LEN
+    return [*argv, "--max-num-seqs", str(TESTBED_MAX_SEQS), "--max-num-batched-tokens", str(budget)]
+
+
 def start_vllm(model: Path, tmpdir: Path) -> HttpServiceHandle:
     """A vLLM OpenAI-compatible server on SmolLM2 (a converted directory) on a free port."""
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
