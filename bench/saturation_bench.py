@@ -83,6 +83,7 @@ _CALL: contextvars.ContextVar[int] = contextvars.ContextVar("call", default=-1)
 
 def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
     argv = testbed_vllm_argv(model)
+    # Dev mode: /reset_prefix_cache, so each phase starts from an empty prefix cache.
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "VLLM_SERVER_DEV_MODE": "1"}
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 

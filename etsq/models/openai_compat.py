@@ -59,7 +59,6 @@ from etsq.models.prm_families import (
 )
 from etsq.models.prompts import has_chat_template, template_tokenizer
 from etsq.models.remote import (
-    CONNECTING,
     RemoteLikelihoodPRM,
     RemotePolicy,
     RemotePRM,
@@ -68,7 +67,7 @@ from etsq.models.remote import (
     batches,
     delimited_step,
     label_token_ids,
-    ready,
+    load_connected,
     single_token,
     softmax_at,
     tokenize,
@@ -81,9 +80,7 @@ BACKEND = "openai"
 
 def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
     """The backend loader (see etsq.models.backends): the run's models, once both servers answer."""
-    with CONNECTING:
-        pair = _connect_pair(cfg, RetryConfig.from_settings(settings))
-    return ready(*pair)
+    return load_connected(_connect_pair, cfg, settings)
 
 
 @lru_cache(maxsize=8)

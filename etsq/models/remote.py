@@ -17,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from etsq.errors import ConfigError, ModelError, PermanentError, TransientError
 from etsq.models.base import PRM, ExpandRequest, ModelInfo, Policy, SamplingParams, ScoreRequest, StepSample
-from etsq.models.http import ServerClient, gather_all
+from etsq.models.http import RetryConfig, ServerClient, gather_all
 from etsq.models.metrics import KVMonitor
 from etsq.models.prm_families import LikelihoodFamily, PRMFamily
 from etsq.models.prompts import format_question, has_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from etsq.models.config import ModelConfig
+    from etsq.settings import Settings
 
 MAX_BATCH = 64  # prompts per request: bounds request size and the server's batch
 
@@ -167,7 +170,18 @@ class RemoteLikelihoodPRM(RemotePRM):
 # cache lets concurrent first calls each connect, and a worker's first jobs arrive together: each
 # then loaded the server's tokenizer, and transformers' lazy imports, entered from several threads
 # at once, failed some of them ("cannot import name 'AutoTokenizer'"), 14 of 80 jobs in one sweep.
-CONNECTING = threading.Lock()
+_CONNECTING = threading.Lock()
+
+
+def load_connected(
+    connect_pair: Callable[[ModelConfig, RetryConfig], tuple[Policy, PRM]],
+    cfg: ModelConfig,
+    settings: Settings,
+) -> tuple[Policy, PRM]:
+    """A backend's loader: its (cached) `connect_pair`, called one at a time, once both servers answer."""
+    with _CONNECTING:
+        pair = connect_pair(cfg, RetryConfig.from_settings(settings))
+    return ready(*pair)
 
 
 def ready(policy: Policy, prm: PRM) -> tuple[Policy, PRM]:

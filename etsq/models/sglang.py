@@ -45,11 +45,12 @@ from etsq.models.prm_families import (
     PRMFamily,
     RewardHeadFamily,
     get_family,
+    is_likelihood,
     likelihood_score,
+    token_family,
 )
 from etsq.models.prompts import template_tokenizer
 from etsq.models.remote import (
-    CONNECTING,
     RemoteLikelihoodPRM,
     RemotePolicy,
     RemotePRM,
@@ -58,7 +59,7 @@ from etsq.models.remote import (
     batches,
     delimited_step,
     label_token_ids,
-    ready,
+    load_connected,
     two_way,
 )
 from etsq.settings import Settings
@@ -68,9 +69,7 @@ BACKEND = "sglang"
 
 def load(cfg: ModelConfig, settings: Settings) -> tuple[Policy, PRM]:
     """The backend loader (see etsq.models.backends): the run's models, once both servers answer."""
-    with CONNECTING:
-        pair = _connect_pair(cfg, RetryConfig.from_settings(settings))
-    return ready(*pair)
+    return load_connected(_connect_pair, cfg, settings)
 
 
 @lru_cache(maxsize=8)
@@ -81,7 +80,7 @@ def _connect_pair(
     assert cfg.policy_url and cfg.prm_url, "load_models resolves the URLs"
     policy = SGLangPolicy(connect(cfg.policy_url, cfg.policy, retry))
     prm_served = connect(cfg.prm_url, cfg.prm, retry)
-    if isinstance(get_family(cfg.prm_family), LikelihoodFamily):
+    if is_likelihood(cfg.prm_family):
         return policy, SGLangLikelihoodPRM(prm_served, cfg.prm_family, cfg.prm_api)
     return policy, SGLangPRM(prm_served, cfg.prm_family, cfg.prm_api)
 
@@ -124,9 +123,7 @@ def _token_family(family: str | Family, where: str) -> PRMFamily:
             "(--is-embedding) give one score per sequence, not one per step; use --backend openai "
             "with a vLLM pooling server, or --backend local"
         )
-    if isinstance(found, LikelihoodFamily):
-        raise ConfigError(f"{where}: PRM family {found.name!r} reads token likelihoods, not label tokens")
-    return found
+    return token_family(found, "SGLang's /generate")
 
 
 def _items(out: Any, expected: int, where: str) -> list[dict[str, Any]]:
