@@ -367,7 +367,7 @@ def test_resume_sends_messages_only_for_jobs_without_one(
 def test_enqueue_publishes_the_message_send_task_builds(
     env: dict[str, str], redis_server: RedisHandle
 ) -> None:
-    """The pipelined publish sends, field for field, Celery's own protocol-2 message (ids aside)."""
+    """enqueue sends, field for field, the message Celery's own send_task leaves in Redis (ids aside)."""
     from etsq.queue.app import create_app
     from etsq.queue.messages import TASK_NAME, enqueue
     from etsq.settings import Settings
@@ -378,6 +378,8 @@ def test_enqueue_publishes_the_message_send_task_builds(
     enqueue(app, [(41, queue)])
     with redis_server.client() as client:
         ours, celerys = (json.loads(raw) for raw in client.lrange(queue, 0, -1))  # LPUSH: newest first
+    assert ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    assert ours["properties"]["delivery_tag"] != ours["headers"]["id"]
     for message in (ours, celerys):
         for key in ("id", "root_id"):
             message["headers"].pop(key)
@@ -407,16 +409,16 @@ def test_a_resubmitted_sweep_sends_each_missing_job_once(
     assert [r["jobs_enqueued"] for r in cli_json("sweep", str(sweep), env=env)] == [0, 0, 0, 0]
 
 
-def test_pipelined_publish_delivers_every_job_once_to_a_real_worker(
+def test_batched_publish_delivers_every_job_once_to_a_real_worker(
     tmp_path: Path, env: dict[str, str], redis_server: RedisHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Jobs sent through several pipeline flushes each reach a real Celery worker exactly once."""
+    """Jobs sent by several LPUSHes each reach a real Celery worker exactly once."""
     import os
     import subprocess
     import sys
     import time
 
-    monkeypatch.setattr("etsq.queue.messages.PUBLISH_BATCH", 7)  # 30 jobs: five flushes
+    monkeypatch.setattr("etsq.queue.messages.PUBLISH_BATCH", 7)  # 30 jobs: five LPUSHes
     run = _submit(env, "gsm8k", "--limit", "30")
     ids = _queued(redis_server, env)
     assert len(ids) == len(set(ids)) == 30

@@ -210,25 +210,6 @@ def test_other_kombu_and_redis_errors_are_bugs(exc: Exception) -> None:
     assert not broker_fault(exc)
 
 
-def _batch_error(cause: Exception) -> Exception:
-    """What a failed pipelined publish raises: kombu's BatchPublishError from the pipeline's fault."""
-    try:
-        raise kombu.exceptions.BatchPublishError(
-            "Redis publish batch failed; delivery is uncertain"
-        ) from cause
-    except kombu.exceptions.BatchPublishError as exc:
-        return exc
-
-
-def test_a_pipelined_publish_fault_is_judged_by_its_cause() -> None:
-    assert broker_fault(_batch_error(redis.ConnectionError("Error 111 connecting. Connection refused.")))
-    assert broker_fault(
-        _batch_error(redis.ResponseError("Command # 1 (LPUSH q x) of pipeline caused error: OOM"))
-    )
-    assert not broker_fault(_batch_error(redis.ResponseError("WRONGTYPE Operation against a key")))
-    assert not broker_fault(kombu.exceptions.BatchPublishError("no cause"))
-
-
 def test_a_closed_broker_port_is_unavailable_and_a_wrong_key_type_is_a_bug(redis_server: RedisHandle) -> None:
     with pytest.raises(BrokerUnavailable, match="cannot read the queue"):
         waiting_job_ids(f"redis://127.0.0.1:{free_local_port()}/0", ["etsq"])
@@ -241,8 +222,8 @@ def test_a_closed_broker_port_is_unavailable_and_a_wrong_key_type_is_a_bug(redis
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (kombu.exceptions.OperationalError("Error 111 connecting: Connection refused."), 2),
-        (kombu.exceptions.EncodeError("Object of type set is not JSON serializable"), 1),
+        (redis.ConnectionError("Error 111 connecting: Connection refused."), 2),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), 1),
     ],
     ids=["broker fault", "bug"],
 )
@@ -252,7 +233,7 @@ def test_an_enqueue_that_fails_leaves_no_run(
     def fail(*_: object, **__: object) -> None:
         raise exc
 
-    monkeypatch.setattr("kombu.messaging.Producer.publish", fail)  # what every message goes through
+    monkeypatch.setattr("redis.Redis.lpush", fail)  # what every message goes through
     env = {
         "ETSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'etsq.store'}",
         "ETSQ_BROKER_URL": redis_server.url,

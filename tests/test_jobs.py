@@ -21,6 +21,7 @@ from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
 from etsq.store.jobs import LeaseLost, claim_job
 from etsq.store.runs import export_jobs, statuses
 from etsq.store.session import Store, get_engine, session_scope
+from etsq.store.statuses import JobStatus
 from etsq.store.trees import DepthWriter, load_tree
 from tests.helpers import store_run, tiny_config
 from tests.wiretrips import WireTrips
@@ -280,6 +281,40 @@ def test_a_depth_commit_is_at_most_three_round_trips_on_postgres(pg_url: str, ti
     assert [[getattr(n, f) for f in fields] for n in stored[0].nodes] == [
         [getattr(n, f) for f in fields] for n in tree.nodes
     ]
+
+
+def test_a_runs_jobs_are_stored_in_bulk_as_the_orm_stores_a_job(db_url: str) -> None:
+    """The bulk insert (one unnest statement on PostgreSQL) writes the defaults `m.Job` declares,
+    one job per problem in order, round-robin over the queues."""
+    from etsq.store.bulk import insert_jobs
+
+    with session_scope(db_url) as s:
+        problems = [m.Problem(dataset="t", problem_id=str(i), question=f"q{i}", answer="1") for i in range(5)]
+        run = m.Run(
+            dataset="t",
+            method="bon",
+            width=1,
+            seed=0,
+            config={},
+            config_hash="h",
+            versions={},
+            policy_model="p",
+            prm_model="r",
+        )
+        s.add_all([*problems, run])
+        s.flush()
+        ids = [p.id for p in problems]
+        s.add(m.Job(run_id=run.id, problem_id=ids[0], queue="a"))  # the ORM's defaults, for comparison
+        s.flush()
+        insert_jobs(s.connection(), run.id, ids[1:], ["a", "b", "a", "b"])
+    with session_scope(db_url) as s:
+        jobs = list(s.scalars(select(m.Job).order_by(m.Job.id)))
+        assert [(j.problem_id, j.queue) for j in jobs] == list(zip(ids, "aabab", strict=True))
+        columns = ("status", "attempts", "depth", "lease_gen", "lease", "error", "worker", "search_s")
+        first = [getattr(jobs[0], c) for c in columns]
+        assert first == [JobStatus.QUEUED, 0, 0, 0, None, None, None, None]
+        assert all([getattr(j, c) for c in columns] == first for j in jobs)
+        assert all(j.created_at is not None and j.started_at is None for j in jobs)
 
 
 def test_bulk_node_writes_return_ids_in_row_order(db_url: str, tiny_model: Path) -> None:

@@ -147,14 +147,11 @@ def broker_fault(exc: BaseException) -> bool:
     No: anything else from kombu or redis (an encoding error, a wrong command or key type), which is
     etsq's bug and keeps its traceback.
     """
-    from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
     from kombu.exceptions import ConnectionError as KombuConnectionError
     from kombu.exceptions import OperationalError as KombuOperationalError
 
     if isinstance(exc, (KombuConnectionError, KombuOperationalError)):
         return True
-    if isinstance(exc, BatchPublishError):  # a pipelined publish: the fault is its cause
-        return exc.__cause__ is not None and broker_fault(exc.__cause__)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)):
         return True  # ConnectionError includes authentication, busy loading and max clients
     if isinstance(

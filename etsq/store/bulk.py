@@ -1,10 +1,13 @@
-"""Bulk writes of one depth's nodes: one statement per kind of write, whatever the width.
+"""Bulk writes of one depth's nodes, and of a new run's jobs: one statement per kind of write,
+whatever the width or the number of problems.
 
 PostgreSQL: each column travels as one array (psycopg's binary format, `%b`: no text escaping) and
 `unnest` turns the arrays back into rows, so the statement text is the same at every width (psycopg
 prepares it once per connection) and a depth's 256 nodes are one round trip.
 `INSERT ... RETURNING id, path` gives the new ids, matched back by path since RETURNING promises no
-order.  The frontier's kept flags are one `UPDATE ... FROM unnest(...)`.
+order.  The frontier's kept flags are one `UPDATE ... FROM unnest(...)`, a run's jobs one
+`INSERT ... SELECT ... FROM unnest(...)` (psycopg's executemany sends one INSERT per row, pipelined:
+3 of the 4.5 s that storing a 40-run sweep over MATH500 took).
 SQLite runs in-process, where executemany costs no round trips; new ids are assigned from the
 table's largest id, which is safe because the caller's transaction already holds SQLite's single
 write lock (see `insert_nodes`).
@@ -18,6 +21,7 @@ from typing import NamedTuple
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from etsq.store import schema as m
+from etsq.store.statuses import JobStatus
 
 
 class NodeRow(NamedTuple):
@@ -63,7 +67,16 @@ _PG_MARK = (
 )
 
 
+# A new job: queued, never attempted, no depth committed (the ORM defaults `m.Job` declares).
+_PG_JOBS = (
+    "INSERT INTO jobs (run_id, problem_id, queue, status, attempts, depth, created_at) "
+    "SELECT %b::int, v.problem_id, v.queue, %b::text, 0, 0, %b::timestamptz "
+    "FROM unnest(%b::int[], %b::text[]) AS v(problem_id, queue)"
+)
+
+
 _NODES = m.Base.metadata.tables["nodes"]
+_JOBS = m.Base.metadata.tables["jobs"]
 _SQLITE_MARK = (
     update(_NODES)
     .where(_NODES.c.id == bindparam("b_id"))
@@ -107,3 +120,15 @@ def mark_nodes(conn: Connection, marks: Sequence[Mark]) -> None:
         _SQLITE_MARK,
         [{"b_id": k.id, "b_kept": k.kept, "b_n": k.n_children, "b_cluster": k.cluster} for k in marks],
     )
+
+
+def insert_jobs(conn: Connection, run_id: int, problem_ids: Sequence[int], queues: Sequence[str]) -> None:
+    """A new run's queued jobs, one per problem, the i-th sent to `queues[i]`, in one statement."""
+    if not problem_ids:
+        return
+    if _postgres(conn):
+        args = (run_id, JobStatus.QUEUED.value, m.utcnow(), list(problem_ids), list(queues))
+        conn.exec_driver_sql(_PG_JOBS, args)
+        return
+    rows = [{"run_id": run_id, "problem_id": p, "queue": q} for p, q in zip(problem_ids, queues, strict=True)]
+    conn.execute(insert(_JOBS), rows)  # the other columns take the ORM's defaults

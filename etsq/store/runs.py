@@ -21,6 +21,7 @@ from etsq.models.config import ModelConfig
 from etsq.search.config import SearchConfig
 from etsq.search.methods import get_method, stored_models, stored_search
 from etsq.settings import Settings
+from etsq.store import bulk
 from etsq.store import schema as m
 from etsq.store.jobs import close_run_if_done, finish_values, job_seconds
 from etsq.store.labels import run_backend, run_label
@@ -119,8 +120,7 @@ def load_problems(settings: Settings, spec: RunSpec, loaded: dict[str, Dataset] 
     return cache[spec.dataset].head(spec.limit)
 
 
-# Core tables: a sweep's thousands of rows go in as one executemany each, without ORM objects.
-_JOBS = m.Base.metadata.tables["jobs"]
+# A dataset's problems go in as one executemany, without ORM objects (a run's jobs: bulk.insert_jobs).
 _PROBLEMS = m.Base.metadata.tables["problems"]
 
 # What a submission is told when a problem's id is stored with another question or answer.
@@ -232,11 +232,8 @@ def _stored_problems(s: Session, namespace: str) -> dict[str, tuple[int, str, st
 def insert_jobs(s: Session, run_id: int, problem_ids: list[int], queues: list[str]) -> None:
     """One queued job per problem, in one statement.  Round-robin over the queues with live workers
     keeps every GPU's servers busy."""
-    rows = [
-        {"run_id": run_id, "problem_id": pid, "queue": queues[i % len(queues)]}
-        for i, pid in enumerate(problem_ids)
-    ]
-    s.execute(insert(_JOBS), rows)  # the other columns take their defaults: queued, no attempt yet
+    spread = [queues[i % len(queues)] for i in range(len(problem_ids))]
+    bulk.insert_jobs(s.connection(), run_id, problem_ids, spread)
 
 
 def run_row(config: dict[str, Any], dataset: str, method: str, width: int, seed: int) -> m.Run:
