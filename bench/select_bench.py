@@ -13,6 +13,11 @@ program and the clustering. The real embedding cost is measured separately with 
 sentence-transformers model on 256 short step texts. The ILP backends (highspy matrix API vs
 pulp with HiGHS or CBC, reduced vs literal formulation) are compared on the same programs.
 
+The "reference" rows time the reference's select as the spec describes it (`bench/spec_reference.py`:
+pulp + CBC, scipy's clustering) beside etsq's, on the same frontiers, calls alternating.
+The process keeps freed memory as `etsq worker` does (`etsq.procs.keep_freed_memory`);
+--glibc-defaults leaves malloc as it is.
+
     python bench/select_bench.py [--widths 16 64 256 1024] [--repeats 20] [--json out.json]
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from etsq.procs import keep_freed_memory
 from etsq.search import ilp
 from etsq.search.config import SearchConfig
 from etsq.search.methods import METHODS, SelectContext
@@ -133,6 +140,58 @@ def bench_methods(widths: Sequence[int], repeats: int, trees: int) -> dict[str, 
     return out
 
 
+def _reference_call(
+    tree: Tree, frontier: list[int], emb: FakeEmbedder, cfg: SearchConfig
+) -> Callable[[], tuple[list[int], list[bool]]]:
+    from bench import spec_reference
+
+    def call() -> tuple[list[int], list[bool]]:
+        vectors = emb.embed([tree.nodes[i].text for i in frontier])
+        return spec_reference.select(
+            tree, frontier, len(frontier), vectors, temperature=cfg.softmax_temp,
+            threshold=cfg.cluster_threshold, lambda_b=cfg.lambda_b, lambda_s=cfg.effective_lambda_s,
+        )  # fmt: skip
+
+    return call
+
+
+def _objective_gap(w: int, seed: int, ours: list[int], reference_kept: list[bool]) -> float:
+    """The program's objective at etsq's kept set minus at the reference's (0: both optimal)."""
+    problem = _problem(w, seed)
+    etsq_kept = [i in set(ours) for i in range(problem.n_frontier)]
+    return ilp.objective_value(problem, etsq_kept) - ilp.objective_value(problem, reference_kept)
+
+
+def bench_reference(widths: Sequence[int], repeats: int, trees: int) -> dict[int, dict[str, Any]]:
+    """etsq's ETS select against the reference's (`bench/spec_reference.py`), on the same frontiers
+    and embeddings, calls alternating: p50s, their ratio, the frontiers whose counts differ, and the
+    largest objective gap between the two kept sets (a tie between optimal sets gaps 0)."""
+    out: dict[int, dict[str, Any]] = {}
+    for w in widths:
+        cfg = SearchConfig(width=w)
+        ours: list[float] = []
+        theirs: list[float] = []
+        differ, gaps = 0, []
+        for seed in range(trees):
+            tree, frontier, emb = synthetic_tree(w, seed)
+            ctx = SelectContext(embedder=emb)
+            etsq_call = partial(METHODS["ets"].select, tree, frontier, len(frontier), cfg, ctx)
+            ref_call = _reference_call(tree, frontier, emb, cfg)
+            selection = etsq_call()
+            ref_counts, ref_kept = ref_call()
+            differ += [selection.counts[i] for i in frontier] != ref_counts
+            positions = {idx: p for p, idx in enumerate(frontier)}
+            gaps.append(_objective_gap(w, seed, [positions[i] for i in selection.info["ilp_kept"]], ref_kept))
+            for _ in range(max(2, repeats // (4 if w >= 1024 else 1))):
+                ours += _timed(etsq_call, 1)
+                theirs += _timed(ref_call, 1)
+        etsq_p50, ref_p50 = _stats(ours)["p50"], _stats(theirs)["p50"]
+        out[w] = {"etsq": _stats(ours), "reference": _stats(theirs), "speedup": ref_p50 / etsq_p50,
+                  "frontiers": trees, "counts_differ": differ,
+                  "objective_gap_max": max(gaps, key=abs)}  # fmt: skip
+    return out
+
+
 def _problem(width: int, seed: int, spread: bool = False) -> ilp.EtsProblem:
     tree, frontier, emb = synthetic_tree(width, seed, spread)
     cfg = SearchConfig(width=width)
@@ -201,17 +260,36 @@ def _print_table(title: str, table: dict[str, dict[int, dict[str, Any]]], widths
         print(f"{name:24}{cells}")
 
 
+def _print_reference(table: dict[int, dict[str, Any]]) -> None:
+    print("\nETS select, etsq against the reference (ms, p50)")
+    for w, row in table.items():
+        print(
+            f"W={w:<6} etsq {row['etsq']['p50']:9.2f}  reference {row['reference']['p50']:9.2f}  "
+            f"speedup {row['speedup']:6.1f}x  counts differ on {row['counts_differ']}/{row['frontiers']} "
+            f"(objective gap {row['objective_gap_max']:+.1e})"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per tree")
     parser.add_argument("--trees", type=int, default=3, help="synthetic trees per width")
+    parser.add_argument(
+        "--glibc-defaults", action="store_true", help="leave malloc as it is (a worker keeps freed memory)"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference select")
     parser.add_argument("--no-backends", action="store_true", help="skip the ILP backend comparison")
     parser.add_argument("--no-embedding", action="store_true", help="skip the sentence-transformers timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"methods": bench_methods(args.widths, args.repeats, args.trees)}
+    kept = not args.glibc_defaults and keep_freed_memory()  # what `etsq worker` does at start
+    result: dict[str, Any] = {"load": list(os.getloadavg()), "worker_malloc": kept}
+    result["methods"] = bench_methods(args.widths, args.repeats, args.trees)
     _print_table("select time per method", result["methods"], args.widths)
+    if not args.no_reference:
+        result["reference"] = bench_reference(args.widths, args.repeats, args.trees)
+        _print_reference(result["reference"])
     if not args.no_backends:
         result["backends"] = bench_backends(args.widths, args.repeats)
         _print_table("ETS program: formulation/backend", result["backends"], args.widths)

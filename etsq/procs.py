@@ -7,7 +7,8 @@ local worker and the result writers share.
 - a file lock (an exclusive `flock`) with a timeout;
 - atomic writes: a file is written beside its target and renamed into place, so a reader never sees
   a half-written file and a failed write leaves the old one (or none);
-- the last line of a log, for the one-line error of a server that would not start.
+- the last line of a log, for the one-line error of a server that would not start;
+- this process's heap: glibc's malloc asked to keep freed memory for reuse (`keep_freed_memory`).
 
 Nothing here knows etsq's errors beyond `LockBusy`: callers turn an `OSError` into their own message.
 """
@@ -15,6 +16,7 @@ Nothing here knows etsq's errors beyond `LockBusy`: callers turn an `OSError` in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -289,3 +291,33 @@ def atomic_write_text(path: Path, text: str | Iterable[str], fsync: bool = False
 def atomic_write_json(path: Path, data: Any, fsync: bool = False) -> None:
     """Write `data` as indented JSON with a final newline to `path` atomically."""
     atomic_write_text(path, json.dumps(data, indent=2) + "\n", fsync=fsync)
+
+
+# --------------------------------------------------------------------------- the heap
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+TRIM_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse; False where malloc is not glibc's.
+
+    Each ETS select allocates and frees ~10 MB of arrays at W = 1024 (the embeddings, their unit
+    rows, the Gram matrix, its mask). With glibc's defaults the freed top of the heap goes back to
+    the kernel and the next select faults it in again page by page: ~1,900 minor faults per select,
+    6 of its 26 ms on this VM (3.5 us a fault). With a trim threshold of 256 MiB and arrays up to
+    32 MiB taken from the heap instead of mappings of their own, the pages stay mapped and are
+    reused (0 faults; `bench/select_bench.py`). The cost: a worker may hold up to 256 MiB it no
+    longer uses. `etsq worker` calls it at start.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )

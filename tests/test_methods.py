@@ -623,3 +623,37 @@ def test_sentence_embedder_hands_a_failed_batch_to_every_waiting_caller() -> Non
     results = _embed_in_threads(emb, {"a": ["x"], "b": ["bb"], "c": ["ccc"]})
     assert isinstance(results["b"], RuntimeError) and results["c"] is results["b"]
     assert [row[0] for row in results["a"]] == [1.0]
+
+
+_FAULT_PROBE = """
+import resource, sys
+import numpy as np
+from etsq.procs import keep_freed_memory
+from etsq.search.clusters import cluster_embeddings
+kept = sys.argv[1] == "keep" and keep_freed_memory()
+rng = np.random.default_rng(0)
+def once():
+    cluster_embeddings(rng.normal(size=(1024, 384)), 0.05)  # a fresh embedding array, as per depth
+once()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    once()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def test_a_worker_keeps_freed_memory_so_each_select_reuses_its_pages() -> None:
+    """W=1024's clustering faults its ~10 MB of arrays in again at every call with glibc's defaults,
+    and not once the worker's malloc setting (`etsq worker` sets it) keeps freed memory."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> tuple[str, float]:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULT_PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], float(out[1])
+
+    kept, with_setting = faults("keep")
+    _, with_defaults = faults("default")
+    assert kept == "True" and with_setting < 50 and with_defaults > 500, (with_setting, with_defaults)

@@ -16,6 +16,7 @@ from etsq import validation
 from etsq.errors import ConfigError
 from etsq.models.backends import REMOTE_BACKENDS, check_servers, remote_choices
 from etsq.models.config import ModelConfig
+from etsq.procs import keep_freed_memory
 from etsq.queue.connection import connect
 from etsq.settings import Settings
 from etsq.store.session import Store
@@ -100,6 +101,7 @@ def serve(settings: Settings, store: Store, opts: WorkerOptions, report: Callabl
     from etsq.queue import execute  # noqa: F401  # the search, loaded before the first job
 
     store.ensure_schema()
+    keep_freed_memory()  # selects reuse their arrays' pages instead of faulting them in each depth
     bound = worker_settings(settings, opts, report)
     if opts.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu  # read by CUDA itself, in this process
