@@ -10,6 +10,11 @@ Starts one vLLM CPU server on the testbed policy and one on its PRM (or reuses `
    problem's requests depth by depth (one depth's requests at once, as the search fans them out),
    policy and PRM each on their own, with no search logic between: no select, no commit, no
    waiting for the other server.  Same bodies, same seeds, so the same generated lengths.
+3. ceiling in order: the same requests, each problem's model calls in the order the search made
+   them (a depth's scoring waits for its generation, the next depth for both), K problems at a
+   time: what the search would take if select, commit and every other etsq step took no time.
+   Its ratio (ceiling-in-order seconds / search seconds) is etsq's own share of the gap; the rest
+   is the method's: one problem cannot score before it generates.
 
 The prefix cache is emptied before each phase (`/reset_prefix_cache`, vLLM's dev mode, which the
 servers started here turn on), so neither phase reads what the other left.
@@ -56,6 +61,7 @@ from etsq.models import openai_compat as oc  # noqa: E402
 from etsq.models.backends import load_models  # noqa: E402
 from etsq.models.config import ModelConfig  # noqa: E402
 from etsq.models.http import ServerClient  # noqa: E402
+from etsq.models.remote import RemoteLikelihoodPRM  # noqa: E402
 from etsq.queue import execute  # noqa: E402
 from etsq.search import loop  # noqa: E402
 from etsq.search.config import SearchConfig  # noqa: E402
@@ -291,6 +297,7 @@ def recording(rec: Recorder) -> Iterator[None]:
         _wrap(ServerClient, "post_json", _post(rec)),
         _wrap(oc.OpenAIPolicy, "expand", _model_call(rec, "generation")),
         _wrap(oc.OpenAIPRM, "score", _model_call(rec, "scoring")),
+        _wrap(RemoteLikelihoodPRM, "score", _model_call(rec, "scoring")),  # the testbed PRM's family
         _wrap(loop.Searcher, "_select", _timed(rec, "select")),
         _wrap(loop.Searcher, "step", _step),
         _wrap(DepthWriter, "__call__", _commit(rec)),
@@ -361,53 +368,107 @@ class Replayed:
     requests: int = 0
 
 
-async def _replay_server(
-    url: str, plan: list[list[list[dict[str, Any]]]], concurrency: int, out: Replayed
+class _Replay:
+    """One pooled client per server; each request's server-reported tokens counted per role."""
+
+    def __init__(self, urls: dict[str, str]) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        self.role = {url: role for role, url in urls.items()}
+        self.clients = {
+            url: httpx.AsyncClient(base_url=url, timeout=600, limits=limits) for url in urls.values()
+        }
+        self.done = {role: Replayed() for role in urls}
+
+    async def one(self, url: str, body: dict[str, Any]) -> None:
+        for attempt in range(3):  # a dropped keep-alive connection, as the search's client retries
+            try:
+                response = await self.clients[url].post(COMPLETIONS, json=body)
+                break
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+        response.raise_for_status()
+        usage = response.json().get("usage") or {}
+        out = self.done[self.role[url]]
+        out.prompt_tokens += int(usage.get("prompt_tokens", 0))
+        out.completion_tokens += int(usage.get("completion_tokens", 0))
+        out.requests += 1
+
+    async def call(self, url: str, bodies: list[dict[str, Any]]) -> None:
+        await asyncio.gather(*(self.one(url, b) for b in bodies))
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+async def _lanes(
+    plan: list[list[tuple[str, list[dict[str, Any]]]]], concurrency: int, replay: _Replay
 ) -> None:
     """`concurrency` problems at a time, each problem's calls in order, a call's requests at once."""
     todo = list(reversed(plan))
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-        async def one(body: dict[str, Any]) -> None:
-            for attempt in range(3):  # a dropped keep-alive connection, as the search's client retries
-                try:
-                    response = await client.post(COMPLETIONS, json=body)
-                    break
-                except httpx.TransportError:
-                    if attempt == 2:
-                        raise
-            response.raise_for_status()
-            usage = response.json().get("usage") or {}
-            out.prompt_tokens += int(usage.get("prompt_tokens", 0))
-            out.completion_tokens += int(usage.get("completion_tokens", 0))
-            out.requests += 1
+    async def lane() -> None:
+        while todo:
+            for url, bodies in todo.pop():
+                await replay.call(url, bodies)
 
-        async def lane() -> None:
-            while todo:
-                for call in todo.pop():
-                    await asyncio.gather(*(one(b) for b in call))
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
 
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+def ordered_plan(sent: list[Sent]) -> list[list[tuple[str, list[dict[str, Any]]]]]:
+    """Per job, every model call in the order the search made it (generation, then its scoring, depth
+    after depth), each with its server and the bodies of its requests."""
+    calls: dict[int, dict[int, list[Sent]]] = defaultdict(lambda: defaultdict(list))
+    for s in sent:
+        calls[s.job][s.call].append(s)
+    return [
+        [
+            (reqs[0].server, [r.body for r in sorted(reqs, key=lambda r: r.start)])
+            for _, reqs in sorted(per.items())
+        ]
+        for _, per in sorted(calls.items())
+    ]
+
+
+def _replayed(
+    urls: dict[str, str], run: Callable[[_Replay], Any]
+) -> tuple[dict[str, Replayed], float, float]:
+    async def go() -> dict[str, Replayed]:
+        replay = _Replay(urls)
+        try:
+            await run(replay)
+        finally:
+            await replay.close()
+        return replay.done
+
+    start = time.perf_counter()
+    done = asyncio.run(go())
+    return done, start, time.perf_counter()
 
 
 def ceiling(
     urls: dict[str, str], sent: list[Sent], concurrency: int
 ) -> tuple[dict[str, Replayed], float, float]:
     """Both servers replayed at once, each on its own: {role: tokens}, (start, end)."""
-    done = {role: Replayed() for role in urls}
 
-    async def both() -> None:
-        await asyncio.gather(
+    def both(replay: _Replay) -> Any:
+        return asyncio.gather(
             *(
-                _replay_server(url, replay_plan(sent, url), concurrency, done[role])
-                for role, url in urls.items()
+                _lanes([[(url, call) for call in job] for job in replay_plan(sent, url)], concurrency, replay)
+                for url in urls.values()
             )
         )
 
-    start = time.perf_counter()
-    asyncio.run(both())
-    return done, start, time.perf_counter()
+    return _replayed(urls, both)
+
+
+def ceiling_in_order(
+    urls: dict[str, str], sent: list[Sent], concurrency: int
+) -> tuple[dict[str, Replayed], float, float]:
+    """Each problem's calls replayed in the search's order (a depth's scoring after its generation):
+    the ceiling of a search whose select, commit and bookkeeping took no time."""
+    return _replayed(urls, lambda replay: _lanes(ordered_plan(sent), concurrency, replay))
 
 
 # --------------------------------------------------------------------------- one cell
@@ -467,7 +528,10 @@ def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int
         for url in urls.values():
             reset_prefix_cache(url)
         done, c0, c1 = ceiling(urls, rec.sent, k)
-    search_s, ceiling_s = s1 - s0, c1 - c0
+        for url in urls.values():
+            reset_prefix_cache(url)
+        ordered, o0, o1 = ceiling_in_order(urls, rec.sent, k)
+    search_s, ceiling_s, ordered_s = s1 - s0, c1 - c0, o1 - o0
     gen = tokens_of(rec.sent, urls["policy"], "completion_tokens") / search_s
     scored = tokens_of(rec.sent, urls["prm"], "prompt_tokens") / search_s
     gen_ceiling = done["policy"].completion_tokens / ceiling_s
@@ -486,12 +550,20 @@ def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int
         "scored_tok_s": scored,
         "scored_ceiling_tok_s": scored_ceiling,
         "scored_ratio": scored / scored_ceiling if scored_ceiling else None,
+        "in_order": {
+            "ceiling_s": ordered_s,
+            "gen_ceiling_tok_s": ordered["policy"].completion_tokens / ordered_s,
+            "scored_ceiling_tok_s": ordered["prm"].prompt_tokens / ordered_s,
+            "ratio": ordered_s / search_s,
+        },
         "busy": {
             "search": {"policy": pol.busy_share(s0, s1), "prm": prm.busy_share(s0, s1)},
             "ceiling": {"policy": pol.busy_share(c0, c1), "prm": prm.busy_share(c0, c1)},
+            "in_order": {"policy": pol.busy_share(o0, o1), "prm": prm.busy_share(o0, o1)},
         },
         "timeline": timeline(rec.phases, rec.sent),
         "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
+        "in_order_tokens": {role: asdict(r) for role, r in ordered.items()},
         "uptime_before": before,
         "uptime_after": load_average(),
     }  # fmt: skip
@@ -507,7 +579,8 @@ def _pct(x: float | None) -> str:
 def print_table(cells: list[dict[str, Any]]) -> None:
     head = (
         f"{'method':<7} {'K':>3} {'search s':>8} {'ceil s':>7} {'gen t/s':>8} {'ceil':>7} {'ratio':>6} "
-        f"{'score t/s':>9} {'ceil':>7} {'ratio':>6} {'pol busy':>8} {'prm busy':>8} {'ceil busy p/r':>13}"
+        f"{'score t/s':>9} {'ceil':>7} {'ratio':>6} {'pol busy':>8} {'prm busy':>8} {'ceil busy p/r':>13} "
+        f"{'in-order s':>10} {'ratio':>6}"
     )
     print(head)
     for c in cells:
@@ -517,7 +590,8 @@ def print_table(cells: list[dict[str, Any]]) -> None:
             f"{c['gen_tok_s']:>8.0f} {c['gen_ceiling_tok_s']:>7.0f} {_pct(c['gen_ratio']):>6} "
             f"{c['scored_tok_s']:>9.0f} {c['scored_ceiling_tok_s']:>7.0f} {_pct(c['scored_ratio']):>6} "
             f"{_pct(b['search']['policy']):>8} {_pct(b['search']['prm']):>8} "
-            f"{_pct(b['ceiling']['policy']) + '/' + _pct(b['ceiling']['prm']):>13}"
+            f"{_pct(b['ceiling']['policy']) + '/' + _pct(b['ceiling']['prm']):>13} "
+            f"{c['in_order']['ceiling_s']:>10.1f} {_pct(c['in_order']['ratio']):>6}"
         )
     print("\ntimeline of a depth (mean ms over every depth of every job):")
     for c in cells:
@@ -586,7 +660,8 @@ def main() -> None:
                 for k in args.concurrency:
                     cells.append(run_cell(args, urls, method, k))
                     print(f"  {method} K={k}: {cells[-1]['search_s']:.1f} s search, "
-                          f"{cells[-1]['ceiling_s']:.1f} s ceiling", flush=True)  # fmt: skip
+                          f"{cells[-1]['ceiling_s']:.1f} s ceiling, "
+                          f"{cells[-1]['in_order']['ceiling_s']:.1f} s in order", flush=True)  # fmt: skip
         finally:
             for handle in handles:
                 handle.stop()

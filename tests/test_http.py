@@ -213,6 +213,38 @@ class _SlowMetrics:
         return 'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
 
 
+class _NumberedMetrics(_SlowMetrics):
+    """Each /metrics answer (1 s late) reports its scrape's number / 10 as the KV usage."""
+
+    async def get_text(self, path: str, attempts: int | None = None) -> str:
+        self.started.append(time.perf_counter())
+        number = len(self.started)
+        await asyncio.sleep(1.0)
+        return f'vllm:kv_cache_usage_perc{{engine="0"}} {number / 10}\n'
+
+
+def test_take_does_not_wait_for_the_sample_after_a_call_and_the_next_depth_counts_it() -> None:
+    """Between a depth's scoring and its commit, take() waits for no /metrics round trip once the
+    server has been sampled: the depth reports what it has, and the late sample the next depth."""
+    from etsq.models.metrics import KVMonitor
+
+    server = _NumberedMetrics()
+    monitor = KVMonitor(server, "vllm", interval_s=10.0)  # type: ignore[arg-type]
+
+    async def depths() -> tuple[float, list[dict[str, Any]]]:
+        first = await monitor.take()  # nothing sampled yet: scrape 1, waited for
+        start = time.perf_counter()
+        await monitor.watch(asyncio.sleep(0.05))  # the poller's scrape (2) is cut off; 3 goes after
+        second = await monitor.take()
+        took = time.perf_counter() - start
+        await asyncio.sleep(1.5)  # scrape 3 lands
+        return took, [first, second, await monitor.take()]
+
+    took, (first, second, third) = asyncio.run(depths())
+    assert took < 0.6  # not the 1 s of the sample after the call
+    assert (first["kv_usage"], second["kv_usage"], third["kv_usage"]) == (0.1, 0.1, 0.3)
+
+
 def test_the_kv_monitor_holds_no_call_up_and_polls_once_per_server() -> None:
     """Sixteen calls of 0.1 s in flight at once: none waits for a /metrics scrape, one poller
     samples for all of them (a worker searching 16 problems must not scrape 16 times as often),

@@ -19,9 +19,13 @@ The figures of concurrent jobs sharing one server client mix; with the default s
 process runs one job at a time.
 
 Sampling stays off the search's path: the first sample of a call goes out with its requests, not
-before them, and the one after it is awaited by `take()` only (by then it has usually landed); one
-poller serves every call in flight on a server, so a worker searching K problems at once does not
-scrape the server K times as often (each /metrics scrape costs the server's API process CPU).
+before them, and the one after it is not waited for: `take()` (between a depth's scoring and its
+commit) counts it if it has landed, else the next depth does.  Waiting for it put a /metrics round
+trip on every depth's path, 70-170 ms at 4-16 problems at once on a loaded server
+(bench/saturation_bench.py), for counters whose increase the next depth then reports.  Only a
+server's very first figures wait for its samples in flight.  One poller serves every call in flight
+on a server, so a worker searching K problems at once does not scrape the server K times as often
+(each /metrics scrape costs the server's API process CPU).
 """
 
 from __future__ import annotations
@@ -239,11 +243,13 @@ class KVMonitor:
             depth.cached_tokens = (depth.cached_tokens or 0) + cached_tokens
 
     async def take(self) -> dict[str, Any]:
-        """The figures since the last take(), and a fresh start; a depth without requests gets one sample."""
-        if self._pending:  # the samples after the depth's calls belong to it
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        """The figures since the last take(), and a fresh start; a depth without samples of its own
+        gets the newest one.  The sample after a call is not waited for once the server has been
+        sampled at all: it counts for the depth if it has landed, else for the next one."""
         if self._depth.first is None and self._last is not None:
-            self._depth.see(self._last)  # no request since: the newest sample stands for the depth
+            self._depth.see(self._last)  # no sample since: the newest one stands for the depth
+        elif self._depth.first is None and self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
         elif self._depth.first is None:
             await self.scrape()
         depth, self._depth = self._depth, _Depth()
