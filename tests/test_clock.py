@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from etsq.search.tree import Tree
 from etsq.store import schema as m
@@ -77,3 +78,25 @@ def test_a_commit_under_a_superseded_generation_is_fenced(db_url: str, tiny_mode
     with session_scope(db_url) as s:
         job = s.get_one(m.Job, job_id)
         assert (job.depth, job.lease_gen, job.worker) == (1, 2, "box1")
+
+
+def test_the_janitor_closes_a_run_whose_last_jobs_finished_at_once(db_url: str, tiny_model: Path) -> None:
+    """Two jobs finishing together each see the other open and leave the run open; a janitor's
+    sweep closes it at its last job's finish time, and leaves runs with an open job alone."""
+    from sqlalchemy import update
+
+    from etsq.queue.janitor import Janitor
+    from etsq.settings import Settings
+    from etsq.store.jobs import finish_values
+    from etsq.store.statuses import JobStatus
+
+    store = Store.open(db_url)
+    left_open, jobs = store_run(db_url, tiny_model, tiny_config(), limit=2)
+    still_running, _ = store_run(db_url, tiny_model, tiny_config(seed=1), limit=2)
+    with store.session() as s:  # both jobs done, the run unstamped: what the race leaves
+        s.execute(update(m.Job).where(m.Job.id.in_(jobs)).values(**finish_values(JobStatus.DONE, None)))
+        last = max(s.scalars(select(m.Job.finished_at).where(m.Job.id.in_(jobs))))
+    Janitor(None, Settings.from_env().with_(database_url=db_url), store).sweep()
+    with store.session() as s:
+        assert s.get_one(m.Run, left_open).finished_at == last
+        assert s.get_one(m.Run, still_running).finished_at is None

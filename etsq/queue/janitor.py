@@ -2,7 +2,8 @@
 
 A running job's worker refreshes its heartbeat; a job whose heartbeat is older than
 ETSQ_STALE_AFTER_S goes back to 'queued' and is enqueued again, so a worker killed with -9
-loses nothing and needs no command to recover.  The janitor also keeps its worker's registration
+loses nothing and needs no command to recover.  It closes a run whose jobs all finished but that
+was left open (its last two jobs finished at once).  The janitor also keeps its worker's registration
 (`etsq.store.workers`) fresh: registered at start, seen at each sweep, removed when it stops.
 """
 
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from etsq.errors import BrokerUnavailable
 from etsq.queue.messages import enqueue, live_queues
 from etsq.settings import Settings
-from etsq.store.jobs import fault_line, requeue_stale
+from etsq.store.jobs import close_finished_runs, fault_line, requeue_stale
 from etsq.store.session import Store
 from etsq.store.workers import register_worker, touch_worker, unregister_worker
 
@@ -69,6 +70,8 @@ class Janitor(threading.Thread):
                     touch_worker(s, self.worker)
             with self.store.session() as s:
                 stale = requeue_stale(s, self.settings.stale_after_s)
+            with self.store.session() as s:
+                close_finished_runs(s)  # a run whose last two jobs finished at once was left open
             if stale:
                 jobs = self._route(stale)
                 log.warning(
