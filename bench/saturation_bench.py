@@ -72,7 +72,7 @@ from etsq.store.session import Store  # noqa: E402
 from etsq.store.trees import DepthWriter  # noqa: E402
 from etsq.submit import prepare  # noqa: E402
 from etsq.testbed.build import PRM_FAMILY, testbed_paths  # noqa: E402
-from tests.model_servers import testbed_vllm_argv  # noqa: E402
+from tests.model_servers import testbed_server_cpus, testbed_vllm_argv  # noqa: E402
 from tests.services import HttpServiceHandle, start_http_service  # noqa: E402
 
 COMPLETIONS = "/v1/completions"
@@ -87,10 +87,11 @@ _CALL: contextvars.ContextVar[int] = contextvars.ContextVar("call", default=-1)
 # --------------------------------------------------------------------------- servers
 
 
-def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
+def serve(name: str, model: Path, tmp: Path, cpus: str) -> HttpServiceHandle:
     argv = testbed_vllm_argv(model)
     # Dev mode: /reset_prefix_cache, so each phase starts from an empty prefix cache.
-    env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "VLLM_SERVER_DEV_MODE": "1"}
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "VLLM_SERVER_DEV_MODE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": cpus}  # fmt: skip
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 
 
@@ -608,8 +609,9 @@ def start_servers(args: argparse.Namespace) -> tuple[dict[str, str], list[HttpSe
     if args.policy_url and args.prm_url:
         return {"policy": args.policy_url, "prm": args.prm_url}, []
     paths = testbed_paths(Path(args.home))
-    policy = serve("vllm-policy", paths.policy, Path(args.tmp))
-    prm = serve("vllm-prm", paths.prm, Path(args.tmp))
+    policy_cpus, prm_cpus = testbed_server_cpus()
+    policy = serve("vllm-policy", paths.policy, Path(args.tmp), policy_cpus)
+    prm = serve("vllm-prm", paths.prm, Path(args.tmp), prm_cpus)
     return {"policy": policy.url, "prm": prm.url}, [policy, prm]
 
 

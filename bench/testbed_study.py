@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from etsq.testbed.build import PRM_FAMILY, testbed_paths  # noqa: E402
-from tests.model_servers import testbed_vllm_argv  # noqa: E402
+from tests.model_servers import testbed_server_cpus, testbed_vllm_argv  # noqa: E402
 from tests.services import HttpServiceHandle, start_http_service  # noqa: E402
 
 METHODS = ("bon", "beam", "dvts", "rebase", "ets", "particle")
@@ -42,9 +42,10 @@ def etsq(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def serve(name: str, model: Path, tmp: Path) -> HttpServiceHandle:
+def serve(name: str, model: Path, tmp: Path, cpus: str) -> HttpServiceHandle:
     argv = testbed_vllm_argv(model)
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = cpus  # a CPU of its own (tests.model_servers.testbed_server_cpus)
     return start_http_service(name, argv, tmp / name, start_timeout=420.0, env=env)
 
 
@@ -118,7 +119,9 @@ def main() -> None:
         env.pop("ETSQ_DATABASE_URL", None)
         env.pop("ETSQ_BROKER_URL", None)
         paths = testbed_paths(Path(args.home))
-        policy, prm = serve("vllm-policy", paths.policy, tmp), serve("vllm-prm", paths.prm, tmp)
+        policy_cpus, prm_cpus = testbed_server_cpus()
+        policy = serve("vllm-policy", paths.policy, tmp, policy_cpus)
+        prm = serve("vllm-prm", paths.prm, tmp, prm_cpus)
         worker = None
         try:
             print(f"servers up in {time.monotonic() - started:.0f} s; submitting", flush=True)

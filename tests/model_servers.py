@@ -78,6 +78,17 @@ def testbed_vllm_argv(model: Path) -> list[str]:
     return [*argv, "--max-num-seqs", str(TESTBED_MAX_SEQS), "--max-num-batched-tokens", str(budget)]
 
 
+def testbed_server_cpus() -> tuple[str, str]:
+    """The CPUs of the policy's and the PRM's OpenMP threads (`VLLM_CPU_OMP_THREADS_BIND`): each
+    server a half of this machine's CPUs of its own, as each would have its own GPU.  vLLM's own
+    binding ("auto") reserves one CPU and binds every server to the rest, so on two CPUs both
+    servers computed on the same one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cpus) // 2)
+    policy, prm = cpus[:half], cpus[half:] or cpus[:half]
+    return ",".join(map(str, policy)), ",".join(map(str, prm))
+
+
 def start_vllm(model: Path, tmpdir: Path) -> HttpServiceHandle:
     """A vLLM OpenAI-compatible server on SmolLM2 (a converted directory) on a free port."""
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
