@@ -132,6 +132,31 @@ def test_likelihood_prm_reads_prompt_logprobs_like_the_in_process_prm(
     assert remote.server_stats()["requests"] == 1  # one batch
 
 
+def test_likelihood_prm_sends_texts_that_score_as_their_token_ids_with_one_tokenize_per_prompt(
+    served: oc.ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server tokenizes the texts it scores exactly as /tokenize does (the same scores), so a
+    scored text costs no /tokenize of its own: one per problem prompt, none for the texts."""
+    import etsq.models.remote as remote_module
+
+    remote = oc.make_prm(served, "likelihood")
+    calls: list[str] = []
+    real = remote_module.tokenize
+
+    async def counted(model: oc.ServedModel, text: str, special: bool) -> list[int]:
+        calls.append(text)
+        return await real(model, text, special)
+
+    monkeypatch.setattr(remote_module, "tokenize", counted)
+    requests = [ScoreRequest("Q: 12 + 30?", (f"Step {i}: {12 + i} + 30 = {42 + i}.",)) for i in range(4)]
+    by_text = remote.score(requests)
+    assert len(calls) == 1  # the shared prompt, once
+    remote.sends_text = False
+    by_ids = remote.score(requests)
+    assert len(calls) == 1 + len(requests)  # one per text (the prompt's length is cached)
+    assert by_text == pytest.approx(by_ids, abs=1e-6)
+
+
 def test_prm_requests_read_the_policys_cached_prefix(served: oc.ServedModel) -> None:
     # A question long enough that the policy's prompt fills a whole 128-token KV block by itself.
     question = " ".join([QUESTION] * 8)

@@ -210,9 +210,12 @@ def label_logprobs(choice: dict[str, Any]) -> dict[int, float]:
     }
 
 
-async def echo_choices(prm: RemotePRM, prompts: list[list[int]]) -> list[dict[str, Any]]:
-    """One prompt-logprob request (`echo`, `max_tokens: 0`): a choice per prompt, usage recorded."""
-    body = {
+async def echo_choices(
+    prm: RemotePRM, prompts: list[list[int]] | list[str], add_special_tokens: bool | None = None
+) -> list[dict[str, Any]]:
+    """One prompt-logprob request (`echo`, `max_tokens: 0`): a choice per prompt, usage recorded.
+    Texts are tokenized by the server, with its special tokens unless `add_special_tokens` is False."""
+    body: dict[str, Any] = {
         "model": prm.served.model_id,
         "prompt": prompts,
         "max_tokens": 0,
@@ -220,6 +223,8 @@ async def echo_choices(prm: RemotePRM, prompts: list[list[int]]) -> list[dict[st
         "logprobs": 0,
         "temperature": 0.0,
     }
+    if add_special_tokens is not None:
+        body["add_special_tokens"] = add_special_tokens  # vLLM's extra parameter
     out = await prm.client.post_json("/v1/completions", body)
     usage = out.get("usage") or {}
     prm.monitor.add_usage(int(usage.get("prompt_tokens", 0)), cached_tokens(usage))
@@ -387,16 +392,21 @@ class LikelihoodPRM(RemoteLikelihoodPRM):
         self.info = served.info("prm", family=family.name, prm_api=PROMPT_LOGPROBS)
         self._probe()
 
-    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
-        choices = await echo_choices(self, [ids for ids, _ in rows])
-        return [self._read(choice, n) for choice, (_, n) in zip(choices, rows, strict=True)]
+    # The server tokenizes each text (as /tokenize would: same tokenizer, same special tokens), so a
+    # scored text costs no /tokenize round trip of its own.
+    sends_text = True
 
-    def _read(self, choice: dict[str, Any], n: int) -> float:
+    async def _scores(self, rows: list[tuple[str | list[int], int]]) -> list[float]:
+        prompts: Any = [prompt for prompt, _ in rows]  # texts (or token ids, with sends_text off)
+        choices = await echo_choices(self, prompts, self.family.add_special_tokens)
+        return [self._read(choice, start) for choice, (_, start) in zip(choices, rows, strict=True)]
+
+    def _read(self, choice: dict[str, Any], start: int) -> float:
         values = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
-        tail = values[-n:]
-        if len(tail) != n or any(v is None for v in tail):
+        tail = values[min(start, len(values) - 1) :] if values else []  # at least one solution token
+        if not tail or any(v is None for v in tail):
             raise ModelError(
-                f"{self.served.url} returned no prompt logprobs for the solution's {n} tokens: "
-                f"{choice!r:.200}"
+                f"{self.served.url} returned no prompt logprobs for the solution's tokens (from token "
+                f"{start}): {choice!r:.200}"
             )
         return likelihood_score([float(v) for v in tail])

@@ -9,6 +9,7 @@ module adds only its own request and response shapes.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from collections.abc import Awaitable, Callable
@@ -121,16 +122,20 @@ class RemotePRM(RemoteRole):
 
 class RemoteLikelihoodPRM(RemotePRM):
     """A likelihood-family PRM on a server: the solution tokens' log-probabilities, read by
-    `likelihood_score`; each backend sends a batch of (token ids, solution length) in `_scores`."""
+    `likelihood_score`; each backend sends a batch of rows in `_scores`, each row the family's text
+    (or its token ids, for a backend that sends ids) and the position of its first solution token."""
 
     family: LikelihoodFamily
     api_description = ""  # what `_scores` asks the server for, named when the probe fails
+    # Whether `_scores` sends the text, which the server tokenizes itself: then a scored text costs no
+    # /tokenize round trip of its own, only its problem's prompt does, once.  Else rows carry token ids.
+    sends_text = False
 
     def __init__(self, served: ServedModel, flavour: str) -> None:
         super().__init__(served, flavour)
-        # Prompt token counts by prompt text: every node of a problem shares its prompt, so each
-        # text costs one /tokenize instead of two.
-        self._prompt_lengths: dict[str, int] = {}
+        # Prompt token counts by prompt text: every node of a problem shares its prompt, so it is
+        # tokenized once per problem.
+        self._prompt_lengths: dict[str, asyncio.Future[int]] = {}
 
     def _probe(self) -> None:
         """Refuse a server that cannot return these log-probabilities (ModelError, one line)."""
@@ -144,25 +149,43 @@ class RemoteLikelihoodPRM(RemotePRM):
 
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         async def fan_out() -> list[float]:
-            rows = await gather_all(*(self._solution_tokens(req) for req in requests))
+            rows = await gather_all(*(self._row(req) for req in requests))
             results = await gather_all(*(self._scores(group) for group in batches(rows)))
             return [score for group in results for score in group]
 
         return self._run(fan_out)  # type: ignore[no-any-return]
 
-    async def _solution_tokens(self, req: ScoreRequest) -> tuple[list[int], int]:
-        """The family's text as token ids, and how many of them (at the end) are the solution's."""
+    async def _row(self, req: ScoreRequest) -> tuple[str | list[int], int]:
+        """The family's text (as token ids unless `sends_text`) and its first solution token's index:
+        the prompt's token count (the text's tokens start with the prompt's)."""
         special = self.family.add_special_tokens
-        prompt = self.family.prompt(self.served.template, req)
-        ids = await tokenize(self.served, self.family.render(self.served.template, req), special)
+        text = self.family.render(self.served.template, req)
+        start = await self._prompt_length(self.family.prompt(self.served.template, req), special)
+        if self.sends_text:
+            return text, start
+        ids = await tokenize(self.served, text, special)
+        return ids, min(start, len(ids) - 1)  # at least one solution token
+
+    async def _prompt_length(self, prompt: str, special: bool) -> int:
+        """The prompt's token count, one /tokenize per prompt: a depth's texts, scored at once, share
+        the count in flight.  A failed count is not kept."""
         lengths = self._prompt_lengths
-        if prompt not in lengths:
+        counting = lengths.get(prompt)
+        if counting is None:
             if len(lengths) >= 4096:  # a long-lived worker: forget finished problems' prompts
                 lengths.clear()
-            lengths[prompt] = len(await tokenize(self.served, prompt, special))
-        return ids, max(1, len(ids) - lengths[prompt])
+            counting = lengths[prompt] = asyncio.ensure_future(self._count(prompt, special))
+        try:
+            return await asyncio.shield(counting)  # one caller cancelled does not cancel the others'
+        except Exception:
+            if lengths.get(prompt) is counting:
+                del lengths[prompt]
+            raise
 
-    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
+    async def _count(self, prompt: str, special: bool) -> int:
+        return len(await tokenize(self.served, prompt, special))
+
+    async def _scores(self, rows: list[tuple[str | list[int], int]]) -> list[float]:
         raise NotImplementedError
 
 

@@ -242,16 +242,16 @@ class SGLangLikelihoodPRM(RemoteLikelihoodPRM):
         self.info = served.info("prm", family=found.name, prm_api=api)
         self._probe()
 
-    async def _scores(self, rows: list[tuple[list[int], int]]) -> list[float]:
+    async def _scores(self, rows: list[tuple[str | list[int], int]]) -> list[float]:
         body = {
             "input_ids": [ids for ids, _ in rows],
             "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
             "return_logprob": True,
-            "logprob_start_len": [len(ids) - n for ids, n in rows],
+            "logprob_start_len": [start for _, start in rows],
         }
         out = await self.client.post_json("/generate", body)
         items = _items(out, len(rows), self.served.url)
-        return [self._read(item, n) for item, (_, n) in zip(items, rows, strict=True)]
+        return [self._read(item, len(ids) - start) for item, (ids, start) in zip(items, rows, strict=True)]
 
     def _read(self, item: dict[str, Any], n: int) -> float:
         meta = item["meta_info"]
