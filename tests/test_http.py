@@ -268,3 +268,34 @@ def test_the_kv_monitor_holds_no_call_up_and_polls_once_per_server() -> None:
     calls_end = server.started[0] + took
     assert len([t for t in server.started if t < calls_end - 0.01]) == 1  # one poller, not sixteen
     assert figures["kv_usage"] == 0.5 and len(server.started) >= 2  # take() waited for the after-sample
+
+
+def test_a_prompt_is_tokenized_once_for_the_texts_scored_with_it_and_a_failed_count_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrent rows of one problem share one /tokenize of its prompt; a count that failed is
+    asked again by the next caller, not served from the cache."""
+    import etsq.models.remote as remote_module
+
+    calls: list[str] = []
+
+    async def tokenize(served: object, text: str, special: bool) -> list[int]:
+        calls.append(text)
+        await asyncio.sleep(0.01)
+        if len(calls) == 1:
+            raise TransientError("server busy")
+        return [1, 2, 3]
+
+    monkeypatch.setattr(remote_module, "tokenize", tokenize)
+    prm = remote_module.RemoteLikelihoodPRM.__new__(remote_module.RemoteLikelihoodPRM)
+    prm._prompt_lengths, prm.served = {}, None  # type: ignore[assignment]
+
+    async def scenario() -> list[Any]:
+        failed = await asyncio.gather(
+            *(prm._prompt_length("q", False) for _ in range(4)), return_exceptions=True
+        )
+        return [*failed, *await asyncio.gather(*(prm._prompt_length("q", False) for _ in range(4)))]
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, TransientError) for r in results[:4]) and results[4:] == [3, 3, 3, 3]
+    assert calls == ["q", "q"]  # one count per prompt at a time; the failed one asked again once

@@ -175,12 +175,12 @@ class RemoteLikelihoodPRM(RemotePRM):
             if len(lengths) >= 4096:  # a long-lived worker: forget finished problems' prompts
                 lengths.clear()
             counting = lengths[prompt] = asyncio.ensure_future(self._count(prompt, special))
-        try:
-            return await asyncio.shield(counting)  # one caller cancelled does not cancel the others'
-        except Exception:
-            if lengths.get(prompt) is counting:
-                del lengths[prompt]
-            raise
+            counting.add_done_callback(lambda done: self._forget_failed(prompt, done))
+        return await asyncio.shield(counting)  # one caller cancelled does not cancel the others'
+
+    def _forget_failed(self, prompt: str, done: asyncio.Future[int]) -> None:
+        if (done.cancelled() or done.exception() is not None) and self._prompt_lengths.get(prompt) is done:
+            del self._prompt_lengths[prompt]
 
     async def _count(self, prompt: str, special: bool) -> int:
         return len(await tokenize(self.served, prompt, special))
