@@ -120,19 +120,17 @@ def test_interrupted_job_resumes_to_the_same_tree(
         ) == (max(n.depth for n in resumed) + 1)
 
 
+def _bare_run(method: str, width: int, config_hash: str) -> m.Run:
+    """A run row with no config, for tests that write its jobs or nodes by hand."""
+    return m.Run(
+        dataset="t", method=method, width=width, seed=0, config={}, config_hash=config_hash,
+        policy_model="a", prm_model="a", versions={},
+    )  # fmt: skip
+
+
 def test_load_tree_rebuilds_paths_and_links(pg_session, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     problem = m.Problem(dataset="t", problem_id="p", question="q", answer="1", meta={})
-    run = m.Run(
-        dataset="t",
-        method="rebase",
-        width=2,
-        seed=0,
-        config={},
-        config_hash="x",
-        policy_model="a",
-        prm_model="a",
-        versions={},
-    )
+    run = _bare_run("rebase", 2, "x")
     job = m.Job(run=run, problem=problem)
     pg_session.add(job)
     pg_session.flush()
@@ -290,17 +288,7 @@ def test_a_runs_jobs_are_stored_in_bulk_as_the_orm_stores_a_job(db_url: str) -> 
 
     with session_scope(db_url) as s:
         problems = [m.Problem(dataset="t", problem_id=str(i), question=f"q{i}", answer="1") for i in range(5)]
-        run = m.Run(
-            dataset="t",
-            method="bon",
-            width=1,
-            seed=0,
-            config={},
-            config_hash="h",
-            versions={},
-            policy_model="p",
-            prm_model="r",
-        )
+        run = _bare_run("bon", 1, "h")
         s.add_all([*problems, run])
         s.flush()
         ids = [p.id for p in problems]
