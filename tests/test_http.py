@@ -270,6 +270,68 @@ def test_the_kv_monitor_holds_no_call_up_and_polls_once_per_server() -> None:
     assert figures["kv_usage"] == 0.5 and len(server.started) >= 2  # take() waited for the after-sample
 
 
+class _CountingMetrics:
+    """A server whose /metrics answers at once: KV usage 0.5 while `busy`, else the scrape's
+    number / 1000 (so later samples read higher)."""
+
+    base_url = "http://counting-metrics"
+
+    def __init__(self) -> None:
+        self.scrapes, self.busy = 0, False
+
+    async def get_text(self, path: str, attempts: int | None = None) -> str:
+        self.scrapes += 1
+        await asyncio.sleep(0.001)
+        usage = 0.5 if self.busy else self.scrapes / 1000
+        return f'vllm:kv_cache_usage_perc{{engine="0"}} {usage}\n'
+
+
+def test_jobs_sharing_a_monitor_each_get_their_own_usage_and_samples() -> None:
+    """Two jobs' calls on one server at once: each take() reports the job's own responses, and
+    one job's take() leaves the other's samples to it (it once reset every job's depth)."""
+    from etsq.models.metrics import KVMonitor
+
+    monitor = KVMonitor(_CountingMetrics(), "vllm", interval_s=0.03)  # type: ignore[arg-type]
+
+    async def call(prompt: int, seconds: float) -> None:
+        monitor.add_usage(prompt, prompt // 5)
+        await asyncio.sleep(seconds)
+
+    async def job(owner: str, prompt: int, seconds: float) -> dict[str, Any]:
+        await monitor.watch(call(prompt, seconds), owner)
+        return await monitor.take(owner)
+
+    async def both() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(job("a", 10, 0.1), job("b", 25, 0.4)))
+
+    a, b = asyncio.run(both())
+    assert (a["prompt_tokens"], a["cached_prompt_tokens"], a["requests"]) == (10, 2, 1)
+    assert (b["prompt_tokens"], b["cached_prompt_tokens"], b["requests"]) == (25, 5, 1)
+    assert b["kv_usage"] > a["kv_usage"] > 0  # b's samples after a's take() stayed b's
+
+
+def test_a_call_shorter_than_the_poll_interval_is_sampled_while_it_runs() -> None:
+    """A call of a few decode steps ends well inside one 200 ms interval: the poller's first
+    sample goes out with the requests (before the server holds them), and an early second one
+    sees the KV the call holds."""
+    from etsq.models.metrics import KVMonitor
+
+    server = _CountingMetrics()
+    monitor = KVMonitor(server, "vllm")  # type: ignore[arg-type]
+
+    async def short_call() -> None:
+        await asyncio.sleep(0.005)  # the server schedules the requests
+        server.busy = True
+        await asyncio.sleep(0.06)
+        server.busy = False
+
+    async def depth() -> dict[str, Any]:
+        await monitor.watch(short_call(), "job")
+        return await monitor.take("job")
+
+    assert asyncio.run(depth())["kv_usage"] == 0.5
+
+
 def test_a_prompt_is_tokenized_once_for_the_texts_scored_with_it_and_a_failed_count_is_not_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

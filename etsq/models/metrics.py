@@ -15,8 +15,13 @@ tokens the server reports per request.  `take()` returns the figures since the l
   `meta_info.cached_tokens`; vLLM `usage.prompt_tokens_details.cached_tokens`, falling back to the
   `vllm:prompt_tokens_cached_total` increase when the server omits per-request details)
 
-The figures of concurrent jobs sharing one server client mix; with the default solo worker pool a
-process runs one job at a time.
+A worker searching several problems at once shares one monitor per server; each job's figures are
+its own (`watch` and `take` name the job's thread as owner).  The prompt and cached tokens are its
+own responses'.  The KV peak is the server's: it holds the other jobs' requests in flight at the
+time too, which is what the server had to hold while this depth ran.  A poller sample counts for
+every job with a call in flight when it lands; the first samples after the poller starts come 20
+and 80 ms apart, so a call of a few decode steps (shorter than one 200 ms interval) is seen
+holding its KV.
 
 Sampling stays off the search's path: the first sample of a call goes out with its requests, not
 before them, and the one after it is not waited for: `take()` (between a depth's scoring and its
@@ -31,10 +36,12 @@ on a server, so a worker searching K problems at once does not scrape the server
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +55,9 @@ T = TypeVar("T")
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 POLL_INTERVAL_S = 0.2
+EARLY_GAPS_S = (0.02, 0.08)  # the poller's first gaps, before it settles at its interval
+# The job whose call is running, in the call's tasks: a response's usage counts for it.
+_OWNER: ContextVar[Hashable] = ContextVar("etsq_kv_owner", default=None)
 
 
 @dataclass(frozen=True)
@@ -170,22 +180,27 @@ def _delta(first: float | None, last: float | None) -> float | None:
 
 @dataclass
 class KVMonitor:
-    """Samples one server's /metrics around requests and reports per-depth KV figures."""
+    """Samples one server's /metrics around requests and reports per-depth KV figures, per job.
+
+    Several jobs of one worker share a server's monitor; each job's figures are kept apart under
+    its owner (the job's thread, named by the caller): a call's responses count for the job that
+    made it, and a sample for every job with a call in flight when it lands."""
 
     client: ServerClient
     flavour: str  # a key of SNAPSHOTS
     interval_s: float = POLL_INTERVAL_S
-    _depth: _Depth = field(default_factory=_Depth)
+    _depths: dict[Hashable, _Depth] = field(default_factory=dict)
+    _calls: dict[Hashable, int] = field(default_factory=dict)  # calls in flight by owner
     _disabled: bool = False
-    _watchers: int = 0  # calls in flight: the poller runs while there is one
-    _poller: asyncio.Future[None] | None = None
+    _poller: asyncio.Future[None] | None = None  # runs while any call is in flight
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)  # samples taken after a call
-    # The newest sample: a depth without requests of its own (another job's take() started a fresh
-    # one, or the final depth) reads it instead of scraping on the search's path.
+    # The newest sample: a depth without samples of its own (the final one, or one whose only
+    # sample is still in flight) reads it instead of scraping on the search's path.
     _last: Snapshot | None = None
 
-    async def scrape(self) -> Snapshot | None:
-        """One /metrics sample (one attempt: a missed sample is not worth a retry)."""
+    async def scrape(self, owners: tuple[Hashable, ...] = ()) -> Snapshot | None:
+        """One /metrics sample (one attempt: a missed sample is not worth a retry), counted for
+        `owners` and for every owner with a call in flight when it lands."""
         if self._disabled:
             return None
         try:
@@ -196,63 +211,71 @@ class KVMonitor:
                 log.warning("%s has no /metrics; server KV figures will be empty", self.client.base_url)
             return None
         snap = SNAPSHOTS[self.flavour](parse_prometheus(text))
-        self._depth.see(snap)
+        for owner in {*self._calls, *owners}:
+            self._depth(owner).see(snap)
         self._last = snap
         return snap
 
-    async def watch(self, work: Awaitable[T]) -> T:
-        """Await `work` while /metrics is sampled every `interval_s`, and once more after it.
+    async def watch(self, work: Awaitable[T], owner: Hashable = None) -> T:
+        """Await `owner`'s `work` while /metrics is sampled, and once more after it.
 
         The poller's first sample is sent just before the call's requests (vLLM's hit-rate counters
         are an increase over the depth) but not waited for; the sample after is left running.
         """
-        self._start_polling()
+        token = _OWNER.set(owner)  # add_usage, called from the work's tasks, reads it
+        self._calls[owner] = self._calls.get(owner, 0) + 1
+        if self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll())
         try:
             return await work
         finally:
-            self._stop_polling()
-            self._sample_later()
+            self._call_ended(owner)
+            _OWNER.reset(token)
 
-    def _start_polling(self) -> None:
-        self._watchers += 1
-        if self._poller is None:
-            self._poller = asyncio.ensure_future(self._poll())
-
-    def _stop_polling(self) -> None:
-        self._watchers -= 1
-        if self._watchers == 0 and self._poller is not None:
+    def _call_ended(self, owner: Hashable) -> None:
+        left = self._calls.pop(owner) - 1
+        if left:
+            self._calls[owner] = left
+        if not self._calls and self._poller is not None:
             self._poller.cancel()
             self._poller = None
-
-    def _sample_later(self) -> None:
-        task = asyncio.ensure_future(self.scrape())
+        task = asyncio.ensure_future(self.scrape((owner,)))
         self._pending.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._pending.discard)
 
     async def _poll(self) -> None:
-        while True:
+        # A call shorter than one interval would hold KV between two samples, unseen: the first
+        # gaps are short, so a call of a few decode steps is still sampled while it runs.
+        early = (g for g in EARLY_GAPS_S if g < self.interval_s)
+        gaps = itertools.chain(early, itertools.repeat(self.interval_s))
+        for gap in gaps:
             await self.scrape()
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(gap)
+
+    def _depth(self, owner: Hashable) -> _Depth:
+        return self._depths.setdefault(owner, _Depth())
 
     def add_usage(self, prompt_tokens: int, cached_tokens: int | None) -> None:
-        """Count one response's server-reported prompt and prefix-cache-hit tokens."""
-        depth = self._depth
+        """Count one response's server-reported prompt and prefix-cache-hit tokens for the job
+        whose call it answers."""
+        depth = self._depth(_OWNER.get())
         depth.requests += 1
         depth.prompt_tokens += prompt_tokens
         if cached_tokens is not None:
             depth.cached_tokens = (depth.cached_tokens or 0) + cached_tokens
 
-    async def take(self) -> dict[str, Any]:
-        """The figures since the last take(), and a fresh start; a depth without samples of its own
-        gets the newest one.  The sample after a call is not waited for once the server has been
-        sampled at all: it counts for the depth if it has landed, else for the next one."""
-        if self._depth.first is None and self._last is not None:
-            self._depth.see(self._last)  # no sample since: the newest one stands for the depth
-        elif self._depth.first is None and self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
-        elif self._depth.first is None:
-            await self.scrape()
-        depth, self._depth = self._depth, _Depth()
+    async def take(self, owner: Hashable = None) -> dict[str, Any]:
+        """`owner`'s figures since its last take(), and a fresh start; a depth without samples of
+        its own gets the newest one.  The sample after a call is not waited for once the server has
+        been sampled at all: it counts for the depth if it has landed, else for the next one."""
+        if self._depth(owner).first is None and self._last is None:
+            if self._pending:
+                await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
+            else:
+                await self.scrape((owner,))
+        depth = self._depths.pop(owner)
+        if depth.first is None and self._last is not None:
+            depth.see(self._last)  # no sample since: the newest one stands for the depth
         return _figures(depth)
 
 

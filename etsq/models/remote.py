@@ -67,7 +67,8 @@ class RemoteRole:
         self.monitor = KVMonitor(served.client, flavour)
 
     def server_stats(self) -> dict[str, Any]:
-        return self.client.call(self.monitor.take())
+        """The calling job's server figures since its last call (the job's thread names the job)."""
+        return self.client.call(self.monitor.take(threading.get_ident()))
 
     def ensure_reachable(self) -> None:
         """Raise TransientError (after the client's retries) unless the server answers its health check."""
@@ -76,8 +77,10 @@ class RemoteRole:
     def _run(self, work: Callable[[], Awaitable[Any]]) -> Any:
         """Run `work()` on the background loop while the monitor samples the server's KV."""
 
+        owner = threading.get_ident()  # the job's thread; the monitor keeps each job's figures apart
+
         async def watched() -> Any:
-            return await self.monitor.watch(work())
+            return await self.monitor.watch(work(), owner)
 
         return self.client.call(watched())
 
