@@ -24,7 +24,10 @@ of the search and of the ceiling and their ratio; per server the share of wall t
 one request running, sampled from its `/metrics` (`vllm:num_requests_running`) every
 `--sample-ms`; and the timeline of a depth: its phases (select, fan-out: from the policy call to
 its last request sent, generation, scoring, commit) and the gaps between them, mean milliseconds
-over every depth of every job.  JSON in `--out`, a table on stdout.
+over every depth of every job; and per phase the CPU seconds of this process (the worker side:
+search, select, commit, HTTP; the replay's client in the ceilings) and of each server's process
+tree, with their share of the machine's CPU time: where etsq and the servers share the CPUs, what
+etsq burns the servers cannot have.  JSON in `--out`, a table on stdout.
 
     python bench/saturation_bench.py --problems 8 --width 8 --concurrency 1 4 16 --out /tmp/sat
     python bench/saturation_bench.py --serve --out /tmp/sat     # servers only, their URLs in urls.json
@@ -61,6 +64,7 @@ from etsq.models import openai_compat as oc  # noqa: E402
 from etsq.models.backends import load_models  # noqa: E402
 from etsq.models.config import ModelConfig  # noqa: E402
 from etsq.models.http import ServerClient  # noqa: E402
+from etsq.models.metrics import KVMonitor  # noqa: E402
 from etsq.models.remote import RemoteLikelihoodPRM  # noqa: E402
 from etsq.queue import execute  # noqa: E402
 from etsq.search import loop  # noqa: E402
@@ -104,6 +108,43 @@ def reset_prefix_cache(url: str) -> bool:
 
 def load_average() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its descendants, from /proc."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
+class CpuMeter:
+    """Cumulative CPU seconds of this process (etsq's worker side) and of each server it started:
+    on a machine whose CPUs serve the models, what the client burns the servers cannot have."""
+
+    def __init__(self, server_pids: dict[str, int]) -> None:
+        self.server_pids = server_pids
+
+    def read(self) -> dict[str, float]:
+        own = os.times()
+        return {"client": own.user + own.system, **{r: tree_cpu_s(p) for r, p in self.server_pids.items()}}
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
+        """Each party's CPU seconds and the share of the machine's CPU time it took."""
+        cpus = os.cpu_count() or 1
+        seconds = {k: after[k] - before[k] for k in before}
+        return {"cpu_s": seconds, "machine_share": {k: v / (wall_s * cpus) for k, v in seconds.items()}}
 
 
 # --------------------------------------------------------------------------- /metrics sampling
@@ -291,10 +332,19 @@ def _post(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return make
 
 
+def _no_scrape(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def scrape(self: KVMonitor, owners: tuple[Any, ...] = ()) -> None:
+        return None
+
+    return scrape
+
+
 @contextmanager
-def recording(rec: Recorder) -> Iterator[None]:
-    """The search's model calls, requests, selects and commits, timed into `rec`."""
-    undo = [
+def recording(rec: Recorder, kv_monitor: bool = True) -> Iterator[None]:
+    """The search's model calls, requests, selects and commits, timed into `rec`; without
+    `kv_monitor` the search's KV monitors scrape nothing."""
+    undo = [] if kv_monitor else [_wrap(KVMonitor, "scrape", _no_scrape)]
+    undo += [
         _wrap(ServerClient, "post_json", _post(rec)),
         _wrap(oc.OpenAIPolicy, "expand", _model_call(rec, "generation")),
         _wrap(oc.OpenAIPRM, "score", _model_call(rec, "scoring")),
@@ -335,9 +385,11 @@ def _run_one(settings: Settings, job_id: int) -> str:
     return execute.run_job(job_id, settings, worker="saturation-bench")
 
 
-def search(settings: Settings, jobs: list[int], concurrency: int, rec: Recorder) -> tuple[float, float]:
+def search(
+    settings: Settings, jobs: list[int], concurrency: int, rec: Recorder, kv_monitor: bool = True
+) -> tuple[float, float]:
     """The jobs searched `concurrency` at a time (the worker's thread pool); (start, end)."""
-    with recording(rec), ThreadPoolExecutor(concurrency) as pool:
+    with recording(rec, kv_monitor), ThreadPoolExecutor(concurrency) as pool:
         start = time.perf_counter()
         futures = [pool.submit(contextvars.copy_context().run, _run_one, settings, j) for j in jobs]
         statuses = [f.result() for f in futures]
@@ -513,7 +565,9 @@ def tokens_of(sent: list[Sent], url: str, attr: str) -> int:
     return sum(getattr(s, attr) for s in sent if s.server == url)
 
 
-def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int) -> dict[str, Any]:
+def run_cell(
+    args: argparse.Namespace, urls: dict[str, str], method: str, k: int, meter: CpuMeter
+) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix=f"sat-{method}-{k}-", dir=args.tmp))
     settings = Settings.for_home(home)
     jobs = store_jobs(settings, args, method, urls)
@@ -525,13 +579,19 @@ def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int
         BusySampler(urls["policy"], args.sample_ms / 1000) as pol,
         BusySampler(urls["prm"], args.sample_ms / 1000) as prm,
     ):
-        s0, s1 = search(settings, jobs, k, rec)
+        cpu0 = meter.read()
+        s0, s1 = search(settings, jobs, k, rec, not args.no_kv_monitor)
+        cpu1 = meter.read()
         for url in urls.values():
             reset_prefix_cache(url)
+        cpu2 = meter.read()
         done, c0, c1 = ceiling(urls, rec.sent, k)
+        cpu3 = meter.read()
         for url in urls.values():
             reset_prefix_cache(url)
+        cpu4 = meter.read()
         ordered, o0, o1 = ceiling_in_order(urls, rec.sent, k)
+        cpu5 = meter.read()
     search_s, ceiling_s, ordered_s = s1 - s0, c1 - c0, o1 - o0
     gen = tokens_of(rec.sent, urls["policy"], "completion_tokens") / search_s
     scored = tokens_of(rec.sent, urls["prm"], "prompt_tokens") / search_s
@@ -561,6 +621,11 @@ def run_cell(args: argparse.Namespace, urls: dict[str, str], method: str, k: int
             "search": {"policy": pol.busy_share(s0, s1), "prm": prm.busy_share(s0, s1)},
             "ceiling": {"policy": pol.busy_share(c0, c1), "prm": prm.busy_share(c0, c1)},
             "in_order": {"policy": pol.busy_share(o0, o1), "prm": prm.busy_share(o0, o1)},
+        },
+        "cpu": {
+            "search": meter.spent(cpu0, cpu1, s1 - s0),
+            "ceiling": meter.spent(cpu2, cpu3, c1 - c0),
+            "in_order": meter.spent(cpu4, cpu5, o1 - o0),
         },
         "timeline": timeline(rec.phases, rec.sent),
         "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
@@ -599,6 +664,13 @@ def print_table(cells: list[dict[str, Any]]) -> None:
         t = c["timeline"]["mean_ms"]
         parts = " ".join(f"{k}={v:.0f}" for k, v in t.items())
         print(f"  {c['method']} K={c['concurrency']} ({c['timeline']['depths']} depths): {parts}")
+    print("\nCPU seconds (share of the machine's CPU time), search | ceiling | in order:")
+    for c in cells:
+        shares = [
+            " ".join(f"{who}={v:.1f}s ({_pct(ph['machine_share'][who])})" for who, v in ph["cpu_s"].items())
+            for ph in (c["cpu"]["search"], c["cpu"]["ceiling"], c["cpu"]["in_order"])
+        ]
+        print(f"  {c['method']} K={c['concurrency']}: " + " | ".join(shares))
     print(f"\nload: {cells[0]['uptime_before'] if cells else ''} .. {load_average()}")
 
 
@@ -637,6 +709,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--methods", nargs="+", default=["rebase", "ets"])
     parser.add_argument("--sample-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--no-kv-monitor", action="store_true", help="the search scrapes no /metrics (what the monitor costs)"
+    )
     parser.add_argument("--policy-url")
     parser.add_argument("--prm-url")
     parser.add_argument("--serve", action="store_true", help="start the servers, write urls.json, wait")
@@ -657,10 +732,11 @@ def main() -> None:
                 print(json.dumps(urls), flush=True)
                 threading.Event().wait()
             warm(args, urls)
+            meter = CpuMeter({role: h.process.pid for role, h in zip(urls, handles, strict=False)})
             cells = []
             for method in args.methods:
                 for k in args.concurrency:
-                    cells.append(run_cell(args, urls, method, k))
+                    cells.append(run_cell(args, urls, method, k, meter))
                     print(f"  {method} K={k}: {cells[-1]['search_s']:.1f} s search, "
                           f"{cells[-1]['ceiling_s']:.1f} s ceiling, "
                           f"{cells[-1]['in_order']['ceiling_s']:.1f} s in order", flush=True)  # fmt: skip

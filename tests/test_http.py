@@ -20,7 +20,14 @@ import pytest
 from etsq.errors import PermanentError, TransientError
 from etsq.models.base import child_seed
 from etsq.models.http import RetryConfig, ServerClient, client_for, normalize_url
-from etsq.models.metrics import metric_sum, parse_prometheus, sglang_snapshot, vllm_snapshot
+from etsq.models.metrics import (
+    NAMES,
+    SNAPSHOTS,
+    metric_sum,
+    parse_prometheus,
+    sglang_snapshot,
+    vllm_snapshot,
+)
 from etsq.models.remote import delimited_step, two_way
 from etsq.queue.broker import free_local_port
 
@@ -168,6 +175,12 @@ def test_prometheus_text_and_server_snapshots() -> None:
     assert (snap.used_tokens, snap.usage, snap.hit_rate) == (123859.0, 0.28, 0.007507552643049313)
     vllm = vllm_snapshot(parse_prometheus(VLLM_METRICS))
     assert (vllm.usage, vllm.used_tokens, vllm.hits, vllm.queries) == (0.25, 0.25 * 23296, 1024.0, 4096.0)
+    # A scrape parses only the lines its snapshot reads, and reads the same snapshot.
+    for flavour, page in (("vllm", VLLM_METRICS), ("sglang", SGLANG_METRICS)):
+        text = page + 'vllm:num_requests_running{engine="0"} 3.0\nsglang:num_running_reqs 3.0\n'
+        some = parse_prometheus(text, NAMES[flavour])
+        assert {x.name for x in some} <= set(NAMES[flavour]) and len(some) < len(parse_prometheus(text))
+        assert SNAPSHOTS[flavour](some) == SNAPSHOTS[flavour](parse_prometheus(text))
 
 
 def test_step_parsing_and_label_scores() -> None:
@@ -223,9 +236,10 @@ class _NumberedMetrics(_SlowMetrics):
         return f'vllm:kv_cache_usage_perc{{engine="0"}} {number / 10}\n'
 
 
-def test_take_does_not_wait_for_the_sample_after_a_call_and_the_next_depth_counts_it() -> None:
+def test_take_does_not_wait_for_the_closing_sample_and_the_next_depth_counts_it() -> None:
     """Between a depth's scoring and its commit, take() waits for no /metrics round trip once the
-    server has been sampled: the depth reports what it has, and the late sample the next depth."""
+    server has been sampled: the depth reports what it has, and the late closing sample (taken as
+    the server goes idle) the next depth."""
     from etsq.models.metrics import KVMonitor
 
     server = _NumberedMetrics()
@@ -234,7 +248,7 @@ def test_take_does_not_wait_for_the_sample_after_a_call_and_the_next_depth_count
     async def depths() -> tuple[float, list[dict[str, Any]]]:
         first = await monitor.take()  # nothing sampled yet: scrape 1, waited for
         start = time.perf_counter()
-        await monitor.watch(asyncio.sleep(0.05))  # the poller's scrape (2) is cut off; 3 goes after
+        await monitor.watch(asyncio.sleep(0.05))  # the poller's scrape (2) is cut off; 3 closes
         second = await monitor.take()
         took = time.perf_counter() - start
         await asyncio.sleep(1.5)  # scrape 3 lands
@@ -247,27 +261,28 @@ def test_take_does_not_wait_for_the_sample_after_a_call_and_the_next_depth_count
 
 def test_the_kv_monitor_holds_no_call_up_and_polls_once_per_server() -> None:
     """Sixteen calls of 0.1 s in flight at once: none waits for a /metrics scrape, one poller
-    samples for all of them (a worker searching 16 problems must not scrape 16 times as often),
-    and the depth's figures still hold the samples, the one after the calls included."""
+    samples for all of them (a worker searching 16 problems must not scrape 16 times as often, nor
+    once per call: each scrape costs the server), and one closing sample follows the last call."""
     from etsq.models.metrics import KVMonitor
 
     server = _SlowMetrics()
     monitor = KVMonitor(server, "vllm", interval_s=0.05)  # type: ignore[arg-type]
 
-    async def call() -> float:
-        await asyncio.sleep(0.1)
+    async def call(seconds: float) -> float:
+        await asyncio.sleep(seconds)
         return time.perf_counter()
 
-    async def depth() -> tuple[float, dict[str, Any]]:
+    async def depth() -> tuple[float, float, dict[str, Any]]:
         start = time.perf_counter()
-        ends = await asyncio.gather(*(monitor.watch(call()) for _ in range(16)))
-        return max(ends) - start, await monitor.take()
+        ends = await asyncio.gather(*(monitor.watch(call(0.1 + i / 1000)) for i in range(16)))
+        return start, max(ends), await monitor.take()
 
-    took, figures = asyncio.run(depth())
-    assert took < 0.8  # not 1 s for a sample before the requests (a busy host delays sleeps)
-    calls_end = server.started[0] + took
-    assert len([t for t in server.started if t < calls_end - 0.01]) == 1  # one poller, not sixteen
-    assert figures["kv_usage"] == 0.5 and len(server.started) >= 2  # take() waited for the after-sample
+    start, calls_end, figures = asyncio.run(depth())
+    assert calls_end - start < 0.8  # not 1 s for a sample before the requests (a busy host delays sleeps)
+    during = [t for t in server.started if t < calls_end - 0.005]
+    assert len(during) == 1 and during[0] - start >= 0.015  # one poller, its sample after the requests
+    assert len(server.started) == 2  # the closing sample, and none per call
+    assert figures["kv_usage"] == 0.5  # the server's first figures waited for it
 
 
 class _CountingMetrics:

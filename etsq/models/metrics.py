@@ -18,25 +18,25 @@ tokens the server reports per request.  `take()` returns the figures since the l
 A worker searching several problems at once shares one monitor per server; each job's figures are
 its own (`watch` and `take` name the job's thread as owner).  The prompt and cached tokens are its
 own responses'.  The KV peak is the server's: it holds the other jobs' requests in flight at the
-time too, which is what the server had to hold while this depth ran.  A poller sample counts for
-every job with a call in flight when it lands; the first samples after the poller starts come 20
-and 80 ms apart, so a call of a few decode steps (shorter than one 200 ms interval) is seen
-holding its KV.
+time too, which is what the server had to hold while this depth ran.  A sample counts for every
+job with a call in flight when it lands.
 
-Sampling stays off the search's path: the first sample of a call goes out with its requests, not
-before them, and the one after it is not waited for: `take()` (between a depth's scoring and its
-commit) counts it if it has landed, else the next depth does.  Waiting for it put a /metrics round
-trip on every depth's path, 70-170 ms at 4-16 problems at once on a loaded server
-(bench/saturation_bench.py), for counters whose increase the next depth then reports.  Only a
-server's very first figures wait for its samples in flight.  One poller serves every call in flight
-on a server, so a worker searching K problems at once does not scrape the server K times as often
-(each /metrics scrape costs the server's API process CPU).
+Sampling stays off the search's path and light on the server.  One poller per server samples
+while any call is in flight: 20 ms after the calls start (a sample sent with the requests showed
+the KV before them), then every 200 ms, however many calls are in flight; when the server goes
+idle, one closing sample ends the counters' increase.  `take()` (between a depth's scoring and its
+commit) waits for none of them: a closing sample still in flight counts for the next depth.  Each
+scrape costs the server: vLLM's API process spends ~8 ms rendering its ~600-line page, on the loop
+that also serves the completions.  A sample after every call and one sent with every poller start
+(before) made REBASE's depth 1.5-2x slower at 1-4 problems at once on the CPU testbed, against the
+same search with no sampling (bench/saturation_bench.py --no-kv-monitor); only the lines a
+snapshot reads are parsed (the whole page took 6 ms of the HTTP loop's time).  Only a server's
+very first figures wait for a sample.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import re
@@ -55,7 +55,7 @@ T = TypeVar("T")
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 POLL_INTERVAL_S = 0.2
-EARLY_GAPS_S = (0.02, 0.08)  # the poller's first gaps, before it settles at its interval
+FIRST_SAMPLE_S = 0.02  # from a call's start to the poller's first sample
 # The job whose call is running, in the call's tasks: a response's usage counts for it.
 _OWNER: ContextVar[Hashable] = ContextVar("etsq_kv_owner", default=None)
 
@@ -69,10 +69,14 @@ class Sample:
     value: float
 
 
-def parse_prometheus(text: str) -> list[Sample]:
-    """Samples of a Prometheus text exposition (comments and malformed lines skipped)."""
+def parse_prometheus(text: str, names: tuple[str, ...] | None = None) -> list[Sample]:
+    """Samples of a Prometheus text exposition (comments and malformed lines skipped); with
+    `names`, only lines that start with one of them are parsed (vLLM's page is ~600 lines of
+    histograms: parsed whole, 6 ms of the HTTP loop's time per scrape)."""
     samples = []
     for line in text.splitlines():
+        if names is not None and not line.startswith(names):
+            continue
         match = _SAMPLE.match(line.strip())
         if match is None:
             continue
@@ -144,6 +148,12 @@ def _vllm_pool_tokens(samples: list[Sample]) -> float | None:
 
 
 SNAPSHOTS: dict[str, Callable[[list[Sample]], Snapshot]] = {"sglang": sglang_snapshot, "vllm": vllm_snapshot}
+# The metrics each flavour's snapshot reads: a scrape parses only their lines.
+NAMES: dict[str, tuple[str, ...]] = {
+    "sglang": ("sglang:num_used_tokens", "sglang:token_usage", "sglang:cache_hit_rate"),
+    "vllm": ("vllm:kv_cache_usage_perc", "vllm:cache_config_info", "vllm:prefix_cache_hits_total",
+             "vllm:prefix_cache_queries_total", "vllm:prompt_tokens_cached_total"),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- per-depth figures
@@ -159,6 +169,7 @@ class _Depth:
     cached_tokens: int | None = None
     first: Snapshot | None = None
     last: Snapshot | None = None
+    base: Snapshot | None = None  # the newest sample before the depth's first call: counters' start
     requests: int = 0
 
     def see(self, snap: Snapshot) -> None:
@@ -180,7 +191,7 @@ def _delta(first: float | None, last: float | None) -> float | None:
 
 @dataclass
 class KVMonitor:
-    """Samples one server's /metrics around requests and reports per-depth KV figures, per job.
+    """Samples one server's /metrics while requests run and reports per-depth KV figures, per job.
 
     Several jobs of one worker share a server's monitor; each job's figures are kept apart under
     its owner (the job's thread, named by the caller): a call's responses count for the job that
@@ -189,13 +200,14 @@ class KVMonitor:
     client: ServerClient
     flavour: str  # a key of SNAPSHOTS
     interval_s: float = POLL_INTERVAL_S
+    first_sample_s: float = FIRST_SAMPLE_S
     _depths: dict[Hashable, _Depth] = field(default_factory=dict)
     _calls: dict[Hashable, int] = field(default_factory=dict)  # calls in flight by owner
     _disabled: bool = False
     _poller: asyncio.Future[None] | None = None  # runs while any call is in flight
-    _pending: set[asyncio.Future[Any]] = field(default_factory=set)  # samples taken after a call
-    # The newest sample: a depth without samples of its own (the final one, or one whose only
-    # sample is still in flight) reads it instead of scraping on the search's path.
+    _pending: set[asyncio.Future[Any]] = field(default_factory=set)  # closing samples in flight
+    # The newest sample: a depth's counters start from it, and a depth without samples of its own
+    # (the final one, or one whose closing sample is still in flight) reads it.
     _last: Snapshot | None = None
 
     async def scrape(self, owners: tuple[Hashable, ...] = ()) -> Snapshot | None:
@@ -210,19 +222,18 @@ class KVMonitor:
                 self._disabled = True
                 log.warning("%s has no /metrics; server KV figures will be empty", self.client.base_url)
             return None
-        snap = SNAPSHOTS[self.flavour](parse_prometheus(text))
+        snap = SNAPSHOTS[self.flavour](parse_prometheus(text, NAMES[self.flavour]))
         for owner in {*self._calls, *owners}:
             self._depth(owner).see(snap)
         self._last = snap
         return snap
 
     async def watch(self, work: Awaitable[T], owner: Hashable = None) -> T:
-        """Await `owner`'s `work` while /metrics is sampled, and once more after it.
-
-        The poller's first sample is sent just before the call's requests (vLLM's hit-rate counters
-        are an increase over the depth) but not waited for; the sample after is left running.
-        """
+        """Await `owner`'s `work` while /metrics is sampled (see the module's docstring)."""
         token = _OWNER.set(owner)  # add_usage, called from the work's tasks, reads it
+        depth = self._depth(owner)
+        if depth.first is None and depth.base is None:
+            depth.base = self._last
         self._calls[owner] = self._calls.get(owner, 0) + 1
         if self._poller is None:
             self._poller = asyncio.ensure_future(self._poll())
@@ -236,21 +247,22 @@ class KVMonitor:
         left = self._calls.pop(owner) - 1
         if left:
             self._calls[owner] = left
-        if not self._calls and self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
+        if self._calls or self._poller is None:
+            return
+        self._poller.cancel()
+        self._poller = None
+        # The server going idle: one closing sample, for the counters' increase up to here.
         task = asyncio.ensure_future(self.scrape((owner,)))
         self._pending.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._pending.discard)
 
     async def _poll(self) -> None:
-        # A call shorter than one interval would hold KV between two samples, unseen: the first
-        # gaps are short, so a call of a few decode steps is still sampled while it runs.
-        early = (g for g in EARLY_GAPS_S if g < self.interval_s)
-        gaps = itertools.chain(early, itertools.repeat(self.interval_s))
-        for gap in gaps:
+        # The first sample waits for the server to schedule the requests (one sent with them
+        # showed the KV before them), then one sample an interval.
+        await asyncio.sleep(self.first_sample_s)
+        while True:
             await self.scrape()
-            await asyncio.sleep(gap)
+            await asyncio.sleep(self.interval_s)
 
     def _depth(self, owner: Hashable) -> _Depth:
         return self._depths.setdefault(owner, _Depth())
@@ -266,8 +278,8 @@ class KVMonitor:
 
     async def take(self, owner: Hashable = None) -> dict[str, Any]:
         """`owner`'s figures since its last take(), and a fresh start; a depth without samples of
-        its own gets the newest one.  The sample after a call is not waited for once the server has
-        been sampled at all: it counts for the depth if it has landed, else for the next one."""
+        its own gets the newest one.  No sample is waited for once the server has been sampled at
+        all: a closing sample still in flight counts for the next depth."""
         if self._depth(owner).first is None and self._last is None:
             if self._pending:
                 await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
@@ -280,7 +292,7 @@ class KVMonitor:
 
 
 def _figures(depth: _Depth) -> dict[str, Any]:
-    first, last = depth.first or Snapshot(), depth.last or Snapshot()
+    first, last = depth.base or depth.first or Snapshot(), depth.last or Snapshot()
     hit_rate = last.hit_rate
     hits, queries = _delta(first.hits, last.hits), _delta(first.queries, last.queries)
     if hit_rate is None and hits is not None and queries:
