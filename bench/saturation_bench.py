@@ -27,7 +27,9 @@ its last request sent, generation, scoring, commit) and the gaps between them, m
 over every depth of every job; and per phase the CPU seconds of this process (the worker side:
 search, select, commit, HTTP; the replay's client in the ceilings) and of each server's process
 tree, with their share of the machine's CPU time: where etsq and the servers share the CPUs, what
-etsq burns the servers cannot have.  JSON in `--out`, a table on stdout.
+etsq burns the servers cannot have.  A server's CPU is not all work: vLLM's CPU worker busy-waits
+(sched_yield) for 1 s after each step on its shared-memory queue, on its own CPU.  JSON in
+`--out`, a table on stdout.
 
     python bench/saturation_bench.py --problems 8 --width 8 --concurrency 1 4 16 --out /tmp/sat
     python bench/saturation_bench.py --serve --out /tmp/sat     # servers only, their URLs in urls.json
@@ -574,6 +576,8 @@ def run_cell(
     rec = Recorder()
     for url in urls.values():
         reset_prefix_cache(url)
+    if method == "ets":  # each cell embeds its steps afresh: the same problems' texts recur across cells
+        execute.load_embedder(None).clear_cache()
     before = load_average()
     with (
         BusySampler(urls["policy"], args.sample_ms / 1000) as pol,

@@ -558,6 +558,8 @@ def test_sentence_embedder_real_model() -> None:
     assert emb.batches == [3]  # one batch, the repeated text encoded once
     emb.embed(texts)
     assert emb.batches == [3]  # every text is cached
+    emb.clear_cache()
+    assert np.allclose(emb.embed(texts[:2]), rows[:2], atol=1e-5) and emb.batches == [3, 2]  # encoded anew
 
 
 def _gated_embedder(fail: bool = False) -> Any:

@@ -82,6 +82,11 @@ class SentenceEmbedder:
         except Exception as exc:  # any load failure (missing files, offline hub) is permanent
             raise ModelError(f"cannot load embedding model {self.model_name_or_path!r}: {exc}") from exc
 
+    def clear_cache(self) -> None:
+        """Forget every embedding computed so far (a benchmark's cell starts cold)."""
+        with self._model_lock:
+            self._cache.clear()
+
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         out = self.model.encode(
             list(texts),
