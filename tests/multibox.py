@@ -21,6 +21,7 @@ from etsq.queue.broker import redis_server_binary
 from tests.services import _cluster_base, _template, postgres_bindir, postgres_os_user
 
 START_S = 30.0
+STORE_MAC = "02:00:0a:c8:00:01"  # the store's bridge (locally administered)
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -56,6 +57,9 @@ class Net:
         self.made.append(store)
         sh("ip", "-n", store, "link", "set", "lo", "up")
         sh("ip", "-n", store, "link", "add", "br0", "type", "bridge")
+        # A fixed address: a bridge takes its lowest port's otherwise, which the boxes' entries below
+        # would have to follow.
+        sh("ip", "-n", store, "link", "set", "br0", "address", STORE_MAC)
         sh("ip", "-n", store, "addr", "add", f"{self.addr('store')}/24", "dev", "br0")
         sh("ip", "-n", store, "link", "set", "br0", "up")
         for role in (*self.boxes, "host"):
@@ -74,6 +78,12 @@ class Net:
             where = [] if role == "host" else ["-n", self.ns(role)]
             sh("ip", *where, "addr", "add", f"{self.addr(role)}/24", "dev", inner)
             sh("ip", *where, "link", "set", inner, "up")
+            # The store's address resolved for good: a link taken down (`link`) then drops packets,
+            # as a partition does, instead of the kernel flushing the box's ARP entry at carrier loss
+            # and refusing new connections with EHOSTUNREACH (which made box2 hand its jobs back
+            # during the partition, or not, by which of its connections happened to be pooled).
+            sh("ip", *where, "neigh", "replace", self.addr("store"), "lladdr", STORE_MAC, "dev", inner,
+               "nud", "permanent")  # fmt: skip
 
     def link(self, role: str, up: bool) -> None:
         """Take a box's link down (its end on the bridge) or bring it back."""

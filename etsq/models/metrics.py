@@ -27,11 +27,11 @@ the KV before them), then every 200 ms, however many calls are in flight; when t
 idle, one closing sample ends the counters' increase.  `take()` (between a depth's scoring and its
 commit) waits for none of them: a closing sample still in flight counts for the next depth.  Each
 scrape costs the server: vLLM's API process spends ~8 ms rendering its ~600-line page, on the loop
-that also serves the completions.  A sample after every call and one sent with every poller start
-(before) made REBASE's depth 1.5-2x slower at 1-4 problems at once on the CPU testbed, against the
-same search with no sampling (bench/saturation_bench.py --no-kv-monitor); only the lines a
-snapshot reads are parsed (the whole page took 6 ms of the HTTP loop's time).  Only a server's
-very first figures wait for a sample.
+that also serves the completions.  When a sample went out with every poller start and after every
+call, REBASE on the CPU testbed took 1.5-2x as long at 1-4 problems at once as the same search
+with no sampling (bench/saturation_bench.py --no-kv-monitor).  Only the lines a snapshot reads are
+parsed (the whole page took 6 ms of the HTTP loop's time).  Only a server's very first figures
+wait for a sample.
 """
 
 from __future__ import annotations
