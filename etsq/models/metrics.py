@@ -200,7 +200,6 @@ class KVMonitor:
     client: ServerClient
     flavour: str  # a key of SNAPSHOTS
     interval_s: float = POLL_INTERVAL_S
-    first_sample_s: float = FIRST_SAMPLE_S
     _depths: dict[Hashable, _Depth] = field(default_factory=dict)
     _calls: dict[Hashable, int] = field(default_factory=dict)  # calls in flight by owner
     _disabled: bool = False
@@ -259,7 +258,7 @@ class KVMonitor:
     async def _poll(self) -> None:
         # The first sample waits for the server to schedule the requests (one sent with them
         # showed the KV before them), then one sample an interval.
-        await asyncio.sleep(self.first_sample_s)
+        await asyncio.sleep(FIRST_SAMPLE_S)
         while True:
             await self.scrape()
             await asyncio.sleep(self.interval_s)
