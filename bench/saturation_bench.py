@@ -42,6 +42,7 @@ import asyncio
 import contextvars
 import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -67,10 +68,11 @@ from etsq.models.backends import load_models  # noqa: E402
 from etsq.models.config import ModelConfig  # noqa: E402
 from etsq.models.http import ServerClient  # noqa: E402
 from etsq.models.metrics import KVMonitor  # noqa: E402
-from etsq.models.remote import RemoteLikelihoodPRM  # noqa: E402
+from etsq.models.remote import RemoteLikelihoodPRM, RemotePolicy, RemoteRole  # noqa: E402
 from etsq.queue import execute  # noqa: E402
 from etsq.search import loop  # noqa: E402
 from etsq.search.config import SearchConfig  # noqa: E402
+from etsq.search.embed import SentenceEmbedder  # noqa: E402
 from etsq.settings import Settings  # noqa: E402
 from etsq.store import schema as m  # noqa: E402
 from etsq.store.runs import RunSpec, create_run  # noqa: E402
@@ -161,38 +163,54 @@ COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 
 class BusySampler:
-    """Samples one server's request gauges and token counters every `interval_s`, in a thread."""
+    """Samples each server's request gauges and token counters every `interval_s`, in a process of
+    its own: a scrape is a 60-70 KB page, and parsing 40 of them a second in this process took the
+    GIL from the search it measures (REBASE at 4 problems at once took 16-18 s sampled every 50 ms
+    in a thread, 11-13 s sampled once a second), while the ceiling's replay client hardly noticed.
+    Times are `time.perf_counter()`, the system-wide monotonic clock, so they compare across the
+    two processes."""
 
-    def __init__(self, url: str, interval_s: float) -> None:
-        self.url, self.interval_s = url, interval_s
-        self.samples: list[tuple[float, float, float]] = []  # (time, running + waiting, tokens)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, urls: dict[str, str], interval_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._out = ctx.Queue()
+        self._process = ctx.Process(target=_sample_loop, args=(urls, interval_s, self._stop, self._out))
+        self.samples: dict[str, list[tuple[float, float, float]]] = {}  # (time, running + waiting, tokens)
 
     def __enter__(self) -> BusySampler:
-        self._thread.start()
+        self._process.start()
+        self._out.get(timeout=60)  # started: its first samples are taken
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self.samples = self._out.get(timeout=60)
+        self._process.join()
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self._stop.is_set():
-                sample = _sample(client)
-                if sample is not None:
-                    self.samples.append((time.perf_counter(), *sample))
-                self._stop.wait(self.interval_s)
-
-    def busy_share(self, start: float, end: float) -> float | None:
+    def busy_share(self, role: str, start: float, end: float) -> float | None:
         """The share of [start, end] in intervals where the server worked (see GAUGES above)."""
-        inside = [s for s in self.samples if start <= s[0] <= end]
+        inside = [s for s in self.samples[role] if start <= s[0] <= end]
         busy = total = 0.0
         for (t0, _, tok0), (t1, queued, tok1) in itertools.pairwise(inside):
             total += t1 - t0
             busy += (t1 - t0) if queued > 0 or tok1 > tok0 else 0.0
         return busy / total if total else None
+
+
+def _sample_loop(urls: dict[str, str], interval_s: float, stop: Any, out: Any) -> None:
+    samples: dict[str, list[tuple[float, float, float]]] = {role: [] for role in urls}
+    clients = {role: httpx.Client(base_url=url, timeout=10) for role, url in urls.items()}
+    started = False
+    while not stop.is_set():
+        for role, client in clients.items():
+            sample = _sample(client)
+            if sample is not None:
+                samples[role].append((time.perf_counter(), *sample))
+        if not started:
+            out.put(None)
+            started = True
+        stop.wait(interval_s)
+    out.put(samples)
 
 
 def _sample(client: httpx.Client) -> tuple[float, float] | None:
@@ -314,6 +332,19 @@ def _commit(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+def _stats(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A depth's server figures, read after its scoring: a phase per server."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def server_stats(self: RemoteRole) -> Any:
+            role = "policy" if isinstance(self, RemotePolicy) else "prm"
+            return _timed(rec, f"stats:{role}")(original)(self)
+
+        return server_stats
+
+    return make
+
+
 def _post(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         async def post_json(self: ServerClient, path: str, body: dict[str, Any], *a: Any, **kw: Any) -> Any:
@@ -354,6 +385,7 @@ def recording(rec: Recorder, kv_monitor: bool = True) -> Iterator[None]:
         _wrap(loop.Searcher, "_select", _timed(rec, "select")),
         _wrap(loop.Searcher, "step", _step),
         _wrap(DepthWriter, "__call__", _commit(rec)),
+        _wrap(RemoteRole, "server_stats", _stats(rec)),
     ]
     try:
         yield
@@ -540,14 +572,15 @@ def timeline(phases: list[Phase], sent: list[Sent]) -> dict[str, Any]:
             g0, g1 = ph["generation"]
             inside = [s.start for s in sent if s.job == key[0] and g0 <= s.start <= g1]
             last_sent[key] = max(inside) if inside else g0
-    rows = [_depth_row(ph, last_sent.get(k)) for k, ph in sorted(by_depth.items())]
+    # Depth -1: the server figures a job drops as it starts, before its first depth.
+    rows = [_depth_row(ph, last_sent.get(k)) for k, ph in sorted(by_depth.items()) if k[1] >= 0]
     rows = [r for r in rows if r]
     keys = sorted({k for r in rows for k in r})
     means = {k: statistics.fmean(r[k] for r in rows if k in r) for k in keys}
     return {"depths": len(rows), "mean_ms": means, "example": rows[len(rows) // 2] if rows else {}}
 
 
-ORDER = ("select", "generation", "scoring", "commit")
+ORDER = ("select", "generation", "scoring", "stats:policy", "stats:prm", "commit")
 
 
 def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> dict[str, float]:
@@ -577,12 +610,11 @@ def run_cell(
     for url in urls.values():
         reset_prefix_cache(url)
     if method == "ets":  # each cell embeds its steps afresh: the same problems' texts recur across cells
-        execute.load_embedder(None).clear_cache()
+        embedder = execute.load_embedder(None)
+        assert isinstance(embedder, SentenceEmbedder)
+        embedder.clear_cache()
     before = load_average()
-    with (
-        BusySampler(urls["policy"], args.sample_ms / 1000) as pol,
-        BusySampler(urls["prm"], args.sample_ms / 1000) as prm,
-    ):
+    with BusySampler(urls, args.sample_ms / 1000) as busy:
         cpu0 = meter.read()
         s0, s1 = search(settings, jobs, k, rec, not args.no_kv_monitor)
         cpu1 = meter.read()
@@ -622,9 +654,9 @@ def run_cell(
             "ratio": ordered_s / search_s,
         },
         "busy": {
-            "search": {"policy": pol.busy_share(s0, s1), "prm": prm.busy_share(s0, s1)},
-            "ceiling": {"policy": pol.busy_share(c0, c1), "prm": prm.busy_share(c0, c1)},
-            "in_order": {"policy": pol.busy_share(o0, o1), "prm": prm.busy_share(o0, o1)},
+            "search": {r: busy.busy_share(r, s0, s1) for r in urls},
+            "ceiling": {r: busy.busy_share(r, c0, c1) for r in urls},
+            "in_order": {r: busy.busy_share(r, o0, o1) for r in urls},
         },
         "cpu": {
             "search": meter.spent(cpu0, cpu1, s1 - s0),
@@ -678,6 +710,48 @@ def print_table(cells: list[dict[str, Any]]) -> None:
     print(f"\nload: {cells[0]['uptime_before'] if cells else ''} .. {load_average()}")
 
 
+MEDIANS: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "search_s": lambda c: c["search_s"],
+    "ceiling_s": lambda c: c["ceiling_s"],
+    "in_order_s": lambda c: c["in_order"]["ceiling_s"],
+    "of_ceiling": lambda c: c["gen_ratio"],
+    "of_in_order": lambda c: c["in_order"]["ratio"],
+    "policy_busy": lambda c: c["busy"]["search"]["policy"],
+    "prm_busy": lambda c: c["busy"]["search"]["prm"],
+}
+
+
+def medians(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and K, the median over repeats of each figure.  A ratio's median is taken over
+    each repeat's own ratio, its search and ceilings measured back to back: on this machine two
+    replays of the same requests differ by up to 2x minutes apart, and pairing cancels that drift."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        groups[(c["method"], c["concurrency"])].append(c)
+    return [
+        {"method": method, "concurrency": k, "repeats": len(group),
+         **{name: _median([get(c) for c in group]) for name, get in MEDIANS.items()}}
+        for (method, k), group in groups.items()
+    ]  # fmt: skip
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def print_medians(summary: list[dict[str, Any]]) -> None:
+    print("\nmedians over repeats (ratios: each repeat's own, then their median):")
+    print(f"{'method':<7} {'K':>3} {'n':>2} {'search s':>8} {'ceil s':>7} {'in-order s':>10} "
+          f"{'of ceiling':>10} {'of in-order':>11} {'pol busy':>8} {'prm busy':>8}")  # fmt: skip
+    for r in summary:
+        print(
+            f"{r['method']:<7} {r['concurrency']:>3} {r['repeats']:>2} {r['search_s']:>8.1f} "
+            f"{r['ceiling_s']:>7.1f} {r['in_order_s']:>10.1f} {_pct(r['of_ceiling']):>10} "
+            f"{_pct(r['of_in_order']):>11} {_pct(r['policy_busy']):>8} {_pct(r['prm_busy']):>8}"
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -712,7 +786,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-depth", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--methods", nargs="+", default=["rebase", "ets"])
-    parser.add_argument("--sample-ms", type=float, default=50.0)
+    parser.add_argument("--repeat", type=int, default=1, help="times each cell runs (medians reported)")
+    parser.add_argument("--sample-ms", type=float, default=100.0)
     parser.add_argument(
         "--no-kv-monitor", action="store_true", help="the search scrapes no /metrics (what the monitor costs)"
     )
@@ -738,18 +813,23 @@ def main() -> None:
             warm(args, urls)
             meter = CpuMeter({role: h.process.pid for role, h in zip(urls, handles, strict=False)})
             cells = []
-            for method in args.methods:
-                for k in args.concurrency:
-                    cells.append(run_cell(args, urls, method, k, meter))
-                    print(f"  {method} K={k}: {cells[-1]['search_s']:.1f} s search, "
-                          f"{cells[-1]['ceiling_s']:.1f} s ceiling, "
-                          f"{cells[-1]['in_order']['ceiling_s']:.1f} s in order", flush=True)  # fmt: skip
+            for repeat in range(args.repeat):  # repeats interleave the cells: drift hits each alike
+                for method in args.methods:
+                    for k in args.concurrency:
+                        cells.append({"repeat": repeat, **run_cell(args, urls, method, k, meter)})
+                        print(f"  {method} K={k}: {cells[-1]['search_s']:.1f} s search, "
+                              f"{cells[-1]['ceiling_s']:.1f} s ceiling, "
+                              f"{cells[-1]['in_order']['ceiling_s']:.1f} s in order", flush=True)  # fmt: skip
         finally:
             for handle in handles:
                 handle.stop()
     config = {k: v for k, v in vars(args).items() if k not in ("out", "tmp", "home")}
-    (args.out / "saturation.json").write_text(json.dumps({"config": config, "cells": cells}, indent=2))
+    summary = medians(cells)
+    (args.out / "saturation.json").write_text(
+        json.dumps({"config": config, "summary": summary, "cells": cells}, indent=2)
+    )
     print_table(cells)
+    print_medians(summary)
 
 
 if __name__ == "__main__":

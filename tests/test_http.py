@@ -325,6 +325,40 @@ def test_jobs_sharing_a_monitor_each_get_their_own_usage_and_samples() -> None:
     assert b["kv_usage"] > a["kv_usage"] > 0  # b's samples after a's take() stayed b's
 
 
+def test_a_jobs_thread_takes_its_figures_without_the_loop_once_the_server_was_sampled() -> None:
+    """take_sampled reads a job's figures from the job's own thread: None before the server's
+    first sample (take then waits for it on the loop), the same figures take() gives after, and
+    a fresh start for the next depth."""
+    from etsq.models.metrics import KVMonitor
+
+    monitor = KVMonitor(_CountingMetrics(), "vllm", interval_s=0.03)  # type: ignore[arg-type]
+    assert monitor.take_sampled("job") is None  # never sampled: nothing to read yet
+
+    async def depth(prompt: int) -> None:
+        async def call() -> None:
+            monitor.add_usage(prompt, prompt // 5)
+            await asyncio.sleep(0.1)
+
+        await monitor.watch(call(), "job")
+
+    async def first_depth() -> dict[str, Any]:
+        await depth(10)
+        return await monitor.take("job")
+
+    first = asyncio.run(first_depth())
+    asyncio.run(depth(25))
+    taken: list[dict[str, Any] | None] = []
+    thread = threading.Thread(target=lambda: taken.append(monitor.take_sampled("job")))
+    thread.start()
+    thread.join()
+    second = taken[0]
+    assert second is not None
+    assert (first["prompt_tokens"], first["requests"]) == (10, 1)
+    assert (second["prompt_tokens"], second["cached_prompt_tokens"], second["requests"]) == (25, 5, 1)
+    assert second["kv_usage"] is not None and second["kv_usage"] > first["kv_usage"]  # its own samples
+    assert monitor.take_sampled("job")["requests"] == 0  # type: ignore[index]  # a fresh start
+
+
 def test_a_call_shorter_than_the_poll_interval_is_sampled_while_it_runs() -> None:
     """A call of a few decode steps ends well inside one 200 ms interval: the poller's first
     sample goes out with the requests (before the server holds them), and an early second one
@@ -376,3 +410,18 @@ def test_a_prompt_is_tokenized_once_for_the_texts_scored_with_it_and_a_failed_co
     results = asyncio.run(scenario())
     assert all(isinstance(r, TransientError) for r in results[:4]) and results[4:] == [3, 3, 3, 3]
     assert calls == ["q", "q"]  # one count per prompt at a time; the failed one asked again once
+
+
+def test_httpcore_finds_sniffio_so_a_request_searches_no_import_path() -> None:
+    """httpcore asks sniffio which async library runs, about 8 times a request; without it each
+    ask was a failed import that searched sys.path (a fifth of the HTTP loop's time)."""
+    import importlib.util
+
+    from httpcore._synchronization import current_async_library
+
+    assert importlib.util.find_spec("sniffio") is not None
+
+    async def ask() -> str:
+        return current_async_library()
+
+    assert asyncio.run(ask()) == "asyncio"

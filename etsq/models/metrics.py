@@ -31,7 +31,8 @@ that also serves the completions.  When a sample went out with every poller star
 call, REBASE on the CPU testbed took 1.5-2x as long at 1-4 problems at once as the same search
 with no sampling (bench/saturation_bench.py --no-kv-monitor).  Only the lines a snapshot reads are
 parsed (the whole page took 6 ms of the HTTP loop's time).  Only a server's very first figures
-wait for a sample.
+wait for a sample; after that a job's thread takes its figures itself (`take_sampled`), under a
+lock, instead of queueing behind every job's HTTP work on the loop.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import asyncio
 import logging
 import math
 import re
+import threading
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -208,6 +210,8 @@ class KVMonitor:
     # The newest sample: a depth's counters start from it, and a depth without samples of its own
     # (the final one, or one whose closing sample is still in flight) reads it.
     _last: Snapshot | None = None
+    # Guards the figures: the loop's samples and responses add to them, a job's thread takes them.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def scrape(self, owners: tuple[Hashable, ...] = ()) -> Snapshot | None:
         """One /metrics sample (one attempt: a missed sample is not worth a retry), counted for
@@ -222,17 +226,19 @@ class KVMonitor:
                 log.warning("%s has no /metrics; server KV figures will be empty", self.client.base_url)
             return None
         snap = SNAPSHOTS[self.flavour](parse_prometheus(text, NAMES[self.flavour]))
-        for owner in {*self._calls, *owners}:
-            self._depth(owner).see(snap)
-        self._last = snap
+        with self._lock:
+            for owner in {*self._calls, *owners}:
+                self._depth(owner).see(snap)
+            self._last = snap
         return snap
 
     async def watch(self, work: Awaitable[T], owner: Hashable = None) -> T:
         """Await `owner`'s `work` while /metrics is sampled (see the module's docstring)."""
         token = _OWNER.set(owner)  # add_usage, called from the work's tasks, reads it
-        depth = self._depth(owner)
-        if depth.first is None and depth.base is None:
-            depth.base = self._last
+        with self._lock:
+            depth = self._depth(owner)
+            if depth.first is None and depth.base is None:
+                depth.base = self._last
         self._calls[owner] = self._calls.get(owner, 0) + 1
         if self._poller is None:
             self._poller = asyncio.ensure_future(self._poll())
@@ -269,11 +275,12 @@ class KVMonitor:
     def add_usage(self, prompt_tokens: int, cached_tokens: int | None) -> None:
         """Count one response's server-reported prompt and prefix-cache-hit tokens for the job
         whose call it answers."""
-        depth = self._depth(_OWNER.get())
-        depth.requests += 1
-        depth.prompt_tokens += prompt_tokens
-        if cached_tokens is not None:
-            depth.cached_tokens = (depth.cached_tokens or 0) + cached_tokens
+        with self._lock:
+            depth = self._depth(_OWNER.get())
+            depth.requests += 1
+            depth.prompt_tokens += prompt_tokens
+            if cached_tokens is not None:
+                depth.cached_tokens = (depth.cached_tokens or 0) + cached_tokens
 
     async def take(self, owner: Hashable = None) -> dict[str, Any]:
         """`owner`'s figures since its last take(), and a fresh start; a depth without samples of
@@ -284,9 +291,22 @@ class KVMonitor:
                 await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
             else:
                 await self.scrape((owner,))
-        depth = self._depths.pop(owner)
-        if depth.first is None and self._last is not None:
-            depth.see(self._last)  # no sample since: the newest one stands for the depth
+        return self._take(owner)
+
+    def take_sampled(self, owner: Hashable = None) -> dict[str, Any] | None:
+        """`take`, from any thread, for a server sampled before (None if it never was, and then
+        `take` waits for its first sample on the loop).  A job's thread reads its figures here
+        without waiting its turn on the HTTP loop, which at 16 problems at once cost a depth 36 ms."""
+        with self._lock:
+            if self._last is None and self._depth(owner).first is None:
+                return None
+        return self._take(owner)
+
+    def _take(self, owner: Hashable) -> dict[str, Any]:
+        with self._lock:
+            depth = self._depths.pop(owner, None) or _Depth()
+            if depth.first is None and self._last is not None:
+                depth.see(self._last)  # no sample since: the newest one stands for the depth
         return _figures(depth)
 
 
