@@ -345,6 +345,24 @@ def _stats(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return make
 
 
+def _hop(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A model call's wait for the HTTP loop: from the job's thread handing it over to its start."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def run(self: RemoteRole, work: Callable[[], Any]) -> Any:
+            role, handed = ("policy" if isinstance(self, RemotePolicy) else "prm"), time.perf_counter()
+
+            async def started() -> Any:
+                rec.phase(f"hop:{role}", handed, time.perf_counter())
+                return await work()
+
+            return original(self, started)
+
+        return run
+
+    return make
+
+
 def _post(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         async def post_json(self: ServerClient, path: str, body: dict[str, Any], *a: Any, **kw: Any) -> Any:
@@ -386,6 +404,7 @@ def recording(rec: Recorder, kv_monitor: bool = True) -> Iterator[None]:
         _wrap(loop.Searcher, "step", _step),
         _wrap(DepthWriter, "__call__", _commit(rec)),
         _wrap(RemoteRole, "server_stats", _stats(rec)),
+        _wrap(RemoteRole, "_run", _hop(rec)),
     ]
     try:
         yield
@@ -581,6 +600,7 @@ def timeline(phases: list[Phase], sent: list[Sent]) -> dict[str, Any]:
 
 
 ORDER = ("select", "generation", "scoring", "stats:policy", "stats:prm", "commit")
+WITHIN = ("hop:policy", "hop:prm")  # parts of the generation and the scoring
 
 
 def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> dict[str, float]:
@@ -589,6 +609,7 @@ def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> d
     if len(present) < 2:
         return {}
     row = {n: (e - s) * 1000 for n, (s, e) in present}
+    row.update({n: (ph[n][1] - ph[n][0]) * 1000 for n in WITHIN if n in ph})
     if last_sent is not None and "generation" in ph:
         row["fan_out"] = (last_sent - ph["generation"][0]) * 1000
     for (a, (_, a_end)), (b, (b_start, _)) in itertools.pairwise(present):
@@ -664,6 +685,7 @@ def run_cell(
             "in_order": meter.spent(cpu4, cpu5, o1 - o0),
         },
         "timeline": timeline(rec.phases, rec.sent),
+        "phases": [asdict(ph) for ph in rec.phases],  # every timed phase, for a closer look
         "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
         "in_order_tokens": {role: asdict(r) for role, r in ordered.items()},
         "uptime_before": before,
