@@ -5,13 +5,15 @@ embedded Redis is started (and the database migrated) before the clock runs:
 - `sweep`: `etsq sweep FILE` storing and enqueueing the 40 new runs (the command's wall time);
 - `sweep_again`: the same again, every message still waiting (nothing stored or sent);
 - `resume_one`: `etsq resume RUN` of one run, every message still waiting (it reads the queue);
-- `resume_all_flushed` (with `--resume-all`): after a FLUSHALL, every run's `resume_run` (what
-  `etsq resume` calls) in one process, one run after another: 20,000 jobs sent again, each run
-  reading the messages the runs before it sent (quadratic in the runs, as 40 `etsq resume`s are);
+- `resume_all_flushed`: after a FLUSHALL, `etsq resume --all`: 20,000 jobs sent again, each queue
+  read once for the 40 runs;
+- `resume_each_flushed` (with `--resume-each`): after another FLUSHALL, every run's `resume_run`
+  (what `etsq resume RUN` calls) in one process, one run after another, each run reading the
+  messages the runs before it sent (quadratic in the runs, as 40 `etsq resume RUN`s are);
 - `sweep_flushed`: after another FLUSHALL, `etsq sweep FILE` again: the resubmission resumes each run.
 After each step the queue is checked to hold every job's message exactly once.  Each figure carries
 the load averages (the machine is shared) and the CPU seconds its process used.
-Run: python bench/enqueue_bench.py [--only sqlite|postgres] [--json PATH] [--profile] [--resume-all]
+Run: python bench/enqueue_bench.py [--only sqlite|postgres] [--json PATH] [--profile] [--resume-each]
 [--src DIR]
 `--src DIR`: run the commands of another checkout (e.g. `git archive` of an older commit), for
 before/after figures from one sitting.  `--profile`: the first sweep under cProfile, top entries.
@@ -42,8 +44,8 @@ models: {backend: sim}
 """
 JOBS = 40 * 500
 
-# The child of `resume_all_flushed`: every run's resume in one process, timed there (no start-up).
-_RESUME_ALL = """
+# The child of `resume_each_flushed`: every run's resume in one process, timed there (no start-up).
+_RESUME_EACH = """
 import json, sys, time
 from etsq.settings import Settings
 from etsq.store.session import Store
@@ -118,7 +120,7 @@ def _figure(wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
     return {"seconds": round(wall, 3), "cpu_s": round(cpu, 3), "load": _load(), **extra}
 
 
-def _bench(name: str, db_url: str, home: Path, src: Path, profile: bool, resume_all: bool) -> dict[str, Any]:
+def _bench(name: str, db_url: str, home: Path, src: Path, profile: bool, resume_each: bool) -> dict[str, Any]:
     from etsq.queue.broker import ensure_local_redis, stop_local_redis
     from etsq.store.session import upgrade
 
@@ -137,12 +139,15 @@ def _bench(name: str, db_url: str, home: Path, src: Path, profile: bool, resume_
         out["sweep_again"] = _figure(*_cli(["sweep", str(sweep)], env, src))
         out["resume_one"] = _figure(*_cli(["resume", str(runs[0])], env, src))
         _queue_check(broker, jobs)
-        if resume_all:
+        _flush(broker)
+        out["resume_all_flushed"] = _figure(*_cli(["resume", "--all"], env, src))
+        _queue_check(broker, jobs)
+        if resume_each:
             _flush(broker)
-            wall, cpu, text = _run([sys.executable, "-c", _RESUME_ALL, json.dumps(runs)], env, src)
+            wall, cpu, text = _run([sys.executable, "-c", _RESUME_EACH, json.dumps(runs)], env, src)
             inner = json.loads(text)
             figure = _figure(inner["seconds"], cpu, enqueued=inner["enqueued"], process_s=wall)
-            out["resume_all_flushed"] = figure
+            out["resume_each_flushed"] = figure
             _queue_check(broker, jobs)
         _flush(broker)
         out["sweep_flushed"] = _figure(*_cli(["sweep", str(sweep)], env, src))
@@ -161,13 +166,13 @@ def _print_profile(path: Path) -> None:
     pstats.Stats(str(path)).sort_stats("cumulative").print_stats(30)
 
 
-def _bench_postgres(tmp: Path, src: Path, profile: bool, resume_all: bool) -> dict[str, Any]:
+def _bench_postgres(tmp: Path, src: Path, profile: bool, resume_each: bool) -> dict[str, Any]:
     from tests.services import start_postgres
 
     server = start_postgres(tmp / "pg")
     try:
         url = server.create_database("bench")
-        return _bench("postgres", url, tmp / "home-pg", src, profile, resume_all)
+        return _bench("postgres", url, tmp / "home-pg", src, profile, resume_each)
     finally:
         server.stop()
 
@@ -186,7 +191,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["sqlite", "postgres"], default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--profile", action="store_true", help="profile the first sweep of each database")
-    parser.add_argument("--resume-all", action="store_true", help="also resume the 40 runs one by one")
+    parser.add_argument("--resume-each", action="store_true", help="also resume the 40 runs one by one")
     parser.add_argument("--src", type=Path, default=REPO, help="the checkout whose commands are timed")
     args = parser.parse_args()
     src = args.src.resolve()
@@ -195,10 +200,10 @@ def main() -> None:
         tmp = Path(name)
         if args.only != "postgres":
             sqlite = f"sqlite:///{tmp}/bench.db"
-            results.append(_bench("sqlite", sqlite, tmp / "home-sqlite", src, args.profile, args.resume_all))
+            results.append(_bench("sqlite", sqlite, tmp / "home-sqlite", src, args.profile, args.resume_each))
             _print(results[-1])
         if args.only != "sqlite":
-            results.append(_bench_postgres(tmp, src, args.profile, args.resume_all))
+            results.append(_bench_postgres(tmp, src, args.profile, args.resume_each))
             _print(results[-1])
     if args.json:
         args.json.write_text(json.dumps({"src": str(src), "results": results}, indent=2))

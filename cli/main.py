@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +20,7 @@ from cli.app import EtsqGroup, open_store, pass_settings, print_json, table
 from cli.broker import broker
 from cli.servers import servers
 from cli.testbed import testbed
+from etsq.errors import UserError
 from etsq.models.backends import BACKEND_NAMES, PRM_APIS, REMOTE_BACKENDS, backends_help
 from etsq.models.config import ModelConfig
 from etsq.models.prm_families import PRM_FAMILIES
@@ -27,6 +28,9 @@ from etsq.search.config import COSTS, SearchConfig
 from etsq.search.methods import METHODS
 from etsq.settings import Settings
 from etsq.validation import LIMITS
+
+if TYPE_CHECKING:
+    from etsq.submit import ResumedRun
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -523,17 +527,23 @@ def _print_plan(
     )
 
 
+_RESUME_BOTH = "name the runs to resume, or --all, not both"
+_RESUME_NEITHER = "name a run to resume, or --all"
+_WAIT_ONE = "--wait follows one run: resume several without it, and follow them with `etsq status`"
+
+
 @cli.command("resume")
-@click.argument("run", type=int)
+@click.argument("runs", metavar="RUN...", type=int, nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every run with a job queued, running or cancelled.")
 @click.option(
     "--wait",
     is_flag=True,
     help="Wait for the run, starting a local worker for it if none runs; exit 1 if problems failed.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One object for one RUN, else a list of them.")
 @pass_settings
-def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
-    """Enqueue a run's unfinished jobs again (after a crash, a reboot, a flushed Redis, or a cancel).
+def resume_cmd(settings: Settings, runs: tuple[int, ...], every: bool, wait: bool, as_json: bool) -> int:
+    """Enqueue runs' unfinished jobs again (after a crash, a reboot, a flushed Redis, or a cancel).
 
     A cancel is a pause: cancelled jobs are queued again.  Jobs resume from their last committed
     depth; jobs a live worker holds are left alone, and a job whose message still waits in the
@@ -543,28 +553,79 @@ def resume_cmd(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
     Examples:
       etsq resume 3
       etsq resume 3 --wait      # and follow it, with a local worker if none listens
+      etsq resume 3 4 5
+      etsq resume --all         # after a reboot or a flushed Redis: every unfinished run
     """
+    if bool(runs) == every:
+        raise UserError(_RESUME_BOTH if every else _RESUME_NEITHER)
+    if wait and (every or len(runs) > 1):
+        raise UserError(_WAIT_ONE)
+    if every:
+        return _resume_all(settings, as_json)
+    if len(runs) > 1:
+        return _resume_many(settings, list(runs), as_json)
+    return _resume_single(settings, runs[0], wait, as_json)
+
+
+def _resume_single(settings: Settings, run: int, wait: bool, as_json: bool) -> int:
     from etsq.submit import resume_run
 
     store = open_store(settings)
     done = resume_run(settings, store, run, wait=wait)
-    counts = {
-        "enqueued": done.resumed.enqueued,
-        "already_queued": done.resumed.already_waiting,
-        "uncancelled": done.uncancelled,
-    }
     if as_json:
-        print_json({"run_id": run, **counts, "workers_listening": done.listening})
+        print_json(_resumed_row(run, done))
     else:
-        again = f" ({done.uncancelled} cancelled jobs queued again)" if done.uncancelled else ""
-        click.echo(
-            f"run {run}: {counts['enqueued']} jobs enqueued, {counts['already_queued']} already queued{again}"
-        )
+        click.echo(_resumed_line(run, done))
     if wait:
         return _wait(done.connection, store, run, done.own_queue)
     if not done.listening and done.resumed.enqueued + done.resumed.already_waiting:
         _no_worker(done.connection, run)
     return 0
+
+
+def _resume_all(settings: Settings, as_json: bool) -> int:
+    from etsq.submit import unfinished_runs
+
+    runs = unfinished_runs(open_store(settings))
+    if not runs:
+        if as_json:
+            print_json([])
+        else:
+            click.echo("no run has unfinished jobs")
+        return 0
+    return _resume_many(settings, runs, as_json)
+
+
+def _resume_many(settings: Settings, runs: list[int], as_json: bool) -> int:
+    from etsq.submit import resume_runs
+
+    done = resume_runs(settings, open_store(settings), runs)
+    if as_json:
+        print_json([_resumed_row(run, d) for run, d in zip(runs, done, strict=True)])
+    else:
+        for run, d in zip(runs, done, strict=True):
+            click.echo(_resumed_line(run, d))
+    waiting = sum(d.resumed.enqueued + d.resumed.already_waiting for d in done)
+    if done and not done[0].listening and waiting:
+        where = done[0].connection.describe()
+        click.echo(f"no worker is running for {where}: start one with `etsq worker`", err=True)
+    return 0
+
+
+def _resumed_row(run: int, done: ResumedRun) -> dict[str, Any]:
+    return {
+        "run_id": run,
+        "enqueued": done.resumed.enqueued,
+        "already_queued": done.resumed.already_waiting,
+        "uncancelled": done.uncancelled,
+        "workers_listening": done.listening,
+    }
+
+
+def _resumed_line(run: int, done: ResumedRun) -> str:
+    again = f" ({done.uncancelled} cancelled jobs queued again)" if done.uncancelled else ""
+    counts = f"{done.resumed.enqueued} jobs enqueued, {done.resumed.already_waiting} already queued"
+    return f"run {run}: {counts}{again}"
 
 
 @cli.command()

@@ -41,6 +41,7 @@ from etsq.store.runs import (
     route_jobs,
     statuses,
     uncancel_run,
+    unfinished_run_ids,
 )
 from etsq.store.session import Store
 from etsq.store.workers import live_workers
@@ -210,11 +211,38 @@ def resume_run(settings: Settings, store: Store, run_id: int, wait: bool = False
     conn = connect(settings)
     listening = is_listening(store, conn.settings)
     own = wait and conn.embedded and not listening
+    own_queue = run_queue(conn.settings, run_id) if own else None
+    return _resume_one(conn, store, run_id, listening, own_queue)
+
+
+def resume_runs(settings: Settings, store: Store, run_ids: list[int]) -> list[ResumedRun]:
+    """`resume_run` of each run, over one connection, each queue read once for them all: 40 runs
+    resumed one by one each read the messages the runs before them sent (quadratic)."""
+    with store.session() as s:
+        statuses(s, run_ids)
+    conn = connect(settings)
+    listening, waiting = is_listening(store, conn.settings), WaitingJobs(conn.broker_url)
+    return [_resume_one(conn, store, run_id, listening, None, waiting) for run_id in run_ids]
+
+
+def unfinished_runs(store: Store) -> list[int]:
+    """The runs with a job not done or failed (cancelled ones included: a cancel is a pause)."""
+    with store.session() as s:
+        return unfinished_run_ids(s)
+
+
+def _resume_one(
+    conn: Connection,
+    store: Store,
+    run_id: int,
+    listening: bool,
+    own_queue: str | None,
+    waiting: WaitingJobs | None = None,
+) -> ResumedRun:
     with store.session() as s:
         uncancelled = uncancel_run(s, run_id)
-    own_queue = run_queue(conn.settings, run_id) if own else None
-    resumed = resume(conn, store, run_id, own_queue)
-    return ResumedRun(resumed, conn, listening, uncancelled, own)
+    resumed = resume(conn, store, run_id, own_queue, waiting)
+    return ResumedRun(resumed, conn, listening, uncancelled, own_queue is not None)
 
 
 @dataclass(frozen=True)

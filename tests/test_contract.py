@@ -179,6 +179,10 @@ CASES = [
     Case("cancel 999", "no run with id 999"),
     Case("resume 999", "no run with id 999"),
     Case("resume abc", "'abc' is not a valid integer"),
+    Case("resume", "name a run to resume, or --all"),
+    Case("resume 1 --all", "name the runs to resume, or --all, not both"),
+    Case("resume 1 2 --wait", "--wait follows one run"),
+    Case("resume 998 999", "no run with id 998, 999"),
     Case(S, "cannot reach broker redis://127.0.0.1:1/0"),
     Case(S, "unsupported scheme 'amqp'", env={"ETSQ_BROKER_URL": "amqp://guest@h//"}),
     Case("broker stop", "etsq stops only its embedded one"),
@@ -362,6 +366,32 @@ def test_resume_sends_messages_only_for_jobs_without_one(
     assert result.exit_code == 0 and "no worker is running for the broker" in result.stderr
     assert "`etsq worker`" in result.stderr
     assert f"etsq resume {run['run_id']} --wait" in result.stderr
+
+
+def test_resume_all_after_a_flushed_redis_sends_each_unfinished_runs_jobs_once(
+    env: dict[str, str], redis_server: RedisHandle
+) -> None:
+    """`resume --all` resumes every run with unfinished jobs, a cancelled one included (a cancel is
+    a pause), and `resume RUN RUN` the runs named; a job whose message waits gets no second one."""
+    first, second = _submit(env, "gsm8k", "--limit", "3"), _submit(env, "math500", "--limit", "2")
+    ids = _queued(redis_server, env)
+    assert len(ids) == 5
+    assert cli("cancel", str(second["run_id"]), env=env).exit_code == 0
+    with redis_server.client() as client:
+        client.delete(env["ETSQ_QUEUE"])  # as after a flushed Redis
+    every = cli_json("resume", "--all", env=env)
+    assert [(r["run_id"], r["enqueued"], r["already_queued"], r["uncancelled"]) for r in every] == [
+        (first["run_id"], 3, 0, 0),
+        (second["run_id"], 2, 0, 2),
+    ]
+    assert _queued(redis_server, env) == ids  # each job once
+    again = cli_json("resume", str(first["run_id"]), str(second["run_id"]), env=env)
+    assert [(r["enqueued"], r["already_queued"]) for r in again] == [(0, 3), (0, 2)]
+    assert _queued(redis_server, env) == ids
+    text = cli("resume", "--all", env=env)
+    assert text.exit_code == 0
+    assert f"run {first['run_id']}: 0 jobs enqueued, 3 already queued" in text.stdout
+    assert "no worker is running" in text.stderr
 
 
 def test_enqueue_publishes_the_message_send_task_builds(

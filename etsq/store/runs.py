@@ -284,6 +284,12 @@ def uncancel_run(s: Session, run_id: int) -> int:
     return n
 
 
+def unfinished_run_ids(s: Session) -> list[int]:
+    """Runs with a job queued, running or cancelled: what `etsq resume --all` resumes."""
+    unfinished = m.Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLED])
+    return list(s.scalars(select(m.Job.run_id).where(unfinished).distinct().order_by(m.Job.run_id)))
+
+
 def cancelled_jobs(s: Session, run_id: int) -> int:
     q = select(func.count()).where(m.Job.run_id == run_id, m.Job.status == JobStatus.CANCELLED)
     return int(s.scalar(q) or 0)
