@@ -472,6 +472,12 @@ class Replayed:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    calls: int = 0
+    call_s: float = 0.0  # the calls' durations summed: a model call's mean time beside the search's
+
+    @property
+    def mean_call_ms(self) -> float | None:
+        return self.call_s / self.calls * 1000 if self.calls else None
 
 
 class _Replay:
@@ -501,7 +507,10 @@ class _Replay:
         out.requests += 1
 
     async def call(self, url: str, bodies: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
         await asyncio.gather(*(self.one(url, b) for b in bodies))
+        out = self.done[self.role[url]]
+        out.calls, out.call_s = out.calls + 1, out.call_s + time.perf_counter() - started
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -617,6 +626,14 @@ def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> d
     return row
 
 
+CALL_PHASES = {"policy": "generation", "prm": "scoring"}
+
+
+def _mean_phase_ms(phases: list[Phase], name: str) -> float | None:
+    durations = [p.end - p.start for p in phases if p.name == name]
+    return statistics.fmean(durations) * 1000 if durations else None
+
+
 def tokens_of(sent: list[Sent], url: str, attr: str) -> int:
     return sum(getattr(s, attr) for s in sent if s.server == url)
 
@@ -685,6 +702,12 @@ def run_cell(
             "in_order": meter.spent(cpu4, cpu5, o1 - o0),
         },
         "timeline": timeline(rec.phases, rec.sent),
+        # A model call's mean ms, in the search and replayed in its order: how much slower the
+        # servers answered the same calls while the search ran beside them.
+        "call_ms": {
+            "search": {r: _mean_phase_ms(rec.phases, p) for r, p in CALL_PHASES.items()},
+            "in_order": {r: ordered[r].mean_call_ms for r in urls},
+        },
         "phases": [asdict(ph) for ph in rec.phases],  # every timed phase, for a closer look
         "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
         "in_order_tokens": {role: asdict(r) for role, r in ordered.items()},
@@ -694,6 +717,10 @@ def run_cell(
 
 
 # --------------------------------------------------------------------------- output
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def _pct(x: float | None) -> str:
@@ -722,6 +749,11 @@ def print_table(cells: list[dict[str, Any]]) -> None:
         t = c["timeline"]["mean_ms"]
         parts = " ".join(f"{k}={v:.0f}" for k, v in t.items())
         print(f"  {c['method']} K={c['concurrency']} ({c['timeline']['depths']} depths): {parts}")
+    print("\nmean ms of a model call, search | replayed in order: policy, PRM")
+    for c in cells:
+        sm, io = c["call_ms"]["search"], c["call_ms"]["in_order"]
+        print(f"  {c['method']} K={c['concurrency']}: {_ms(sm['policy'])}, {_ms(sm['prm'])} | "
+              f"{_ms(io['policy'])}, {_ms(io['prm'])}")  # fmt: skip
     print("\nCPU seconds (share of the machine's CPU time), search | ceiling | in order:")
     for c in cells:
         shares = [
