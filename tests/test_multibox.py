@@ -210,10 +210,12 @@ def test_two_boxes_survive_a_partition_and_store_restarts(tmp_path: Path) -> Non
             every=1,
         )
         assert "box2" in status.stdout
+        # Reclaimed jobs join the tail of box1's queue, behind its own backlog of about 25 jobs at
+        # 4 at once; on a loaded CI machine those took 4-13 s each and 40 s was not enough.
         _until(
             "box1 to take box2's jobs",
             lambda: any(j[0] in held and "box1" in (j[3] or "") for j in _jobs(pg)),
-            40,
+            120,
         )
         time.sleep(max(0.0, 12 - (time.monotonic() - partition)))
         # Fault 2: the link comes back while box2 still holds those jobs in memory.
@@ -236,8 +238,8 @@ def test_two_boxes_survive_a_partition_and_store_restarts(tmp_path: Path) -> Non
             assert time.monotonic() < deadline, f"runs did not finish: {_jobs(pg)}"
             assert box1.poll() is None and box2.poll() is None, "a worker exited"
             if not resumed and time.monotonic() > deadline - 110:
-                for run_id in run_ids:  # README: after a restarted broker, resume what lost its message
-                    etsq(net, "laptop", envs["laptop"], "resume", str(run_id))
+                # README: after a restarted broker, resume what lost its message
+                etsq(net, "laptop", envs["laptop"], "resume", "--all")
                 resumed = True
             time.sleep(1)
         elapsed = time.monotonic() - started
