@@ -67,7 +67,7 @@ from etsq.models import openai_compat as oc  # noqa: E402
 from etsq.models.backends import load_models  # noqa: E402
 from etsq.models.config import ModelConfig  # noqa: E402
 from etsq.models.http import ServerClient  # noqa: E402
-from etsq.models.metrics import KVMonitor  # noqa: E402
+from etsq.models.metrics import KVMonitor, metric_sum, parse_prometheus  # noqa: E402
 from etsq.models.remote import RemoteLikelihoodPRM, RemotePolicy, RemoteRole  # noqa: E402
 from etsq.queue import execute  # noqa: E402
 from etsq.search import loop  # noqa: E402
@@ -164,11 +164,11 @@ COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 class BusySampler:
     """Samples each server's request gauges and token counters every `interval_s`, in a process of
-    its own: a scrape is a 60-70 KB page, and parsing 40 of them a second in this process took the
-    GIL from the search it measures (REBASE at 4 problems at once took 16-18 s sampled every 50 ms
-    in a thread, 11-13 s sampled once a second), while the ceiling's replay client hardly noticed.
-    Times are `time.perf_counter()`, the system-wide monotonic clock, so they compare across the
-    two processes."""
+    its own, so that no scrape or parse runs in the process it measures.  Sampling costs the servers
+    too (vLLM spends ~8 ms rendering each page): REBASE at 4 problems at once took 16-18 s sampled
+    every 50 ms and 11-13 s sampled once a second, in a thread or in this process alike, hence the
+    100 ms default.  Times are `time.perf_counter()`, the system-wide monotonic clock, so they
+    compare across the two processes."""
 
     def __init__(self, urls: dict[str, str], interval_s: float) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -218,12 +218,11 @@ def _sample(client: httpx.Client) -> tuple[float, float] | None:
         text = client.get("/metrics").text
     except httpx.HTTPError:
         return None
-    values: dict[str, float] = defaultdict(float)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in GAUGES or name in COUNTERS:
-            values[name] += float(line.rsplit(" ", 1)[1])
-    return sum(values[g] for g in GAUGES), sum(values[c] for c in COUNTERS)
+    samples = parse_prometheus(text, GAUGES + COUNTERS)
+    return (
+        sum(metric_sum(samples, g) or 0.0 for g in GAUGES),
+        sum(metric_sum(samples, c) or 0.0 for c in COUNTERS),
+    )
 
 
 # --------------------------------------------------------------------------- recording a search
@@ -332,13 +331,16 @@ def _commit(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+def _role(model: RemoteRole) -> str:
+    return "policy" if isinstance(model, RemotePolicy) else "prm"
+
+
 def _stats(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A depth's server figures, read after its scoring: a phase per server."""
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def server_stats(self: RemoteRole) -> Any:
-            role = "policy" if isinstance(self, RemotePolicy) else "prm"
-            return _timed(rec, f"stats:{role}")(original)(self)
+            return _timed(rec, f"stats:{_role(self)}")(original)(self)
 
         return server_stats
 
@@ -350,7 +352,7 @@ def _hop(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def run(self: RemoteRole, work: Callable[[], Any]) -> Any:
-            role, handed = ("policy" if isinstance(self, RemotePolicy) else "prm"), time.perf_counter()
+            role, handed = _role(self), time.perf_counter()
 
             async def started() -> Any:
                 rec.phase(f"hop:{role}", handed, time.perf_counter())

@@ -286,7 +286,7 @@ class KVMonitor:
         """`owner`'s figures since its last take(), and a fresh start; a depth without samples of
         its own gets the newest one.  No sample is waited for once the server has been sampled at
         all: a closing sample still in flight counts for the next depth."""
-        if self._depth(owner).first is None and self._last is None:
+        if self._unsampled(owner):
             if self._pending:
                 await asyncio.gather(*self._pending, return_exceptions=True)  # the server's first samples
             else:
@@ -298,9 +298,13 @@ class KVMonitor:
         `take` waits for its first sample on the loop).  A job's thread reads its figures here
         without waiting its turn on the HTTP loop, which cost 10-36 ms a depth at 4-16 problems at once."""
         with self._lock:
-            if self._last is None and self._depth(owner).first is None:
+            if self._unsampled(owner):
                 return None
         return self._take(owner)
+
+    def _unsampled(self, owner: Hashable) -> bool:
+        """Neither the server nor `owner`'s depth has a sample yet."""
+        return self._last is None and self._depth(owner).first is None
 
     def _take(self, owner: Hashable) -> dict[str, Any]:
         with self._lock:
