@@ -10,11 +10,11 @@ against three databases in turn:
   `--delay-ms` each way (asyncio), standing in for a LAN's latency.
 Each row also gives the SELECT 1 round-trip time to that database (p50 of 200, from this process).
 
-`commit p50` is `selection_steps.commit_ms` (the commit's share of the depth's wall time, up to the
-moment the worker hands its writes over), `whole` the whole `DepthWriter._commit` call as the worker
-times it (answer included).
+`commit p50` is `selection_steps.commit_ms` (the writer's time up to the moment its last statement
+goes out; the worker writes a depth while it searches the next), `whole` the whole `DepthWriter._write`
+call as the worker times it (answer included).
 Round trips per depth commit are counted two ways, in the worker itself (it is started through this
-file, which wraps `DepthWriter._commit` and listens to SQLAlchemy's events, changing no etsq code):
+file, which wraps `DepthWriter._write` and listens to SQLAlchemy's events, changing no etsq code):
 - `sql`: per commit, pool checkouts (each is one `SELECT 1` ping: the engine has pool_pre_ping) +
   transaction begins (psycopg sends BEGIN as its own query; none on an autocommit connection) +
   `before_cursor_execute` statements (an executemany counted once) + commits (none in autocommit);
@@ -103,19 +103,20 @@ def _worker_shim(argv: list[str]) -> None:
     event.listen(Engine, "begin", bump_sent("begin"))
     event.listen(Engine, "commit", bump_sent("commit"))
     event.listen(Pool, "checkout", bump("checkout"))
-    original = DepthWriter._commit
+    original = DepthWriter._write
 
-    def commit(self: DepthWriter, tree: Any, rec: Any) -> float:
+    def commit(self: DepthWriter, tree: Any, handed: Any) -> None:
         local.counts = dict(statements=0, executemany=0, begin=0, commit=0, checkout=0, port=None)
         t0 = time.time()
         try:
-            return original(self, tree, rec)
+            original(self, tree, handed)
         finally:
             t1 = time.time()
             c, local.counts = local.counts, None
-            out.write(json.dumps({**c, "job": self.job_id, "depth": rec.depth, "t0": t0, "t1": t1}) + "\n")
+            row = {**c, "job": self.job_id, "depth": handed.rec.depth, "t0": t0, "t1": t1}
+            out.write(json.dumps(row) + "\n")
 
-    DepthWriter._commit = commit  # type: ignore[method-assign]
+    DepthWriter._write = commit  # type: ignore[method-assign]
     sys.argv = ["etsq", *argv]
     from cli.main import main
 

@@ -23,13 +23,14 @@ Reported per cell: generated tokens/s (policy completions) and scored tokens/s (
 of the search and of the ceiling and their ratio; per server the share of wall time with at least
 one request running, sampled from its `/metrics` (`vllm:num_requests_running`) every
 `--sample-ms`; and the timeline of a depth: its phases (select, fan-out: from the policy call to
-its last request sent, generation, scoring, commit) and the gaps between them, mean milliseconds
-over every depth of every job; and per phase the CPU seconds of this process (the worker side:
-search, select, commit, HTTP; the replay's client in the ceilings) and of each server's process
-tree, with their share of the machine's CPU time: where etsq and the servers share the CPUs, what
-etsq burns the servers cannot have.  A server's CPU is not all work: vLLM's CPU worker busy-waits
-(sched_yield) for 1 s after each step on its shared-memory queue, on its own CPU.  JSON in
-`--out`, a table on stdout.
+its last request sent, generation, scoring, commit: the depth handed to its writer, with any wait for
+the write before; and the write, on the writer's thread beside the next depth) and the gaps between
+them, mean milliseconds over every depth of every job; and per phase the CPU seconds of this
+process (the worker side: search, select, commit, HTTP; the replay's client in the ceilings) and
+of each server's process tree, with their share of the machine's CPU time: where etsq and the
+servers share the CPUs, what etsq burns the servers cannot have.  A server's CPU is not all work:
+vLLM's CPU worker busy-waits (sched_yield) for 1 s after each step on its shared-memory queue, on
+its own CPU.  JSON in `--out`, a table on stdout.
 
     python bench/saturation_bench.py --problems 8 --width 8 --concurrency 1 4 16 --out /tmp/sat
     python bench/saturation_bench.py --serve --out /tmp/sat     # servers only, their URLs in urls.json
@@ -258,9 +259,12 @@ class Recorder:
     lock: threading.Lock = field(default_factory=threading.Lock)
     calls: Iterator[int] = field(default_factory=lambda: iter(range(1 << 62)))
 
-    def phase(self, name: str, start: float, end: float) -> None:
+    def phase(
+        self, name: str, start: float, end: float, job: int | None = None, depth: int | None = None
+    ) -> None:
+        job, depth = _JOB.get() if job is None else job, _DEPTH.get() if depth is None else depth
         with self.lock:
-            self.phases.append(Phase(_JOB.get(), _DEPTH.get(), name, start, end))
+            self.phases.append(Phase(job, depth, name, start, end))
 
 
 def _wrap(
@@ -327,6 +331,22 @@ def _commit(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]
                 _DEPTH.reset(token)
 
         return commit
+
+    return make
+
+
+def _write(rec: Recorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A depth's write, on the writer's own thread while the search goes on (DepthWriter.background)."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def write(self: DepthWriter, tree: Any, handed: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                original(self, tree, handed)
+            finally:
+                rec.phase("write", t0, time.perf_counter(), self.job_id, handed.rec.depth)
+
+        return write
 
     return make
 
@@ -405,6 +425,7 @@ def recording(rec: Recorder, kv_monitor: bool = True) -> Iterator[None]:
         _wrap(loop.Searcher, "_select", _timed(rec, "select")),
         _wrap(loop.Searcher, "step", _step),
         _wrap(DepthWriter, "__call__", _commit(rec)),
+        _wrap(DepthWriter, "_write", _write(rec)),
         _wrap(RemoteRole, "server_stats", _stats(rec)),
         _wrap(RemoteRole, "_run", _hop(rec)),
     ]
@@ -611,7 +632,9 @@ def timeline(phases: list[Phase], sent: list[Sent]) -> dict[str, Any]:
 
 
 ORDER = ("select", "generation", "scoring", "stats:policy", "stats:prm", "commit")
-WITHIN = ("hop:policy", "hop:prm")  # parts of the generation and the scoring
+# Parts of the generation and the scoring, and the depth's write, which runs beside the next depth
+# (`commit` is the search's handing over of the depth, and its wait for the write before).
+WITHIN = ("hop:policy", "hop:prm", "write")
 
 
 def _depth_row(ph: dict[str, tuple[float, float]], last_sent: float | None) -> dict[str, float]:

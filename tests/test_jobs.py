@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from etsq.search.tree import Tree
 from etsq.settings import Settings
 from etsq.store import schema as m
 from etsq.store.bulk import Mark, NodeRow, insert_nodes, mark_nodes
-from etsq.store.jobs import LeaseLost, claim_job
+from etsq.store.jobs import LeaseFenced, LeaseLost, claim_job
 from etsq.store.runs import export_jobs, statuses
 from etsq.store.session import Store, get_engine, session_scope
 from etsq.store.statuses import JobStatus
-from etsq.store.trees import DepthWriter, load_tree
+from etsq.store.trees import DepthWriter, HandedDepth, load_tree
 from tests.helpers import store_run, tiny_config
 from tests.wiretrips import WireTrips
 
@@ -279,6 +280,89 @@ def test_a_depth_commit_is_at_most_three_round_trips_on_postgres(pg_url: str, ti
     assert [[getattr(n, f) for f in fields] for n in stored[0].nodes] == [
         [getattr(n, f) for f in fields] for n in tree.nodes
     ]
+
+
+def _slow_writes(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> list[tuple[int, float, float]]:
+    """Every depth's write takes `delay_s` longer; (depth, start, end) of each write, as they end."""
+    spans: list[tuple[int, float, float]] = []
+    original = DepthWriter._write
+
+    def slow(self: DepthWriter, tree: Tree, handed: HandedDepth) -> None:
+        start = time.perf_counter()
+        time.sleep(delay_s)
+        original(self, tree, handed)
+        spans.append((handed.rec.depth, start, time.perf_counter()))
+
+    monkeypatch.setattr(DepthWriter, "_write", slow)
+    return spans
+
+
+def test_a_background_writer_stores_each_depth_while_the_next_is_searched(
+    db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's writer: each call hands its depth over and returns while the write goes on; the
+    depths are written one at a time, in order; the final one is stored when its call returns; and
+    the stored tree is the searched one, parents stored by an earlier write in flight included."""
+    _, [job_id] = store_run(db_url, tiny_model, tiny_config(), limit=1)
+    store = Store.open(db_url)
+    claim = claim_job(store, job_id, stale_after_s=60)
+    assert claim is not None
+    spans = _slow_writes(monkeypatch, 0.2)
+    tree = Tree("prompt", 5)
+    rec, returned = _depth_zero(tree, ["a\n\n", "b\n\n", "c\n\n", "d\n\n"]), []
+    tree.root.kept, tree.root.n_children = True, 4
+    with DepthWriter(store, job_id, claim.lease, generation=claim.generation, background=True) as writer:
+        for depth in range(1, 5):
+            writer(tree, rec)
+            returned.append(time.perf_counter())
+            rec = _deeper(tree, rec.new_nodes, depth, final=depth == 4)
+        writer(tree, rec)
+        returned.append(time.perf_counter())
+    assert [d for d, _, _ in spans] == [0, 1, 2, 3, 4]
+    assert all(prev_end <= start for (_, _, prev_end), (_, start, _) in itertools.pairwise(spans))
+    assert all(back < end for back, (_, _, end) in zip(returned[:-1], spans[:-1], strict=True))
+    assert returned[-1] >= spans[-1][2]  # the final depth: stored before its call returns
+    with session_scope(db_url) as s:
+        stored = load_tree(s, job_id)
+        job = s.get_one(m.Job, job_id)
+        assert (job.status, job.depth, job.lease) == ("done", 4, None)
+        assert s.scalar(select(func.count()).select_from(m.SelectionStep)) == 5
+    assert stored is not None
+    fields = ("db_id", "path", "text", "score", "kept", "n_children", "cluster")
+    assert [[getattr(n, f) for f in fields] for n in stored[0].nodes] == [
+        [getattr(n, f) for f in fields] for n in tree.nodes
+    ]
+
+
+def test_a_background_writers_failure_reaches_the_search(
+    db_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A depth fenced while in flight fails the search's next handing over, which writes nothing;
+    a search that fails while a depth is in flight leaves the writer once that depth is stored."""
+    store = Store.open(db_url)
+    _, [job_id, other_id] = store_run(db_url, tiny_model, tiny_config(), limit=2)
+    first = claim_job(store, job_id, stale_after_s=0.5, worker="box2")
+    time.sleep(1.0)  # box2 is cut off: its lease expires and box1 takes the job
+    second = claim_job(store, job_id, stale_after_s=0.5, worker="box1")
+    assert first is not None and second is not None
+    stale = DepthWriter(store, job_id, second.lease, generation=first.generation, background=True)
+    tree = Tree("prompt", 5)
+    rec = _depth_zero(tree, ["a\n\n", "b\n\n"])
+    stale(tree, rec)  # handed over: the fence is met on the writer's thread
+    with pytest.raises(LeaseFenced, match=r"generation 1 is stale"):
+        stale(tree, _deeper(tree, rec.new_nodes, 1, final=False))
+    stale.__exit__(None, None, None)
+    assert _nodes(db_url, job_id) == []
+
+    spans = _slow_writes(monkeypatch, 0.3)
+    claim = claim_job(store, other_id, stale_after_s=60)
+    assert claim is not None
+    tree = Tree("prompt", 5)
+    with pytest.raises(Crash), DepthWriter(store, other_id, claim.lease, background=True) as writer:
+        writer(tree, _depth_zero(tree, ["a\n\n"]))
+        raise Crash
+    assert [d for d, _, _ in spans] == [0]
+    assert [n.path for n in _nodes(db_url, other_id)] == ["0", "0.0"]
 
 
 def test_a_runs_jobs_are_stored_in_bulk_as_the_orm_stores_a_job(db_url: str) -> None:

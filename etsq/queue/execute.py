@@ -143,5 +143,7 @@ def search_claimed(store: Store, claim: Claim, searcher: Searcher) -> None:
     with store.session() as s:
         stored = load_tree(s, claim.job_id)
     tree, depth = stored if stored else (searcher.new_tree(), 0)
-    writer = DepthWriter(store, claim.job_id, claim.lease, stop=STOP, generation=claim.generation)
-    searcher.run(tree, writer, start_depth=depth)
+    # Each depth is written while the search selects and expands the next (one depth in flight).
+    writer = DepthWriter(store, claim.job_id, claim.lease, STOP, claim.generation, background=True)
+    with writer:
+        searcher.run(tree, writer, start_depth=depth)

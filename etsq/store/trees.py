@@ -2,18 +2,22 @@
 
 A depth's commit writes the new nodes, the kept/pruned marks of the frontier, the selection row, the
 job's depth and its search time in one transaction, so a job killed at any moment resumes from its
-last committed depth with the tree exactly as it was.  A job's search time (`jobs.search_s`) is the
-sum of its depths' wall times, each from the end of the previous depth's writes (or from the writer's
-start, after the models are loaded) to the end of its own (`selection_steps.wall_ms`, of which the
-writes are `commit_ms`): a resumed job does not count its pause, and loading models is not charged
-to a job.
+last committed depth with the tree exactly as it was.  The worker writes a depth on a thread of
+its own while the search goes on to the next (`DepthWriter(background=True)`).  A job's search time
+(`jobs.search_s`) is the sum of its depths' wall times, each from the moment the previous depth was
+handed to the writer (or from the writer's start, after the models are loaded) to the moment its own
+was (`selection_steps.wall_ms`; `commit_ms` is the writer's time up to its last statement): a resumed
+job does not count its pause, and loading models is not charged to a job.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +38,7 @@ from etsq.store.session import Store
 from etsq.store.statuses import JobStatus
 
 _JOBS = m.Base.metadata.tables["jobs"]
+log = logging.getLogger(__name__)
 
 
 def load_tree(s: Session, job_id: int) -> tuple[Tree, int] | None:
@@ -123,6 +128,18 @@ def _info(info: dict[str, Any], rec: DepthCommit) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class HandedDepth:
+    """One depth as the search handed it over: its record, its new nodes (the root first, when new)
+    and their rows, whose parents' ids are filled in when written (a parent stored by the depth
+    before may still be in flight when its children are handed over), and the moment of handing."""
+
+    rec: DepthCommit
+    new: list[Node]
+    rows: list[NodeRow]
+    handed: float
+
+
 class DepthWriter:
     """The commit callback: persists one DepthCommit atomically, in one round trip on PostgreSQL.
 
@@ -130,6 +147,14 @@ class DepthWriter:
     ping a depth costs two round trips.  SQLite (in-process, where a round trip costs nothing): one
     transaction of Core statements, the job row updated first (which takes the write lock and checks
     the lease), then the nodes' insert and the marks' UPDATE (etsq.store.bulk) and the selection row.
+
+    `background=True` (the worker's) writes each depth on a writer thread (`writer_pool`) while the
+    search goes on to select and expand the next one, so the servers do not wait for the database.  One
+    depth is in flight at most: handing over a depth first waits for the one before (and raises its
+    error: LeaseFenced, a database fault), so depths are stored in order and a job's stored depth
+    is at most one behind its search.  The final depth, and the one a shutdown stops after, are
+    written before the call returns.  Use it as a context manager: leaving it waits for the depth in
+    flight, so a job is never handed back (or failed) while its writer still writes.
     """
 
     def __init__(
@@ -139,84 +164,122 @@ class DepthWriter:
         lease: str,
         stop: threading.Event | None = None,
         generation: int | None = None,
+        background: bool = False,
     ) -> None:
         self.store, self.job_id, self.lease = store, job_id, lease
         self.generation = generation  # the claim's fencing token (jobs.lease_gen)
         self.stop = stop or threading.Event()  # set: stop after the depth in hand (worker shutdown)
         self.since = time.perf_counter()  # the depth in hand's wall time is counted from here
+        self._pool = writer_pool(store) if background else None
+        self._writing: Future[None] | None = None
+        self._root_handed = False
 
     def __call__(self, tree: Tree, rec: DepthCommit) -> None:
-        self.since = self._commit(tree, rec)
-        if self.stop.is_set() and not rec.final:
+        self.wait()
+        handed = self._hand(tree, rec)
+        stopping = self.stop.is_set() and not rec.final
+        if self._pool is None or rec.final or stopping:
+            self._write(tree, handed)
+        else:
+            self._writing = self._pool.submit(self._write, tree, handed)
+        if stopping:
             raise ShutdownRequested(f"job {self.job_id}: worker shutting down after depth {rec.depth}")
 
-    def _commit(self, tree: Tree, rec: DepthCommit) -> float:
-        """Write the depth; returns the moment its wall time was taken (the next depth's start).
+    def wait(self) -> None:
+        """Wait for the depth in flight, if any; its error, if it failed, is raised here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
 
-        The depth's wall time runs from the previous depth's mark to the end of its own writes as
-        the worker sees them, so `jobs.search_s` (their sum) counts each commit, and the selection
-        row holds that share as `commit_ms` beside `wall_ms`; what follows the mark (PostgreSQL's
-        one statement, SQLite's last writes and COMMIT) goes to the next depth's time.
-        """
+    def __enter__(self) -> DepthWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc is None:
+                raise
+            # The search's own error is the one to report; the depth's write failed as well.
+            log.warning("job %s: the depth in flight was not stored either", self.job_id, exc_info=True)
+
+    def _hand(self, tree: Tree, rec: DepthCommit) -> HandedDepth:
+        """The depth's rows, taken on the search's thread: the search goes on to mark and expand
+        the next depth's nodes in the same tree while this one is written."""
+        handed = time.perf_counter()
+        new = [tree.nodes[i] for i in rec.new_nodes]
+        if tree.root.db_id is None and not self._root_handed:
+            new.insert(0, tree.root)
+            self._root_handed = True
+        return HandedDepth(rec, new, [_node_row(self.job_id, tree, n) for n in new], handed)
+
+    def _write(self, tree: Tree, depth: HandedDepth) -> None:
+        """Write the depth: its wall time runs from the previous depth's handing over to its own,
+        so `jobs.search_s` (their sum) counts what the search waited for, a write included, and the
+        selection row holds `wall_ms` and `commit_ms`, the writer's time up to its last statement."""
         started = time.perf_counter()
         if self.store.engine.dialect.name == "postgresql":
-            return self._commit_statement(tree, rec, started)
-        return self._commit_transaction(tree, rec, started)
+            rows = [_with_parent(tree, n, row) for n, row in zip(depth.new, depth.rows, strict=True)]
+            self._commit_statement(tree, depth, rows, started)
+        else:
+            self._commit_transaction(tree, depth, depth.rows, started)
+        self.since = depth.handed
 
-    def _commit_statement(self, tree: Tree, rec: DepthCommit, started: float) -> float:
+    def _commit_statement(self, tree: Tree, depth: HandedDepth, rows: list[NodeRow], started: float) -> None:
         """PostgreSQL: the whole depth in one statement (etsq.store.depth_pg)."""
-        new = ([tree.root] if tree.root.db_id is None else []) + [tree.nodes[i] for i in rec.new_nodes]
-        write = self._depth_write(tree, rec, new)
+        write = self._depth_write(tree, depth, rows)
         # The pool's ping (a stale connection is replaced, not failed) is the commit's other round trip.
         with self.store.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement is atomic by itself
-            mark = time.perf_counter()
-            times = self._times(started, mark)
-            ids = commit_depth(conn, replace(write, wall_s=mark - self.since, step={**write.step, **times}))
+            times = self._times(started, time.perf_counter(), depth)
+            ids = commit_depth(conn, replace(write, step={**write.step, **times}))
             if ids is None:
-                raise self._fenced(conn, rec)
-        for node, db_id in zip(new, ids, strict=True):
+                raise self._fenced(conn, depth.rec)
+        for node, db_id in zip(depth.new, ids, strict=True):
             node.db_id = db_id
-        return mark
 
-    def _depth_write(self, tree: Tree, rec: DepthCommit, new: list[Node]) -> DepthWrite:
-        """The depth's writes, its wall time not yet taken."""
+    def _depth_write(self, tree: Tree, depth: HandedDepth, rows: list[NodeRow]) -> DepthWrite:
+        rec = depth.rec
         decided = _decisions(rec)
+        stored = {n.idx for n in depth.new}
         return DepthWrite(
             job_id=self.job_id,
             lease=self.lease,
             generation=self.generation,
             depth=_next_depth(rec),
-            wall_s=0.0,
+            wall_s=depth.handed - self.since,
             finish=finish_values(JobStatus.DONE) if rec.final else {},
             closed_at=m.utcnow(),
-            nodes=[_node_row(self.job_id, tree, n) for n in new],
-            decided=[decided.get(n.idx) for n in new],
-            marks=[_mark(tree, i, d) for i, d in decided.items() if tree.nodes[i].db_id is not None],
+            nodes=rows,
+            decided=[decided.get(n.idx) for n in depth.new],
+            marks=[_mark(tree, i, d) for i, d in decided.items() if i not in stored],
             step=_selection_row(self.job_id, rec),
         )
 
-    def _times(self, started: float, mark: float) -> dict[str, float]:
+    def _times(self, started: float, mark: float, depth: HandedDepth) -> dict[str, float]:
         """The selection row's share of the commit and the depth's wall time, in milliseconds."""
-        return {"commit_ms": (mark - started) * 1000, "wall_ms": (mark - self.since) * 1000}
+        return {"commit_ms": (mark - started) * 1000, "wall_ms": (depth.handed - self.since) * 1000}
 
-    def _commit_transaction(self, tree: Tree, rec: DepthCommit, started: float) -> float:
+    def _commit_transaction(
+        self, tree: Tree, depth: HandedDepth, rows: list[NodeRow], started: float
+    ) -> None:
         """SQLite: the depth in one transaction of several statements."""
+        rec, new = depth.rec, depth.new
         with self.store.begin() as conn:
             run_id = self._advance_job(conn, rec)
-            if tree.root.db_id is None:
-                self._insert(conn, tree, [tree.root])
+            root_new = bool(new) and new[0] is tree.root
+            if root_new:
+                tree.root.db_id = insert_nodes(conn, rows[:1])[0]
             mark_nodes(conn, [_mark(tree, i, d) for i, d in _decisions(rec).items()])
-            self._insert(conn, tree, [tree.nodes[i] for i in rec.new_nodes])
-            mark = time.perf_counter()
-            conn.execute(
-                insert(_SELECTION_STEPS), {**_selection_row(self.job_id, rec), **self._times(started, mark)}
-            )
-            searched = func.coalesce(_JOBS.c.search_s, 0.0) + (mark - self.since)
+            kids = [_with_parent(tree, n, r) for n, r in zip(new[root_new:], rows[root_new:], strict=True)]
+            for node, db_id in zip(new[root_new:], insert_nodes(conn, kids), strict=True):
+                node.db_id = db_id
+            times = self._times(started, time.perf_counter(), depth)
+            conn.execute(insert(_SELECTION_STEPS), {**_selection_row(self.job_id, rec), **times})
+            searched = func.coalesce(_JOBS.c.search_s, 0.0) + (depth.handed - self.since)
             conn.execute(update(_JOBS).where(_JOBS.c.id == self.job_id).values(search_s=searched))
             if rec.final:
                 close_run_if_done(conn, run_id)
-        return mark
 
     def _advance_job(self, conn: Connection, rec: DepthCommit) -> int:
         """Lock the job row, check the lease and its generation (the fencing token) and record the
@@ -245,10 +308,30 @@ class DepthWriter:
             f"{self.generation} is stale (the job is {status}, generation {gen}, worker {worker})"
         )
 
-    def _insert(self, conn: Connection, tree: Tree, nodes: list[Node]) -> None:
-        ids = insert_nodes(conn, [_node_row(self.job_id, tree, n) for n in nodes])
-        for node, db_id in zip(nodes, ids, strict=True):
-            node.db_id = db_id
+
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+POSTGRES_WRITERS = 8  # threads writing depths to one PostgreSQL database, shared by a worker's jobs
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
+
+
+def writer_pool(store: Store) -> ThreadPoolExecutor:
+    """The threads that write depths to `store`, shared by every job of the process.  SQLite gets
+    one: it takes one writer at a time, and writers waiting for its lock sleep in its busy handler's
+    backoff instead of queueing.  Each job has one depth in flight at most, so any number of
+    threads writes each job's depths in order."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(store.url)
+        if pool is None:
+            size = 1 if store.engine.dialect.name == "sqlite" else POSTGRES_WRITERS
+            pool = _POOLS[store.url] = ThreadPoolExecutor(size, thread_name_prefix="etsq-depths")
+        return pool
+
+
+def _with_parent(tree: Tree, node: Node, row: NodeRow) -> NodeRow:
+    """The row with its parent's id as stored by now (None for the root, and for a child of a root
+    that this same depth stores)."""
+    return row if node.parent is None else row._replace(parent_id=tree.nodes[node.parent].db_id)
 
 
 _SELECTION_STEPS = m.Base.metadata.tables["selection_steps"]
