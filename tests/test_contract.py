@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from etsq.queue.broker import stop_local_redis
 from etsq.queue.messages import message_job_id
+from etsq.store import schema as m
 from tests.helpers import cli, cli_json, etsq, one_error_line
 from tests.services import RedisHandle, start_redis
 
@@ -470,6 +471,56 @@ def test_batched_publish_delivers_every_job_once_to_a_real_worker(
     text = log.read_text()
     assert text.count("succeeded in") == 30 and "'skipped'" not in text, text[-3000:]
     assert _queued(redis_server, env) == []
+
+
+def test_a_janitor_puts_reclaimed_jobs_ahead_of_the_backlog(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs reclaimed from a dead worker are the next a real worker takes, in their order, before
+    the messages that waited in the queue: their runs wait on them, and they hold committed depths."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from etsq.queue.app import create_app
+    from etsq.queue.janitor import Janitor
+    from etsq.settings import Settings
+    from etsq.store.jobs import claim_job
+    from etsq.store.session import Store
+
+    monkeypatch.setattr("etsq.queue.messages.PUBLISH_BATCH", 1)  # one push per job: their order holds too
+    backlog = _submit(env, "gsm8k", "--limit", "4")["run_id"]
+    dead = _submit(env, "math500", "--limit", "3")["run_id"]
+    store, settings = Store.open(env["ETSQ_DATABASE_URL"]), Settings.from_env(env)
+    with store.session() as s:
+        reclaimed = sorted(s.scalars(select(m.Job.id).where(m.Job.run_id == dead)))
+    with redis_server.client() as client:  # the dead box took its messages with it
+        for raw in client.lrange(env["ETSQ_QUEUE"], 0, -1):
+            if message_job_id(raw) in reclaimed:
+                client.lrem(env["ETSQ_QUEUE"], 0, raw)
+    for job_id in reclaimed:
+        assert claim_job(store, job_id, stale_after_s=60, worker="dead-box") is not None
+    time.sleep(1.2)
+    Janitor(create_app(settings), settings.with_(stale_after_s=1.0), store).sweep()
+    assert len(_queued(redis_server, env)) == 7
+    with open(tmp_path / "worker.log", "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--concurrency", "1"],
+            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while sum(r["problems_done"] for r in cli_json("status", str(backlog), str(dead), env=env)) < 7:
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    with store.session() as s:
+        done = select(m.Job.id).where(m.Job.finished_at.is_not(None)).order_by(m.Job.finished_at, m.Job.id)
+        order = list(s.scalars(done))
+    assert len(order) == 7 and order[:3] == reclaimed, order
 
 
 def test_sweep_dry_run_lists_the_runs_and_writes_nothing(tmp_path: Path, env: dict[str, str]) -> None:

@@ -75,11 +75,11 @@ class Janitor(threading.Thread):
             if stale:
                 jobs = self._route(stale)
                 log.warning(
-                    "reclaimed %d jobs whose lease expired (by the database's clock), re-enqueued: %s",
+                    "reclaimed %d jobs whose lease expired (by the database's clock), re-enqueued first: %s",
                     len(jobs),
                     ", ".join(f"{job_id}->{queue}" for job_id, queue in jobs),
                 )
-                enqueue(self.app, jobs)
+                enqueue(self.app, jobs, first=True)  # ahead of the backlog: they hold committed depths
         except (OperationalError, BrokerUnavailable) as exc:  # the next sweep tries again
             # One line per sweep while the store is away; no traceback storm.
             log.warning(

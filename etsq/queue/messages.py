@@ -35,8 +35,12 @@ _CHUNK = 1000
 PUBLISH_BATCH = 1000
 
 
-def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
+def enqueue(app: Any, jobs: list[tuple[int, str]], first: bool = False) -> None:
     """Send one task per (job id, queue); duplicates are harmless (a claim takes a job once).
+
+    `first` puts the jobs at the head of their queues, ahead of every message waiting there, in
+    the order given: what a janitor does with reclaimed jobs, which hold committed depths and
+    whose runs wait on them, instead of queueing them behind a sweep's backlog.
 
     Each message is the one `app.send_task(TASK_NAME, args=[job_id], queue=queue)` leaves in Redis
     (tests compare them), built from one template (`Envelopes`) and pushed `PUBLISH_BATCH` at a time
@@ -48,12 +52,21 @@ def enqueue(app: Any, jobs: list[tuple[int, str]]) -> None:
         with app.producer_or_acquire() as producer:
             _declare(app, producer, {queue for _, queue in jobs})
             with producer.channel.conn_or_acquire() as client:
-                for queue, payloads in _batches(jobs, Envelopes(app)):
-                    client.lpush(queue, *payloads)  # in order: a worker pops the oldest first
+                batches = _batches(jobs, Envelopes(app))
+                for queue, payloads in reversed(list(batches)) if first else batches:
+                    _push(client, queue, payloads, first)
     except Exception as exc:
         if not broker_fault(exc):
             raise  # a bug: its traceback
         raise BrokerUnavailable(f"cannot enqueue jobs: {_one_line(exc)}") from exc
+
+
+def _push(client: redis.Redis, queue: str, payloads: list[str], first: bool) -> None:
+    # Kombu's consumers BRPOP, taking the right end first: LPUSH queues at the tail, RPUSH at the head.
+    if first:
+        client.rpush(queue, *reversed(payloads))
+    else:
+        client.lpush(queue, *payloads)  # in order: a worker pops the oldest first
 
 
 def _declare(app: Any, producer: Any, queues: set[str]) -> None:

@@ -143,11 +143,13 @@ def release_job(s: Session, job_id: int, lease: str) -> None:
 def requeue_stale(
     s: Session, stale_after_s: float, run_id: int | None = None
 ) -> list[tuple[int, str | None]]:
-    """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue."""
+    """Jobs whose worker stopped beating go back to 'queued'; (id, queue) returned to enqueue, in
+    id order (a run's problems in their order)."""
     cond = [m.Job.status == JobStatus.RUNNING, _stale(stale_after_s)]
     if run_id is not None:
         cond.append(m.Job.run_id == run_id)
-    rows = [(job_id, queue) for job_id, queue in s.execute(select(m.Job.id, m.Job.queue).where(*cond))]
+    found = s.execute(select(m.Job.id, m.Job.queue).where(*cond).order_by(m.Job.id))
+    rows = [(job_id, queue) for job_id, queue in found]
     if rows:
         ids = [job_id for job_id, _ in rows]
         s.execute(update(m.Job).where(m.Job.id.in_(ids), *cond).values(status=JobStatus.QUEUED, lease=None))
