@@ -34,20 +34,6 @@ from etsq.queue.broker import free_local_port
 FAST = RetryConfig(attempts=4, backoff_s=0.05, max_backoff_s=0.2, connect_timeout_s=1.0, read_timeout_s=1.0)
 
 
-class Scripted(ThreadingHTTPServer):
-    """Answers request i with script[i] (the last entry repeats); remembers when each came."""
-
-    daemon_threads = True
-
-    def __init__(self, script: list[tuple[int, Any]], delay_s: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", free_local_port()), _Handler)
-        self.script, self.delay_s, self.arrivals = script, delay_s, []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: Scripted
 
@@ -72,6 +58,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class Scripted(ThreadingHTTPServer):
+    """Answers request i with script[i] (the last entry repeats); remembers when each came."""
+
+    daemon_threads = True
+    handler: type[BaseHTTPRequestHandler] = _Handler
+
+    def __init__(self, script: list[tuple[int, Any]], delay_s: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", free_local_port()), self.handler)
+        self.script, self.delay_s, self.arrivals = script, delay_s, []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 def _serve(script: list[tuple[int, Any]], delay_s: float = 0.0) -> Iterator[Scripted]:
@@ -155,11 +156,9 @@ class _KeepAlive(_Handler):
 class _Connections(Scripted):
     """A keep-alive server that counts the connections it accepts."""
 
+    handler = _KeepAlive
     request_queue_size = 64  # listen's backlog: a burst's connections are all accepted at once
-
-    def __init__(self, delay_s: float) -> None:
-        ThreadingHTTPServer.__init__(self, ("127.0.0.1", free_local_port()), _KeepAlive)
-        self.script, self.delay_s, self.arrivals, self.accepted = [(200, {"ok": 1})], delay_s, [], 0
+    accepted = 0
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         self.accepted += 1
@@ -172,7 +171,7 @@ def test_a_depths_burst_of_requests_leaves_its_connections_open_for_the_next() -
     of its time (py-spy, REBASE K=16 on vLLM)."""
     import asyncio
 
-    server = _Connections(delay_s=0.5)  # long enough that a depth's requests all overlap
+    server = _Connections([(200, {"ok": 1})], delay_s=0.5)  # long enough that a depth's requests all overlap
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = _client(server.url)
 

@@ -210,8 +210,9 @@ def test_two_boxes_survive_a_partition_and_store_restarts(tmp_path: Path) -> Non
             every=1,
         )
         assert "box2" in status.stdout
-        # Reclaimed jobs join the tail of box1's queue, behind its own backlog of about 25 jobs at
-        # 4 at once; on a loaded CI machine those took 4-13 s each and 40 s was not enough.
+        # Reclaimed jobs go to the head of box1's queue, but are taken only as its 4 slots free up,
+        # after its lease expires and its janitor's next sweep; on a loaded CI machine a job took
+        # 4-13 s, and 40 s was not enough when they still joined the tail behind ~25 jobs.
         _until(
             "box1 to take box2's jobs",
             lambda: any(j[0] in held and "box1" in (j[3] or "") for j in _jobs(pg)),

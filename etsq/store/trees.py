@@ -219,15 +219,14 @@ class DepthWriter:
         selection row holds `wall_ms` and `commit_ms`, the writer's time up to its last statement."""
         started = time.perf_counter()
         if self.store.engine.dialect.name == "postgresql":
-            rows = [_with_parent(tree, n, row) for n, row in zip(depth.new, depth.rows, strict=True)]
-            self._commit_statement(tree, depth, rows, started)
+            self._commit_statement(tree, depth, started)
         else:
-            self._commit_transaction(tree, depth, depth.rows, started)
+            self._commit_transaction(tree, depth, started)
         self.since = depth.handed
 
-    def _commit_statement(self, tree: Tree, depth: HandedDepth, rows: list[NodeRow], started: float) -> None:
+    def _commit_statement(self, tree: Tree, depth: HandedDepth, started: float) -> None:
         """PostgreSQL: the whole depth in one statement (etsq.store.depth_pg)."""
-        write = self._depth_write(tree, depth, rows)
+        write = self._depth_write(tree, depth)
         # The pool's ping (a stale connection is replaced, not failed) is the commit's other round trip.
         with self.store.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement is atomic by itself
@@ -238,7 +237,7 @@ class DepthWriter:
         for node, db_id in zip(depth.new, ids, strict=True):
             node.db_id = db_id
 
-    def _depth_write(self, tree: Tree, depth: HandedDepth, rows: list[NodeRow]) -> DepthWrite:
+    def _depth_write(self, tree: Tree, depth: HandedDepth) -> DepthWrite:
         rec = depth.rec
         decided = _decisions(rec)
         stored = {n.idx for n in depth.new}
@@ -250,7 +249,7 @@ class DepthWriter:
             wall_s=depth.handed - self.since,
             finish=finish_values(JobStatus.DONE) if rec.final else {},
             closed_at=m.utcnow(),
-            nodes=rows,
+            nodes=[_with_parent(tree, n, row) for n, row in zip(depth.new, depth.rows, strict=True)],
             decided=[decided.get(n.idx) for n in depth.new],
             marks=[_mark(tree, i, d) for i, d in decided.items() if i not in stored],
             step=_selection_row(self.job_id, rec),
@@ -260,11 +259,9 @@ class DepthWriter:
         """The selection row's share of the commit and the depth's wall time, in milliseconds."""
         return {"commit_ms": (mark - started) * 1000, "wall_ms": (depth.handed - self.since) * 1000}
 
-    def _commit_transaction(
-        self, tree: Tree, depth: HandedDepth, rows: list[NodeRow], started: float
-    ) -> None:
+    def _commit_transaction(self, tree: Tree, depth: HandedDepth, started: float) -> None:
         """SQLite: the depth in one transaction of several statements."""
-        rec, new = depth.rec, depth.new
+        rec, new, rows = depth.rec, depth.new, depth.rows
         with self.store.begin() as conn:
             run_id = self._advance_job(conn, rec)
             root_new = bool(new) and new[0] is tree.root
