@@ -95,12 +95,13 @@ def test_a_registered_or_busy_worker_counts_as_listening(home: Path) -> None:
 # 4 ------------------------------------------------------------------------------------------------
 
 
-def test_status_and_help_start_without_alembic_celery_numpy_or_httpx(home: Path) -> None:
+def test_status_and_help_start_without_alembic_celery_numpy_or_http_clients(home: Path) -> None:
     assert cli("submit", "gsm8k", *SIM, "--limit", "1").exit_code == 0  # the database, at head
     probe = (
         "import sys\nfrom cli.main import cli\n"
         "try:\n    cli.main(['status', '--json'])\nexcept SystemExit:\n    pass\n"
-        "print([m for m in ('alembic', 'celery', 'numpy', 'httpx', 'etsq.search.ilp') if m in sys.modules])"
+        "heavy = ('alembic', 'celery', 'numpy', 'httpx', 'aiohttp', 'etsq.search.ilp')\n"
+        "print([m for m in heavy if m in sys.modules])"
     )
     env = {**os.environ, "ETSQ_HOME": str(home)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)

@@ -190,6 +190,44 @@ def test_a_depths_burst_of_requests_leaves_its_connections_open_for_the_next() -
         server.server_close()
 
 
+_EXITING = """
+import os, sys
+from etsq.models.http import client_for
+client = client_for(sys.argv[1])
+print(client.call(client.get_json("/x")), flush=True)
+if sys.argv[2] == "fork":  # a child forked with the parent's connections open gets a client of its own
+    pid = os.fork()
+    if pid == 0:
+        child = client_for(sys.argv[1])
+        print(child is not client, child.call(child.get_json("/x")), flush=True)
+        os._exit(0)  # as multiprocessing's and billiard's children leave
+    os.waitpid(pid, 0)
+    print(client.call(client.get_json("/x")), flush=True)  # the parent's client opens new connections
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "fork"])
+def test_a_process_leaves_with_its_clients_open_and_says_nothing(how: str) -> None:
+    """A command that checked a server exits with the client's session open: it is closed at exit, so
+    nothing like aiohttp's "Unclosed client session" reaches the command's stderr.  Before a fork
+    the sessions are closed too: a child that collected its parent's open connections would close
+    their sockets and unregister them from the epoll instance that the two share."""
+    import subprocess
+    import sys
+
+    server = _Connections([(200, {"ok": 1})])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", _EXITING, server.url, how], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = ["{'ok': 1}"] + (["True {'ok': 1}", "{'ok': 1}"] if how == "fork" else [])
+    assert (run.returncode, run.stdout.splitlines(), run.stderr) == (0, expected, "")
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -452,18 +490,3 @@ def test_a_prompt_is_tokenized_once_for_the_texts_scored_with_it_and_a_failed_co
     results = asyncio.run(scenario())
     assert all(isinstance(r, TransientError) for r in results[:4]) and results[4:] == [3, 3, 3, 3]
     assert calls == ["q", "q"]  # one count per prompt at a time; the failed one asked again once
-
-
-def test_httpcore_finds_sniffio_so_a_request_searches_no_import_path() -> None:
-    """httpcore asks sniffio which async library runs, about 8 times a request; without it each
-    ask was a failed import that searched sys.path (a fifth of the HTTP loop's time)."""
-    import importlib.util
-
-    from httpcore._synchronization import current_async_library
-
-    assert importlib.util.find_spec("sniffio") is not None
-
-    async def ask() -> str:
-        return current_async_library()
-
-    assert asyncio.run(ask()) == "asyncio"

@@ -36,7 +36,7 @@ RECORDED_PACKAGES = (
     "pulp",
     "highspy",
     "celery",
-    "httpx",
+    "aiohttp",
     "sglang",
 )
 
