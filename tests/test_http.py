@@ -190,6 +190,33 @@ def test_a_depths_burst_of_requests_leaves_its_connections_open_for_the_next() -
         server.server_close()
 
 
+class _ClosesIdle(_KeepAlive):
+    timeout = 0.2  # the server closes a connection idle this long, as uvicorn does after 5 s
+
+
+class _Impatient(_Connections):
+    handler = _ClosesIdle
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    """Between two depths the server may close the idle connections: the next request connects
+    again at once instead of failing on a closed one and waiting out a retry's pause."""
+    server = _Impatient([(200, {"ok": 1})])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = _client(server.url)
+    try:
+        assert client.call(client.get_json("/x")) == {"ok": 1}
+        time.sleep(0.6)
+        started = time.monotonic()
+        assert client.call(client.get_json("/x")) == {"ok": 1}
+        assert time.monotonic() - started < FAST.pause(0)
+        assert (len(server.arrivals), server.accepted) == (2, 2)
+    finally:
+        client.call(client.aclose())
+        server.shutdown()
+        server.server_close()
+
+
 _EXITING = """
 import os, sys
 from etsq.models.http import client_for

@@ -183,9 +183,10 @@ class ServerClient:
         # Created lazily, on the background loop: a session is bound to the loop that uses it.
         if self._session is None:
             # 64 connections, every one kept alive: a depth's burst of requests reuses the last
-            # depth's instead of connecting again.  trust_env stays off: model servers are
-            # local or on the cluster's network, never behind the user's web proxy.
-            connector = aiohttp.TCPConnector(limit=64, limit_per_host=64, keepalive_timeout=60)
+            # depth's instead of connecting again.  Idle ones are dropped after 4 s, before uvicorn
+            # (vLLM's and SGLang's server) closes them at 5 s: a request never races that close.
+            # trust_env stays off: model servers are never behind the user's web proxy.
+            connector = aiohttp.TCPConnector(limit=64, limit_per_host=64, keepalive_timeout=4.0)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.retry.timeout())
         return self._session
 
