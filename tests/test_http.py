@@ -75,8 +75,10 @@ class Scripted(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-def _serve(script: list[tuple[int, Any]], delay_s: float = 0.0) -> Iterator[Scripted]:
-    server = Scripted(script, delay_s)
+def _serve(
+    script: list[tuple[int, Any]], delay_s: float = 0.0, kind: type[Scripted] = Scripted
+) -> Iterator[Scripted]:
+    server = kind(script, delay_s)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -169,25 +171,21 @@ def test_a_depths_burst_of_requests_leaves_its_connections_open_for_the_next() -
     """Later depths of 48 requests at once reuse the connections the first opened: with 16 kept,
     each depth connected again (112 connections over 3 depths), which cost a search's HTTP loop 5%
     of its time (py-spy, REBASE K=16 on vLLM)."""
-    import asyncio
+    # 0.5 s: long enough that a depth's requests all overlap
+    for server in _serve([(200, {"ok": 1})], delay_s=0.5, kind=_Connections):
+        client = _client(server.url)
 
-    server = _Connections([(200, {"ok": 1})], delay_s=0.5)  # long enough that a depth's requests all overlap
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = _client(server.url)
+        async def depth(client: ServerClient = client) -> list[Any]:
+            return list(await asyncio.gather(*(client.get_json("/x") for _ in range(48))))
 
-    async def depth() -> list[Any]:
-        return list(await asyncio.gather(*(client.get_json("/x") for _ in range(48))))
-
-    try:
-        assert client.call(depth()) == [{"ok": 1}] * 48
-        first = server.accepted
-        for _ in range(2):
+        try:
             assert client.call(depth()) == [{"ok": 1}] * 48
-        assert first > 16 and server.accepted == first
-    finally:
-        client.call(client.aclose())
-        server.shutdown()
-        server.server_close()
+            first = server.accepted
+            for _ in range(2):
+                assert client.call(depth()) == [{"ok": 1}] * 48
+            assert first > 16 and server.accepted == first
+        finally:
+            client.call(client.aclose())
 
 
 class _ClosesIdle(_KeepAlive):
@@ -201,20 +199,17 @@ class _Impatient(_Connections):
 def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
     """Between two depths the server may close the idle connections: the next request connects
     again at once instead of failing on a closed one and waiting out a retry's pause."""
-    server = _Impatient([(200, {"ok": 1})])
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = _client(server.url)
-    try:
-        assert client.call(client.get_json("/x")) == {"ok": 1}
-        time.sleep(0.6)
-        started = time.monotonic()
-        assert client.call(client.get_json("/x")) == {"ok": 1}
-        assert time.monotonic() - started < FAST.pause(0)
-        assert (len(server.arrivals), server.accepted) == (2, 2)
-    finally:
-        client.call(client.aclose())
-        server.shutdown()
-        server.server_close()
+    for server in _serve([(200, {"ok": 1})], kind=_Impatient):
+        client = _client(server.url)
+        try:
+            assert client.call(client.get_json("/x")) == {"ok": 1}
+            time.sleep(0.6)
+            started = time.monotonic()
+            assert client.call(client.get_json("/x")) == {"ok": 1}
+            assert time.monotonic() - started < FAST.pause(0)
+            assert (len(server.arrivals), server.accepted) == (2, 2)
+        finally:
+            client.call(client.aclose())
 
 
 _EXITING = """
@@ -242,15 +237,10 @@ def test_a_process_leaves_with_its_clients_open_and_says_nothing(how: str) -> No
     import subprocess
     import sys
 
-    server = _Connections([(200, {"ok": 1})])
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    for server in _serve([(200, {"ok": 1})], kind=_Connections):
         run = subprocess.run(
             [sys.executable, "-c", _EXITING, server.url, how], capture_output=True, text=True, timeout=60
         )
-    finally:
-        server.shutdown()
-        server.server_close()
     expected = ["{'ok': 1}"] + (["True {'ok': 1}", "{'ok': 1}"] if how == "fork" else [])
     assert (run.returncode, run.stdout.splitlines(), run.stderr) == (0, expected, "")
 
