@@ -957,7 +957,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prm-url")
     parser.add_argument("--serve", action="store_true", help="start the servers, write urls.json, wait")
     parser.add_argument("--out", type=Path, default=Path("saturation"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.replays < 1 or args.repeat < 1:
+        parser.error("--replays and --repeat must be at least 1")
+    return args
 
 
 def main() -> None:
