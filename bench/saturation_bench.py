@@ -636,7 +636,7 @@ class Replay:
         return self.end - self.start
 
 
-def replayed(
+def measured_replay(
     urls: dict[str, str], meter: CpuMeter, run: Callable[[], tuple[dict[str, Replayed], float, float]]
 ) -> Replay:
     """`run` (a ceiling), on servers whose prefix caches were just emptied."""
@@ -730,18 +730,15 @@ def run_cell(
         cpu1 = meter.read()
         runs: dict[str, list[Replay]] = {"ceiling": [], "in_order": []}
         for _ in range(args.replays):  # alternating, so that drift hits both alike
-            runs["ceiling"].append(replayed(urls, meter, lambda: ceiling(urls, rec.sent, k)))
-            runs["in_order"].append(replayed(urls, meter, lambda: ceiling_in_order(urls, rec.sent, k)))
+            runs["ceiling"].append(measured_replay(urls, meter, lambda: ceiling(urls, rec.sent, k)))
+            runs["in_order"].append(measured_replay(urls, meter, lambda: ceiling_in_order(urls, rec.sent, k)))
     # A ceiling is the fastest the servers went: its slower replays are this machine's noise.
-    best = {name: min(replays, key=lambda r: r.seconds) for name, replays in runs.items()}
-    top, inner = best["ceiling"], best["in_order"]
-    done, c0, c1, cpu2, cpu3 = top.done, top.start, top.end, top.cpu_before, top.cpu_after
-    ordered, o0, o1, cpu4, cpu5 = inner.done, inner.start, inner.end, inner.cpu_before, inner.cpu_after
-    search_s, ceiling_s, ordered_s = s1 - s0, c1 - c0, o1 - o0
+    top, inner = (min(runs[name], key=lambda r: r.seconds) for name in ("ceiling", "in_order"))
+    search_s, ceiling_s, ordered_s = s1 - s0, top.seconds, inner.seconds
     gen = tokens_of(rec.sent, urls["policy"], "completion_tokens") / search_s
     scored = tokens_of(rec.sent, urls["prm"], "prompt_tokens") / search_s
-    gen_ceiling = done["policy"].completion_tokens / ceiling_s
-    scored_ceiling = done["prm"].prompt_tokens / ceiling_s
+    gen_ceiling = top.done["policy"].completion_tokens / ceiling_s
+    scored_ceiling = top.done["prm"].prompt_tokens / ceiling_s
     return {
         "method": method,
         "concurrency": k,
@@ -762,19 +759,19 @@ def run_cell(
         "in_order": {
             "ceiling_s": ordered_s,
             "runs_s": [r.seconds for r in runs["in_order"]],
-            "gen_ceiling_tok_s": ordered["policy"].completion_tokens / ordered_s,
-            "scored_ceiling_tok_s": ordered["prm"].prompt_tokens / ordered_s,
+            "gen_ceiling_tok_s": inner.done["policy"].completion_tokens / ordered_s,
+            "scored_ceiling_tok_s": inner.done["prm"].prompt_tokens / ordered_s,
             "ratio": ordered_s / search_s,
         },
         "busy": {
             "search": {r: busy.busy_share(r, s0, s1) for r in urls},
-            "ceiling": {r: busy.busy_share(r, c0, c1) for r in urls},
-            "in_order": {r: busy.busy_share(r, o0, o1) for r in urls},
+            "ceiling": {r: busy.busy_share(r, top.start, top.end) for r in urls},
+            "in_order": {r: busy.busy_share(r, inner.start, inner.end) for r in urls},
         },
         "cpu": {
             "search": meter.spent(cpu0, cpu1, s1 - s0),
-            "ceiling": meter.spent(cpu2, cpu3, c1 - c0),
-            "in_order": meter.spent(cpu4, cpu5, o1 - o0),
+            "ceiling": meter.spent(top.cpu_before, top.cpu_after, ceiling_s),
+            "in_order": meter.spent(inner.cpu_before, inner.cpu_after, ordered_s),
         },
         "timeline": timeline(rec.phases, rec.sent),
         # A model call's mean ms, in the search and replayed in its order: how much slower the
@@ -784,11 +781,11 @@ def run_cell(
             # The same calls from their first request's start to their last one's end, on the loop:
             # what the search's call took less the handing over to and from the job's thread.
             "search_http": {r: _mean_span_ms(rec.sent, u) for r, u in urls.items()},
-            "in_order": {r: ordered[r].mean_call_ms for r in urls},
+            "in_order": {r: inner.done[r].mean_call_ms for r in urls},
         },
         "phases": [asdict(ph) for ph in rec.phases],  # every timed phase, for a closer look
-        "ceiling_tokens": {role: asdict(r) for role, r in done.items()},
-        "in_order_tokens": {role: asdict(r) for role, r in ordered.items()},
+        "ceiling_tokens": {role: asdict(r) for role, r in top.done.items()},
+        "in_order_tokens": {role: asdict(r) for role, r in inner.done.items()},
         "uptime_before": before,
         "uptime_after": load_average(),
     }  # fmt: skip
